@@ -1,0 +1,96 @@
+"""The base every vtr method derives from: a small dataclass that scores or selects visual tokens on plain tensors.
+
+A method never touches the model. The engine (``vtr.engine``) hands it a :class:`Signals` for one stage of the whole
+batch and applies what it returns; the adapters know where the model keeps its tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Signals:
+    """What one stage sees, for the whole batch.
+
+    tokens: projector stage: ``(images, P, D)`` projected features of each image; LLM stage: ``(B, L, D)`` hidden
+        states entering the stage's decoder layer.
+    cls_attention: ``(images, P)`` [CLS]->patch attention (head mean) of the vision layer the features come from.
+    last_attention: ``(B, L)`` attention of the last prompt token (head mean) over the current sequence.
+    visual: ``(B, L)`` bool, which positions of ``tokens`` are visual tokens still alive (LLM stage only).
+    image_index: ``(images,)`` index of each image inside its own sample (projector stage only).
+    """
+
+    tokens: torch.Tensor
+    cls_attention: torch.Tensor | None = None
+    last_attention: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+
+
+@dataclass
+class Plugin:
+    """A token-reduction method. ``retain`` is the fraction of an image's visual tokens kept after the method's last
+    stage; ``budget`` is the number kept per image instead (capped at what the image has). Give at most one; with
+    neither, the paper's default applies.
+    """
+
+    retain: float | None = None
+    budget: int | None = None
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: "projector": selects on the projector output, before the LLM; "llm": drops inside the decoder.
+    where: ClassVar[str] = "projector"
+    default_retain: ClassVar[float] = 0.25
+    #: signals the engine must compute for this method: "cls_attention", "last_attention".
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        if self.retain is not None and self.budget is not None:
+            raise ValueError(f"{type(self).__name__}: give retain or budget, not both")
+        if self.retain is not None:
+            if isinstance(self.retain, bool) or not isinstance(self.retain, (int, float)) or not 0 < self.retain <= 1:
+                raise ValueError(f"{type(self).__name__}: retain must be a fraction in (0, 1], got {self.retain!r}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+                raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {self.budget!r}")
+
+    @property
+    def target_retain(self) -> float:
+        return self.retain if self.retain is not None else self.default_retain
+
+    def keep_count(self, n: int) -> int:
+        """Tokens of an n-token image kept after the method (at least 1, at most n)."""
+        if self.budget is not None:
+            return min(n, self.budget)
+        return max(1, min(n, int(self.target_retain * n + 0.5)))
+
+    def stage_counts(self, n: int, stages: int = 1) -> list[int]:
+        """Tokens of an n-token image kept after each of ``stages`` stages; progressive methods override this."""
+        return [self.keep_count(n)]
+
+    def score(self, s: Signals) -> torch.Tensor:
+        """Importance of each token, higher is kept first: ``(images, P)`` or ``(B, L)``."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither score() nor select()")
+
+    def select(self, s: Signals, k: int) -> torch.Tensor:
+        """Projector stage: ``(images, k)`` indices of the kept tokens of each image. Default: top-k of score()."""
+        return self.score(s).topk(k, dim=-1).indices
+
+
+@dataclass
+class LLMPlugin(Plugin):
+    """A method that drops visual tokens inside the language model, at the entrance of some decoder layers."""
+
+    where: ClassVar[str] = "llm"
+
+    def layers(self, num_layers: int) -> list[int]:
+        """Decoder layers (0-based) at whose entrance tokens are dropped, ascending, one per stage."""
+        raise NotImplementedError
+
+    def score_layer(self, layer: int) -> int:
+        """The decoder layer whose q/k projections give the attention row used to drop at ``layer``."""
+        return layer

@@ -1,0 +1,144 @@
+"""The public API: ``patch(model, method, retain=..., budget=...)`` -> a :class:`Handle`."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from vtr.adapters import adapter_for
+from vtr.engine import Engine
+from vtr.plugins import METHODS, Plugin
+
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its Handle; nothing is set on the model
+
+
+def methods() -> dict[str, type[Plugin]]:
+    """Registered method names -> plugin classes (each has a one-line ``summary``)."""
+    return dict(METHODS)
+
+
+def _resolve(method, retain, budget, options) -> list[Plugin]:
+    if isinstance(method, (list, tuple)):
+        if retain is not None or budget is not None or options:
+            raise ValueError("for a pipeline, give each plugin object its own retain/budget and options")
+        if not method:
+            raise ValueError("an empty pipeline reduces nothing")
+        return [p for m in method for p in _resolve(m, None, None, {})]
+    if isinstance(method, Plugin):
+        if retain is not None or budget is not None or options:
+            raise ValueError(f"{type(method).__name__} is already configured; set retain/budget on the object")
+        return [method]
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+        try:
+            return [METHODS[method](retain=retain, budget=budget, **options)]
+        except TypeError as err:
+            raise ValueError(f"{method}: {err}") from None
+    raise TypeError(f"method must be a name, a Plugin or a list of them, not {type(method).__name__}")
+
+
+def patch(model: torch.nn.Module, method, retain: float | None = None, budget: int | None = None,
+          **options) -> "Handle":
+    """Reduce the visual tokens ``model`` processes, by forward hooks on its stock modules, until ``remove()``.
+
+    ``method``: a registered name (see :func:`methods`), a plugin object, or a list of them run in order (vision
+    encoder -> projector output -> LLM layers). ``retain``: fraction of each image's visual tokens kept; ``budget``:
+    visual tokens kept per image. Everything is validated before the model is touched.
+    """
+    adapter = adapter_for(model)
+    plugins = _resolve(method, retain, budget, options)
+    engine = Engine(adapter, plugins)
+    if model in _ACTIVE:
+        raise RuntimeError("this model is already patched by vtr; call remove() on its handle first")
+    engine.install()
+    handle = Handle(model, engine)
+    _ACTIVE[model] = handle
+    return handle
+
+
+class Handle:
+    """The result of :func:`patch`: inspects the last prefill and undoes the patch. Also a context manager."""
+
+    def __init__(self, model, engine: Engine):
+        self._model = weakref.ref(model)
+        self._engine = engine
+
+    @property
+    def plugins(self) -> list[Plugin]:
+        return list(self._engine.plugins)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._engine.hooks)
+
+    def _record(self):
+        rec = self._engine.rec
+        if rec is None:
+            raise RuntimeError("no prefill with images has run through the patched model yet")
+        return rec
+
+    def kept(self, stage: int = -1) -> list[torch.Tensor]:
+        """Per sample: indices (ascending) of its visual tokens that survive ``stage`` (default: the last stage).
+        Visual tokens are numbered in sequence order over all images of the sample."""
+        rec = self._record()
+        stages = len(self._engine.stages)
+        if not -stages <= stage < stages:
+            raise IndexError(f"stage {stage} out of range: this patch has {stages} stages")
+        alive = rec.alive[stage] if len(rec.alive) == stages else None
+        if alive is None:
+            raise RuntimeError("the last forward pass did not reach every stage")
+        return [rec.visual_index[b][alive[b] & rec.visual[b]] for b in range(alive.shape[0])]
+
+    def positions(self) -> torch.Tensor:
+        """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
+        return self._record().layouts[-1].orig
+
+    def stats(self) -> list[dict]:
+        """Per sample: visual tokens in and out, retention, each stage's counts, and for in-LLM stages the
+        layer-averaged retention (what the LLM's FLOPs follow)."""
+        rec = self._record()
+        engine = self._engine
+        depth = engine.num_layers
+        out = []
+        for b in range(rec.visual.shape[0]):
+            total = int(rec.per_sample_visual[b])
+            counts = [int(a[b].sum()) for a in rec.alive]
+            stages, before = [], total
+            for stage, n in zip(engine.stages, counts):
+                stages.append({**stage.describe(), "tokens_in": before, "tokens_out": n})
+                before = n
+            per_layer = []
+            for layer in range(depth):
+                n = total
+                for stage, c in zip(engine.stages, counts):
+                    if stage.layer is None or stage.layer <= layer:
+                        n = c
+                per_layer.append(n)
+            out.append({
+                "visual_tokens_in": total,
+                "visual_tokens_out": counts[-1] if counts else total,
+                "retention": (counts[-1] if counts else total) / total,
+                "layer_avg_retention": sum(per_layer) / (depth * total),
+                "tokens_per_layer": per_layer,
+                "stages": stages,
+            })
+        return out
+
+    def remove(self):
+        """Take every hook off; the model is exactly what it was before :func:`patch`."""
+        self._engine.remove()
+        model = self._model()
+        if model is not None and _ACTIVE.get(model) is self:
+            del _ACTIVE[model]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        names = "+".join(p.name for p in self._engine.plugins)
+        return f"<vtr.Handle {names} {'active' if self.active else 'removed'}>"

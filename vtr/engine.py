@@ -1,0 +1,372 @@
+"""The hook engine: turns a list of plugins into forward hooks on a stock model and applies what they select.
+
+Hook points (all ``register_forward_hook`` / ``register_forward_pre_hook(with_kwargs=True)`` on stock modules):
+- the multimodal model's forward (pre): starts a record at prefill, or a decode step;
+- the vision feature layer (pre): [CLS] attention, for methods that need it;
+- the projector (post): projector-stage methods select per image;
+- the language model (pre): drops the pre-LLM losers from the sequence, mask and position ids;
+- each decoder layer from the first in-LLM stage on (pre): drops at stage layers, and gives every later layer the
+  mask, position ids and RoPE cos/sin of the shortened sequence.
+
+Conventions: survivors keep their original position ids (gaps stay), so decoding continues at the original positions;
+each shortened sequence is left-padded again, so samples of a batch may keep different numbers of tokens. The KV
+cache of a layer holds the sequence that layer saw, so layers after an in-LLM stage cache fewer entries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from vtr.kernels import topk_per_group
+from vtr.plugins.base import LLMPlugin, Plugin, Signals
+
+
+@dataclass
+class Stage:
+    """One drop point of one plugin. ``layer`` is None for projector stages."""
+
+    plugin: Plugin
+    step: int                 # index of this stage among its plugin's stages
+    steps: int                # how many stages the plugin has
+    layer: int | None = None
+    score_layer: int | None = None
+
+    def describe(self) -> dict:
+        where = "projector" if self.layer is None else f"llm layer {self.layer}"
+        return {"method": self.plugin.name, "where": where, "layer": self.layer}
+
+
+@dataclass
+class Layout:
+    """A (left-padded) sequence layout. ``orig``: original sequence index of each slot, -1 for padding;
+    ``slot0``: index of each slot in layout 0 (the sequence the language model receives)."""
+
+    orig: torch.Tensor
+    slot0: torch.Tensor
+    src: torch.Tensor | None = None   # index of each slot in the previous layout (None: this is layout 0 unchanged)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.orig >= 0
+
+    def compact(self, keep: torch.Tensor) -> "Layout":
+        """The layout of the slots where ``keep`` (B, L) is True, in order, left-padded again."""
+        counts = keep.sum(1)
+        width = int(counts.max())
+        first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices     # kept slots first, in order
+        i = torch.arange(width, device=keep.device) - (width - counts)[:, None]
+        valid = i >= 0
+        src = first.gather(1, i.clamp(min=0)).masked_fill(~valid, 0)
+        orig = self.orig.gather(1, src).masked_fill(~valid, -1)
+        return Layout(orig=orig, slot0=self.slot0.gather(1, src), src=src)
+
+
+@dataclass
+class Record:
+    """What the engine knows about the current generation, set at prefill."""
+
+    visual: torch.Tensor            # (B, L) bool: image-token positions of the original sequence
+    image_of: torch.Tensor          # (B, L) long: global image index of each image token, -1 elsewhere
+    visual_index: torch.Tensor      # (B, L) long: index of each image token among its sample's, -1 elsewhere
+    positions: torch.Tensor         # (B, L) original position ids
+    length: int                     # original prompt length L
+    layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
+    per_sample_visual: torch.Tensor  # (B,) image tokens per sample
+    alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
+    image_sample: torch.Tensor | None = None   # (I,) sample of each image
+    image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
+    image_sizes: list[int] = field(default_factory=list)   # tokens of each image
+    entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
+    cls_attention: torch.Tensor | None = None
+    prefill: bool = True
+    # per forward pass
+    step_kwargs: dict[int, dict] = field(default_factory=dict)   # layout index -> rewritten layer kwargs
+    pending: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # stage -> (scores, layout index)
+    tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
+
+
+class Engine:
+    def __init__(self, adapter, plugins: list[Plugin]):
+        self.adapter = adapter
+        self.plugins = plugins
+        self.num_layers = len(adapter.decoder_layers)
+        self.stages: list[Stage] = []
+        last_layer = -1
+        for plugin in plugins:
+            if isinstance(plugin, LLMPlugin):
+                layers = plugin.layers(self.num_layers)
+                for step, layer in enumerate(layers):
+                    if layer <= last_layer:
+                        raise ValueError(f"{plugin.name}: stage layer {layer} must come after the previous stage's "
+                                         f"layer {last_layer}; a pipeline runs projector methods, then LLM methods "
+                                         f"in layer order")
+                    self.stages.append(Stage(plugin, step, len(layers), layer, plugin.score_layer(layer)))
+                    last_layer = layer
+            else:
+                if last_layer >= 0:
+                    raise ValueError(f"{plugin.name} acts before the LLM, so it must come before every in-LLM method")
+                self.stages.append(Stage(plugin, 0, 1))
+        self.llm_stages = [s for s in self.stages if s.layer is not None]
+        self.rec: Record | None = None
+        self.hooks: list = []
+        # generate() runs the vision tower before the model's forward: the [CLS] attention waits here until then
+        self.cls_attention: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ installation
+    def install(self):
+        a = self.adapter
+        try:
+            self.hooks.append(a.vlm.register_forward_pre_hook(self._begin, with_kwargs=True))
+            if any("cls_attention" in s.plugin.needs for s in self.stages):
+                self.hooks.append(a.feature_layer.register_forward_pre_hook(self._vision_layer))
+            if any(s.layer is None for s in self.stages):
+                self.hooks.append(a.language_model.register_forward_pre_hook(self._enter_llm, with_kwargs=True))
+            if self.llm_stages:
+                first = min(min(s.layer, s.score_layer) for s in self.llm_stages)
+                for i in range(first, self.num_layers):
+                    hook = a.decoder_layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)
+                    self.hooks.append(hook)
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.rec = self.cls_attention = None
+
+    # ------------------------------------------------------------------ hooks
+    def _begin(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is not None or encoded is not None:
+            if past_len:
+                raise NotImplementedError("vtr: images arriving after a filled KV cache (multi-turn) are not supported")
+            if input_ids is None:
+                raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
+            rec = self._new_record(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+            if encoded is not None:
+                sizes = [int(f.shape[0]) for f in encoded.pooler_output]
+            else:
+                images = pixel_values.shape[0]
+                sizes = [int(rec.per_sample_visual.sum()) // images] * images
+            self._assign_images(rec, sizes)
+            self.rec = rec
+        elif self.rec is not None and past_len:
+            rec = self.rec
+            rec.prefill, rec.step_kwargs, rec.pending = False, {}, {}
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                rec.tail = mask[:, rec.length:].bool()
+            else:
+                q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+                width = past_len + q - rec.layouts[0].orig.shape[1]
+                rec.tail = torch.ones(rec.visual.shape[0], width, dtype=torch.bool, device=rec.visual.device)
+        else:
+            raise ValueError("vtr: this batch has no images (pixel_values is None), so there are no visual tokens "
+                             "to reduce; remove the patch for text-only input")
+
+    def _new_record(self, input_ids, attention_mask, position_ids) -> Record:
+        b, length = input_ids.shape
+        device = input_ids.device
+        visual = input_ids == self.adapter.image_token_id
+        if not visual.any():
+            raise ValueError("vtr: pixel_values were given but input_ids hold no image tokens "
+                             f"(image_token_id={self.adapter.image_token_id})")
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
+        if mask.dim() != 2:
+            raise ValueError("vtr: attention_mask must be the 2-D padding mask")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device).expand(b, length)
+        slots = torch.arange(length, device=device).expand(b, length)
+        return Record(visual=visual, image_of=torch.full_like(input_ids, -1),
+                      visual_index=(visual.long().cumsum(1) - 1).masked_fill(~visual, -1),
+                      positions=position_ids.expand(b, length), length=length, per_sample_visual=visual.sum(1),
+                      layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots)])
+
+    def _vision_layer(self, module, args):
+        self.cls_attention = self.adapter.cls_attention(module, args[0])
+
+    @staticmethod
+    def _assign_images(rec: Record, sizes: list[int]):
+        """Image features fill the image placeholders in row-major order, one run of ``sizes[i]`` tokens each."""
+        device = rec.visual.device
+        total = int(rec.per_sample_visual.sum())
+        if sum(sizes) != total:
+            raise ValueError(f"vtr: {total} image tokens in input_ids, but the images have {sum(sizes)} features")
+        sizes_t = torch.tensor(sizes, device=device)
+        rec.image_sizes = sizes
+        rec.image_of = torch.full_like(rec.visual_index, -1).masked_scatter(
+            rec.visual, torch.arange(len(sizes), device=device).repeat_interleave(sizes_t))
+        first_token = torch.cumsum(sizes_t, 0) - sizes_t
+        rows = rec.visual.nonzero()[:, 0]
+        if bool((rows[first_token] != rows[first_token + sizes_t - 1]).any()):
+            raise ValueError("vtr: an image's placeholders are split across samples")
+        rec.image_sample = rows[first_token]
+        per_sample = torch.bincount(rec.image_sample, minlength=rec.visual.shape[0])
+        rec.image_local = torch.arange(len(sizes), device=device) - (torch.cumsum(per_sample, 0) - per_sample)[rec.image_sample]
+
+    def _select_before_llm(self, rec: Record, embeds: torch.Tensor):
+        """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
+        (this works whether the forward pass or ``generate()`` ran the vision tower)."""
+        sizes = rec.image_sizes
+        if len(set(sizes)) != 1:
+            raise NotImplementedError("vtr: images of different token counts in one batch are not supported yet")
+        images, per_image = len(sizes), sizes[0]
+        features = embeds[rec.visual].view(images, per_image, embeds.shape[-1])
+        alive = torch.arange(per_image, device=embeds.device).expand(images, per_image)   # surviving indices
+        for stage in (s for s in self.stages if s.layer is None):
+            n = alive.shape[1]
+            k = stage.plugin.stage_counts(n)[0]
+            if k < n:
+                signals = Signals(tokens=features.gather(1, alive[..., None].expand(-1, -1, features.shape[-1])),
+                                  image_index=rec.image_local)
+                if "cls_attention" in stage.plugin.needs:
+                    if self.cls_attention is None or self.cls_attention.shape != (images, per_image):
+                        raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
+                    signals.cls_attention = self.cls_attention.gather(1, alive)
+                alive = alive.gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
+            rec.alive.append(self._alive_from_images(rec, alive))
+        self.cls_attention = None
+        if alive.shape[1] < per_image:
+            layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]))
+            layout.slot0 = torch.arange(layout.orig.shape[1], device=embeds.device).expand_as(layout.orig)
+            rec.layouts[0] = layout
+
+    @staticmethod
+    def _alive_from_images(rec: Record, alive: torch.Tensor) -> torch.Tensor:
+        """(I, k) surviving token indices of each image -> (B, L) bool over the original sequence."""
+        images, per_image = alive.shape[0], rec.image_sizes[0]
+        flat = torch.zeros(images, per_image, dtype=torch.bool, device=alive.device)
+        flat.scatter_(1, alive, True)
+        return torch.zeros_like(rec.visual).masked_scatter(rec.visual, flat.flatten())
+
+    def _enter_llm(self, module, args, kwargs):
+        rec = self.rec
+        if rec.prefill:
+            self._select_before_llm(rec, kwargs["inputs_embeds"])
+        layout = rec.layouts[0]
+        if layout.src is None:            # nothing dropped before the LLM
+            return None
+        if rec.prefill:
+            embeds = kwargs["inputs_embeds"]
+            src = layout.src
+            mask = layout.mask
+            kwargs["inputs_embeds"] = embeds.gather(1, src[..., None].expand(-1, -1, embeds.shape[-1])) * mask[..., None]
+            kwargs["attention_mask"] = mask.long()
+            kwargs["position_ids"] = rec.positions.gather(1, src).masked_fill(~mask, 0)
+        else:
+            kwargs["attention_mask"] = torch.cat([layout.mask, rec.tail], dim=1).long()
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = self._decode_positions(rec, kwargs["inputs_embeds"].shape[1])
+        return args, kwargs
+
+    @staticmethod
+    def _decode_positions(rec: Record, q: int) -> torch.Tensor:
+        """Original positions of the next q tokens, for callers that pass no position_ids while decoding: they
+        follow the last prompt token (the last slot under left padding)."""
+        start = rec.positions[:, -1:] + rec.tail.shape[1] - q + 1
+        return start + torch.arange(q, device=start.device)
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            return self._layer(i, module, args, kwargs)
+        return hook
+
+    def _layout_index(self, layer: int, inclusive: bool) -> int:
+        """Index of the layout the hidden states are in when entering ``layer`` (before/after its own drop); a stage
+        that dropped nothing shares its predecessor's layout, and the lowest index of a shared layout is returned."""
+        index = sum(1 for s in self.llm_stages if s.layer < layer or (inclusive and s.layer == layer))
+        layouts = self.rec.layouts
+        while index > 0 and layouts[index] is layouts[index - 1]:
+            index -= 1
+        return index
+
+    def _layer(self, i: int, module, args, kwargs):
+        rec = self.rec
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:] if args else ()
+        if not rec.prefill:
+            return (hidden, *rest), self._kwargs_for(self._layout_index(i, True), kwargs, hidden)
+        for index, stage in enumerate(self.llm_stages):      # a stage that scores with its own layer's input
+            if stage.layer == i and stage.score_layer == i:
+                rec.pending[index] = self._attention(rec, module, hidden, self._layout_index(i, False), kwargs)
+        for index, stage in enumerate(self.llm_stages):
+            if stage.layer == i:
+                hidden = self._drop(rec, index, stage, hidden, kwargs)
+        now = self._layout_index(i, True)
+        layer_kwargs = self._kwargs_for(now, kwargs, hidden)
+        for index, stage in enumerate(self.llm_stages):      # a stage that scores with an earlier layer's input
+            if stage.score_layer == i and stage.layer != i:
+                rec.pending[index] = self._attention(rec, module, hidden, now, kwargs)
+        return (hidden, *rest), layer_kwargs
+
+    def _attention(self, rec, module, hidden, layout_index, kwargs):
+        kw = self._kwargs_for(layout_index, kwargs, hidden)
+        cos, sin = kw["position_embeddings"]
+        scores = self.adapter.last_token_attention(module, hidden, cos, sin, rec.layouts[layout_index].mask)
+        return scores, layout_index
+
+    def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
+        """Layer kwargs for a sequence in layout ``index``, computed once per forward pass and layout."""
+        rec = self.rec
+        if index == 0:
+            return kwargs
+        if index in rec.step_kwargs:
+            return {**kwargs, **rec.step_kwargs[index]}
+        layout = rec.layouts[index]
+        stage_layer = self.llm_stages[index - 1].layer
+        past = kwargs.get("past_key_values")
+        new = {}
+        if rec.prefill:
+            cos, sin = kwargs["position_embeddings"]
+            idx = layout.slot0
+            new["position_embeddings"] = (cos.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1])),
+                                          sin.gather(1, idx[..., None].expand(-1, -1, sin.shape[-1])))
+            positions = kwargs.get("position_ids")
+            if positions is not None:
+                new["position_ids"] = positions.expand(idx.shape[0], -1).gather(1, idx)
+            mask2d = layout.mask
+        else:
+            mask2d = torch.cat([layout.mask, rec.tail], dim=1)
+        new["attention_mask"] = create_causal_mask(
+            config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d.long(),
+            past_key_values=past, position_ids=new.get("position_ids", kwargs.get("position_ids")),
+            layer_idx=stage_layer)
+        rec.step_kwargs[index] = new
+        return {**kwargs, **new}
+
+    def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        scores, scored_layout = rec.pending.pop(index)
+        layout = rec.layouts[-1]
+        if rec.layouts[scored_layout] is not layout:
+            raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
+        orig = layout.orig.clamp(min=0)
+        visual = layout.mask & rec.visual.gather(1, orig)
+        image = rec.image_of.gather(1, orig)[visual]
+        images = int(rec.image_of.max()) + 1
+        plugin = stage.plugin
+        if stage.step == 0:
+            rec.entry_counts[id(plugin)] = torch.bincount(image, minlength=images)
+        entry = rec.entry_counts[id(plugin)]
+        k = torch.tensor([plugin.stage_counts(int(n), stage.steps)[stage.step] for n in entry.tolist()],
+                         device=hidden.device)
+        signals = Signals(tokens=hidden, last_attention=scores, visual=visual)
+        keep = layout.mask & ~visual
+        keep[visual] = topk_per_group(plugin.score(signals)[visual].float(), image, k)
+        length = rec.visual.shape[1]
+        alive = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
+        alive.scatter_(1, layout.orig.masked_fill(~layout.mask, length), keep)      # padding lands in the spare column
+        rec.alive.append(alive[:, :length] & rec.visual)
+        if bool((keep == layout.mask).all()):
+            rec.layouts.append(layout)                     # nothing dropped: the same layout, the same kwargs
+            return hidden
+        new = layout.compact(keep)
+        rec.layouts.append(new)
+        return hidden.gather(1, new.src[..., None].expand(-1, -1, hidden.shape[-1])) * new.mask[..., None]
