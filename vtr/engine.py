@@ -136,7 +136,7 @@ class Engine:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
-        self.rec = self.cls_attention = None
+        self.cls_attention = None       # the last record stays readable through the handle
 
     # ------------------------------------------------------------------ hooks
     def _begin(self, module, args, kwargs):
@@ -325,10 +325,10 @@ class Engine:
         past = kwargs.get("past_key_values")
         new = {}
         if rec.prefill:
-            cos, sin = kwargs["position_embeddings"]
             idx = layout.slot0
-            new["position_embeddings"] = (cos.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1])),
-                                          sin.gather(1, idx[..., None].expand(-1, -1, sin.shape[-1])))
+            new["position_embeddings"] = tuple(
+                t.expand(idx.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+                for t in kwargs["position_embeddings"])
             positions = kwargs.get("position_ids")
             if positions is not None:
                 new["position_ids"] = positions.expand(idx.shape[0], -1).gather(1, idx)

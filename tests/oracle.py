@@ -1,0 +1,68 @@
+"""The reference every patched run is checked against: the *unpatched* model's stock modules run on the pruned
+sequence, written independently of the engine.
+
+One sample, no padding. Kept embeddings keep their original position ids; for an in-LLM stage at layer K, layers < K
+see the longer sequence and layers >= K (and their KV cache) the shorter one. Decoding is greedy.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+
+
+def sequence_after(model, input_ids, kept_visual: torch.Tensor) -> torch.Tensor:
+    """Original sequence positions that survive: all text tokens plus the kept visual tokens, ascending."""
+    visual = visual_positions(model, input_ids)
+    keep = torch.ones(input_ids.shape[1], dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[kept_visual]] = True
+    return keep.nonzero()[:, 0]
+
+
+def _causal(q: int, kv: int, dtype) -> torch.Tensor:
+    return torch.full((q, kv), torch.finfo(dtype).min, dtype=dtype).triu(1 + kv - q)[None, None]
+
+
+@torch.no_grad()
+def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor],
+                    steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens (steps,) and logits (steps, V).
+
+    pre_llm: original positions entering the LLM (None: all); llm_stages: layer -> original positions kept from that
+    layer on."""
+    core = model.model
+    lm = core.language_model
+    input_ids = inputs["input_ids"]
+    assert input_ids.shape[0] == 1 and bool(inputs["attention_mask"].all()), "the oracle takes one unpadded sample"
+    embeds = lm.embed_tokens(input_ids)
+    features = torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+    embeds[0, visual_positions(model, input_ids)] = features.to(embeds.dtype)
+
+    seq = torch.arange(input_ids.shape[1]) if pre_llm is None else pre_llm
+    h, pos = embeds[:, seq], seq[None]
+    cache = DynamicCache(config=lm.config)
+    tokens, logits = [], []
+    for step in range(steps):
+        if step == 0 and not llm_stages:
+            h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        else:
+            current = seq
+            for i, layer in enumerate(lm.layers):
+                if step == 0 and i in llm_stages:
+                    keep = torch.isin(current, llm_stages[i])
+                    h, pos, current = h[:, keep], pos[:, keep], current[keep]
+                q, kv = h.shape[1], cache.get_seq_length(i) + h.shape[1]
+                h = layer(h, attention_mask=_causal(q, kv, h.dtype), position_ids=pos,
+                          position_embeddings=lm.rotary_emb(h, pos), past_key_values=cache, use_cache=True)
+            h = lm.norm(h)
+        step_logits = model.lm_head(h[:, -1])[0]
+        token = step_logits.argmax()
+        tokens.append(token)
+        logits.append(step_logits)
+        h = lm.embed_tokens(token[None, None])
+        pos = pos[:, -1:] + 1
+    return torch.stack(tokens), torch.stack(logits)

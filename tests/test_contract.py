@@ -1,0 +1,86 @@
+"""The correctness contract, for every registered method on every supported architecture."""
+import pytest
+import torch
+
+import vtr
+from vtr.plugins import METHODS
+
+from conftest import split_batch
+from oracle import oracle_generate, sequence_after
+
+ALL = sorted(METHODS)
+STEPS = 6
+
+
+def generate(model, inputs, steps=STEPS):
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
+
+
+def hooks_on(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_retain_one_is_bit_identical_and_remove_restores(model, single, method):
+    with torch.no_grad():
+        reference = model(**single).logits
+    ref_tokens, ref_logits = generate(model, single)
+    before = hooks_on(model)
+    handle = vtr.patch(model, method, retain=1.0)
+    assert hooks_on(model) > before
+    with torch.no_grad():
+        assert torch.equal(model(**single).logits, reference)
+    tokens, logits = generate(model, single)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+    assert handle.stats()[0]["retention"] == 1.0
+    handle.remove()
+    assert hooks_on(model) == before
+    assert not [k for k in vars(model) if "vtr" in k.lower()]
+    with torch.no_grad():
+        assert torch.equal(model(**single).logits, reference)
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("retain", [0.25, 0.5])
+def test_generation_equals_oracle(model, single, method, retain):
+    with vtr.patch(model, method, retain=retain) as handle:
+        tokens, logits = generate(model, single)
+        stages = handle._engine.stages
+        kept = [sequence_after(model, single["input_ids"], k) for k in
+                (handle.kept(stage=s) [0] for s in range(len(stages)))]
+    pre = [k for s, k in zip(stages, kept) if s.layer is None]
+    llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
+    visual = int((single["input_ids"] == model.config.image_token_id).sum())
+    assert len(handle.kept()[0]) < visual, "the method must actually drop tokens here"
+    want_tokens, want_logits = oracle_generate(model, single, pre[-1] if pre else None, llm, tokens.shape[1])
+    assert torch.equal(tokens[0], want_tokens)
+    torch.testing.assert_close(logits[0], want_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_padded_batch_equals_per_sample(model, batch, method):
+    with vtr.patch(model, method, retain=0.25) as handle:
+        tokens, logits = generate(model, batch)
+        kept = handle.kept()
+        counts = [s["visual_tokens_out"] for s in handle.stats()]
+        assert counts[0] != counts[1], "samples must keep different numbers of visual tokens"
+        for b, single in enumerate(split_batch(model, batch)):
+            one_tokens, one_logits = generate(model, single)
+            assert torch.equal(handle.kept()[0], kept[b])
+            assert torch.equal(one_tokens[0], tokens[b])
+            torch.testing.assert_close(one_logits[0], logits[b], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_sdpa_and_eager_keep_the_same_tokens(model, eager_model, batch, method):
+    kept = {}
+    for name, m in (("sdpa", model), ("eager", eager_model)):
+        assert m.config._attn_implementation == name
+        with vtr.patch(m, method, retain=0.25) as handle:
+            with torch.no_grad():
+                m(**batch)
+            kept[name] = [handle.kept(stage=s) for s in range(len(handle._engine.stages))]
+    for a, b in zip(kept["sdpa"], kept["eager"]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
