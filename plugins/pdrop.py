@@ -51,7 +51,7 @@ class PyramidDrop(LLMPlugin):
 
     def stage_counts(self, n: int, stages: int = len(PAPER_LAYERS)) -> list[int]:
         final = self.keep_count(n)
-        ratio = (final / n) ** (1 / stages)
+        ratio = self.ratio if self.retain is None and self.budget is None else (final / n) ** (1 / stages)
         counts = [max(final, int(n * ratio ** (i + 1) + 0.5)) for i in range(stages - 1)]
         return counts + [final]
 

@@ -1,0 +1,104 @@
+"""The public API: validation before anything is touched, budgets, pipelines, the handle."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import vtr
+from vtr.plugins import DivPrune, FastV, PyramidDrop
+
+from test_contract import hooks_on
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"retain": 0}, "retain"), ({"retain": 1.5}, "retain"), ({"retain": -0.1}, "retain"),
+    ({"retain": "half"}, "retain"), ({"budget": 0}, "budget"), ({"budget": 2.5}, "budget"),
+    ({"retain": 0.5, "budget": 8}, "not both"), ({"layer": 99}, "layer 99"), ({"colour": 1}, "colour"),
+])
+def test_bad_arguments_are_rejected_before_the_model_is_touched(model, kwargs, message):
+    before = hooks_on(model)
+    with pytest.raises(ValueError, match=message):
+        vtr.patch(model, "fastv", **kwargs)
+    assert hooks_on(model) == before
+
+
+def test_unknown_method_names_the_choices(model):
+    with pytest.raises(ValueError, match="unknown method 'fastvv'.*divprune"):
+        vtr.patch(model, "fastvv")
+
+
+def test_unsupported_model_is_a_type_error_listing_the_supported_ones():
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=50))
+    with pytest.raises(TypeError, match="LlamaForCausalLM.*LlavaForConditionalGeneration"):
+        vtr.patch(lm, "fastv")
+    assert hooks_on(lm) == 0
+
+
+def test_batch_without_images_is_refused_before_any_layer_runs(model, single):
+    ran = []
+    probe = model.model.language_model.register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        with vtr.patch(model, "divprune", retain=0.5):
+            text = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+            with pytest.raises(ValueError, match="no images"):
+                model(**text)
+    finally:
+        probe.remove()
+    assert not ran
+
+
+def test_patching_twice_is_an_error_and_remove_allows_again(model):
+    handle = vtr.patch(model, "fastv")
+    try:
+        with pytest.raises(RuntimeError, match="already patched"):
+            vtr.patch(model, "divprune")
+    finally:
+        handle.remove()
+    vtr.patch(model, "divprune").remove()
+
+
+def test_budget_larger_than_the_image_keeps_everything(model, single):
+    with torch.no_grad():
+        reference = model(**single).logits
+        with vtr.patch(model, "divprune", budget=10_000) as handle:
+            assert torch.equal(model(**single).logits, reference)
+    assert handle.stats()[0]["retention"] == 1.0
+
+
+@pytest.mark.parametrize("method", sorted(vtr.methods()))
+def test_budget_is_tokens_per_image(model, batch, method):
+    with vtr.patch(model, method, budget=9) as handle, torch.no_grad():
+        model(**batch)
+    assert [len(k) for k in handle.kept()] == [18, 9]          # two images, then one
+
+
+def test_pipeline_runs_in_order_and_reports_each_stage(model, single):
+    with vtr.patch(model, [DivPrune(retain=0.5), FastV(retain=0.5)]) as handle, torch.no_grad():
+        model(**single)
+    stats = handle.stats()[0]
+    assert [(s["method"], s["tokens_in"], s["tokens_out"]) for s in stats["stages"]] == \
+        [("divprune", 49, 25), ("fastv", 25, 13)]
+    assert set(handle.kept(stage=1)[0].tolist()) <= set(handle.kept(stage=0)[0].tolist())
+    assert stats["tokens_per_layer"] == [25, 25] + [13] * 6
+    assert stats["layer_avg_retention"] == pytest.approx((2 * 25 + 6 * 13) / (8 * 49))
+
+
+def test_pipeline_order_is_checked(model):
+    with pytest.raises(ValueError, match="before every in-LLM method"):
+        vtr.patch(model, [FastV(), DivPrune()])
+    with pytest.raises(ValueError, match="after the previous stage"):
+        vtr.patch(model, [PyramidDrop(), FastV(layer=3)])
+
+
+def test_progressive_stats(model, single):
+    with vtr.patch(model, "pdrop") as handle, torch.no_grad():
+        model(**single)
+    stats = handle.stats()[0]
+    assert [s["tokens_out"] for s in stats["stages"]] == [25, 12, 6]     # 49 * 0.5^i, rounded
+    assert stats["tokens_per_layer"] == [49, 49, 25, 25, 12, 12, 6, 6]
+
+
+def test_methods_registry_has_summaries():
+    registry = vtr.methods()
+    assert set(registry) >= {"random", "fastervlm", "divprune", "fastv", "pdrop"}
+    assert all(cls.summary and cls.__doc__ for cls in registry.values())
