@@ -56,3 +56,38 @@ def llava_inputs(model, prompts: list[list[int]], seed: int = 0) -> dict:
     size = config.vision_config.image_size
     pixel_values = torch.randn(images, 3, size, size, generator=g).to(model.dtype)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def builtin_processor(image_size: int, patch_size: int):
+    """A LlavaProcessor for the built-in model: a character-level tokenizer (printable ASCII plus <pad>, <s>, </s>
+    and <image>, whose id is ``IMAGE_TOKEN_ID``) and a CLIP image processor at ``image_size``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor      # no torchvision needed
+    except ImportError:                                                       # older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    assert vocab["<image>"] == IMAGE_TOKEN_ID
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = ImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
+
+
+def builtin_llava(attn_implementation: str = "sdpa"):
+    """The offline demo's model and processor: LLaVA architecture, 224 px, 14 px patches (256 visual tokens).
+    Untrained: its answers are noise until a trained built-in model ships."""
+    shape = dict(image_size=224, patch_size=14, vision_hidden=64, vision_layers=4, hidden=128, layers=8, heads=4,
+                 kv_heads=2, vocab=128)
+    model = tiny_llava(seed=0, attn_implementation=attn_implementation, **shape)
+    return model, builtin_processor(shape["image_size"], shape["patch_size"])

@@ -1,0 +1,131 @@
+"""``vtr bench``: prefill time of each method beside the unpatched model, the ideal and the analytic speedup.
+
+The model is LLaVA-1.5-shaped (336 px, 14 px patches: 576 visual tokens, 35 prompt tokens before the image) with
+scaled-down widths so it runs on a CPU; weights are random, which does not change the time. Ideal: the stock modules
+run directly on the already-pruned sequence (kept sets taken from the patched run) - the limit no hook can beat.
+Overhead: patched minus ideal, as a share of the patched prefill.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+import vtr
+from vtr.builtin import llava_inputs, tiny_llava
+from vtr.eval.flops import prefill_flops
+
+CPU_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=128, vision_layers=6, hidden=512, layers=8, heads=8,
+                 kv_heads=8, intermediate=1376, vocab=1024)
+QUICK_SHAPE = dict(CPU_SHAPE, image_size=112, vision_layers=2, hidden=128, intermediate=344)
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()                                                     # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor]):
+    """Stock modules on the pruned sequence (one sample): vision tower and projector on every token, the decoder on
+    the kept ones; layers before an in-LLM stage see the longer sequence."""
+    core, lm = model.model, model.model.language_model
+    ids = inputs["input_ids"]
+    embeds = lm.embed_tokens(ids)
+    features = torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+    embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
+    seq = torch.arange(ids.shape[1]) if pre_llm is None else pre_llm
+    h, pos, cache = embeds[:, seq], seq[None], DynamicCache(config=lm.config)
+    if not llm_stages:
+        h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        return model.lm_head(h[:, -1])
+    current, mask = seq, None
+    for i, layer in enumerate(lm.layers):
+        if i == 0 or i in llm_stages:
+            if i in llm_stages:
+                keep = torch.isin(current, llm_stages[i])
+                h, pos, current = h[:, keep], pos[:, keep], current[keep]
+            mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
+                                      position_ids=pos, layer_idx=i)
+            rope = lm.rotary_emb(h, pos)
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, past_key_values=cache,
+                  use_cache=True)
+    return model.lm_head(lm.norm(h)[:, -1])
+
+
+def _kept_positions(model, input_ids, kept_visual):
+    visual = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    keep = input_ids[0] != model.config.image_token_id
+    keep[visual[kept_visual]] = True
+    return keep.nonzero()[:, 0]
+
+
+def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool = False, threads: int | None = None,
+        out: str | None = "bench.json") -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    shape = QUICK_SHAPE if quick else CPU_SHAPE
+    model = tiny_llava(seed=0, **shape)
+    config = model.config
+    per_image = config.image_seq_length
+    prompt = [1] + list(range(10, 44)) + [config.image_token_id] + list(range(50, 65))   # 35 tokens, image, 15
+    inputs = llava_inputs(model, [prompt])
+    length = inputs["input_ids"].shape[1]
+    prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
+    with torch.no_grad():
+        base = _timed(prefill, repeats)
+    base_flops = prefill_flops(config, 1, per_image, [length] * config.text_config.num_hidden_layers)
+    rows = []
+    for method in methods:
+        for retain in retains:
+            with vtr.patch(model, method, retain=retain) as handle:
+                with torch.no_grad():
+                    patched = _timed(prefill, repeats)
+                stages = handle._engine.stages
+                kept = [_kept_positions(model, inputs["input_ids"], handle.kept(stage=s)[0])
+                        for s in range(len(stages))]
+                stats = handle.stats()[0]
+            pre = [k for s, k in zip(stages, kept) if s.layer is None]
+            llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
+            ideal = _timed(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm), repeats)
+            text = length - per_image
+            flops = prefill_flops(config, 1, per_image, [text + n for n in stats["tokens_per_layer"]])
+            rows.append({
+                "method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
+                "layer_avg_retention": stats["layer_avg_retention"],
+                "prefill_s": patched, "ideal_s": ideal, "speedup": base / patched, "ideal_speedup": base / ideal,
+                "analytic_speedup": base_flops["total"] / flops["total"],
+                "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched,
+            })
+    result = {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "shape": shape, "visual_tokens": per_image, "prompt_tokens": length,
+        "repeats": repeats, "unpatched_prefill_s": base, "rows": rows,
+    }
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"device: {result['device']}, torch {result['torch']}; {result['visual_tokens']} visual tokens, "
+             f"prompt {result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
+             f"(median of {result['repeats']})",
+             f"{'method':<10} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
+             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['method']:<10} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
+                     f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {r['analytic_speedup']:>7.2f}x "
+                     f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The command line and the installed package, as a user meets them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtr.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_methods_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("random", "fastervlm", "divprune", "fastv", "pdrop"):
+        assert name in out
+
+
+def test_demo_image_offline_with_overlay(tmp_path, capsys):
+    overlay = tmp_path / "kept.png"
+    assert main(["demo", "image", "--method", "divprune", "--budget", "64", "--max-new-tokens", "3",
+                 "--overlay", str(overlay)]) == 0
+    out = capsys.readouterr().out
+    assert "untrained" in out and "256 in, 64 out" in out
+    from PIL import Image
+
+    assert Image.open(overlay).size == (336, 336)
+
+
+def test_demo_rejects_bad_input(capsys):
+    assert main(["demo", "image", "--method", "nosuch"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "image", "--retain", "1.5"])
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--methods", "divprune,fastv", "--retain", "0.25", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["divprune", "fastv"]
+    for row in result["rows"]:
+        assert row["prefill_s"] > 0 and row["ideal_s"] > 0 and row["analytic_speedup"] > 1
+    assert "analytic" in capsys.readouterr().out
+
+
+def test_non_editable_install_imports(tmp_path):
+    """``pip install .`` lays plugins/, video/, eval/ and assets/ out as vtr.plugins, vtr.video, vtr.eval, vtr.assets."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True)
+    code = ("import vtr, vtr.plugins, vtr.video, vtr.eval.bench, vtr.demo; "
+            "assert vtr.__file__.startswith(%r), vtr.__file__; "
+            "assert sorted(vtr.methods()) == ['divprune', 'fastervlm', 'fastv', 'pdrop', 'random']; "
+            "vtr.demo.default_image()" % str(target))
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)

@@ -1,0 +1,100 @@
+"""``vtr demo image``: answer a question about an image with and without token reduction, side by side."""
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+import torch
+
+import vtr
+
+DEFAULT_QUESTION = "What shapes are in the image?"
+
+
+def default_image():
+    from PIL import Image
+
+    return Image.open(resources.files("vtr.assets").joinpath("shapes.png")).convert("RGB")
+
+
+def load(model_id: str | None, attn_implementation: str):
+    if model_id is None:
+        from vtr.builtin import builtin_llava
+
+        model, processor = builtin_llava(attn_implementation)
+        return model, processor, "USER: <image>\n{question} ASSISTANT:"
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto", attn_implementation=attn_implementation,
+                                                        device_map="auto" if torch.cuda.is_available() else None)
+    return model.eval(), AutoProcessor.from_pretrained(model_id), None
+
+
+def _prompt(processor, template, question):
+    if template is not None:
+        return template.format(question=question)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _answer(model, processor, inputs, max_new_tokens):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**inputs, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    return text.strip(), prefill
+
+
+def overlay(image, kept: torch.Tensor, grid: int, path: str, size: int = 336):
+    """The image as the model saw it (centre square), with dropped patches dimmed and kept ones outlined."""
+    from PIL import ImageDraw
+
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    square = image.crop((left, top, left + side, top + side)).resize((size, size))
+    dim = square.point(lambda v: v // 4)
+    cell = size / grid
+    draw = ImageDraw.Draw(dim)
+    for index in kept.tolist():
+        r, c = divmod(index, grid)
+        box = (round(c * cell), round(r * cell), round((c + 1) * cell), round((r + 1) * cell))
+        dim.paste(square.crop(box), box[:2])
+        draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 220, 0))
+    dim.save(path)
+
+
+def run(model_id=None, image_path=None, question=DEFAULT_QUESTION, method="fastv", retain=None, budget=None,
+        max_new_tokens=24, attn_implementation="sdpa", overlay_path=None, print_fn=print):
+    from PIL import Image
+
+    if model_id is None:
+        print_fn("built-in model: a small LLaVA-architecture model with random weights (no download). It is untrained, "
+                 "so its answers are noise; tokens, retention and timing are real. Pass --model for a real VLM.")
+    image = Image.open(image_path).convert("RGB") if image_path else default_image()
+    model, processor, template = load(model_id, attn_implementation)
+    inputs = processor(images=image, text=_prompt(processor, template, question), return_tensors="pt")
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+
+    answer, prefill = _answer(model, processor, inputs, max_new_tokens)
+    with vtr.patch(model, method, retain=retain, budget=budget) as handle:
+        pruned_answer, pruned_prefill = _answer(model, processor, inputs, max_new_tokens)
+        stats, kept = handle.stats()[0], handle.kept()[0]
+    print_fn(f"question: {question}")
+    print_fn(f"unpatched  answer: {answer!r}  prefill {prefill * 1e3:.1f} ms")
+    print_fn(f"{method:<10} answer: {pruned_answer!r}  prefill {pruned_prefill * 1e3:.1f} ms")
+    print_fn(f"visual tokens: {stats['visual_tokens_in']} in, {stats['visual_tokens_out']} out "
+             f"(retention {stats['retention']:.3f}, layer-averaged {stats['layer_avg_retention']:.3f})")
+    for stage in stats["stages"]:
+        print_fn(f"  stage {stage['method']} at {stage['where']}: {stage['tokens_in']} -> {stage['tokens_out']}")
+    if overlay_path:
+        grid = int(round(stats["visual_tokens_in"] ** 0.5))
+        if grid * grid != stats["visual_tokens_in"]:
+            raise ValueError("--overlay needs one square grid of visual tokens")
+        overlay(image, kept, grid, overlay_path)
+        print_fn(f"overlay written to {overlay_path}")
+    return {"answer": answer, "pruned_answer": pruned_answer, "stats": stats}
