@@ -102,3 +102,17 @@ def test_methods_registry_has_summaries():
     registry = vtr.methods()
     assert set(registry) >= {"random", "fastervlm", "divprune", "fastv", "pdrop"}
     assert all(cls.summary and cls.__doc__ for cls in registry.values())
+
+
+def test_right_padding_is_refused(model, batch):
+    right = {**batch, "input_ids": batch["input_ids"].flip(1), "attention_mask": batch["attention_mask"].flip(1)}
+    with vtr.patch(model, "fastv"), pytest.raises(ValueError, match="left-padded"):
+        model(**right)
+
+
+def test_supported_models_and_handle_repr(model):
+    assert "LlavaForConditionalGeneration" in vtr.supported_models()
+    handle = vtr.patch(model, "fastv")
+    assert "fastv active" in repr(handle)
+    handle.remove()
+    assert "removed" in repr(handle) and not handle.active

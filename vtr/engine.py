@@ -75,11 +75,9 @@ class Record:
     layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
     per_sample_visual: torch.Tensor  # (B,) image tokens per sample
     alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
-    image_sample: torch.Tensor | None = None   # (I,) sample of each image
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
-    cls_attention: torch.Tensor | None = None
     prefill: bool = True
     # per forward pass
     step_kwargs: dict[int, dict] = field(default_factory=dict)   # layout index -> rewritten layer kwargs
@@ -182,6 +180,9 @@ class Engine:
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         if mask.dim() != 2:
             raise ValueError("vtr: attention_mask must be the 2-D padding mask")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("vtr: samples must be left-padded, as generate() needs for decoder-only models "
+                             "(set processor.tokenizer.padding_side = 'left')")
         if position_ids is None:
             position_ids = torch.arange(length, device=device).expand(b, length)
         slots = torch.arange(length, device=device).expand(b, length)
@@ -208,9 +209,9 @@ class Engine:
         rows = rec.visual.nonzero()[:, 0]
         if bool((rows[first_token] != rows[first_token + sizes_t - 1]).any()):
             raise ValueError("vtr: an image's placeholders are split across samples")
-        rec.image_sample = rows[first_token]
-        per_sample = torch.bincount(rec.image_sample, minlength=rec.visual.shape[0])
-        rec.image_local = torch.arange(len(sizes), device=device) - (torch.cumsum(per_sample, 0) - per_sample)[rec.image_sample]
+        sample = rows[first_token]                                    # the sample each image belongs to
+        per_sample = torch.bincount(sample, minlength=rec.visual.shape[0])
+        rec.image_local = torch.arange(len(sizes), device=device) - (torch.cumsum(per_sample, 0) - per_sample)[sample]
 
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor):
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
