@@ -25,14 +25,16 @@ CPU_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=128, vision_layers
 QUICK_SHAPE = dict(CPU_SHAPE, image_size=112, vision_layers=2, hidden=128, intermediate=344)
 
 
+def _once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _timed(fn, repeats: int) -> float:
+    """Median of ``repeats`` runs after one warm-up."""
     fn()                                                     # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_once(fn) for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -83,34 +85,40 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
     length = inputs["input_ids"].shape[1]
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
     with torch.no_grad():
-        base = _timed(prefill, repeats)
+        unpatched = _timed(prefill, repeats)
     base_flops = prefill_flops(config, 1, per_image, [length] * config.text_config.num_hidden_layers)
     rows = []
     for method in methods:
         for retain in retains:
-            with vtr.patch(model, method, retain=retain) as handle:
-                with torch.no_grad():
-                    patched = _timed(prefill, repeats)
+            with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
+                prefill()
                 stages = handle._engine.stages
                 kept = [_kept_positions(model, inputs["input_ids"], handle.kept(stage=s)[0])
                         for s in range(len(stages))]
                 stats = handle.stats()[0]
             pre = [k for s, k in zip(stages, kept) if s.layer is None]
             llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
-            ideal = _timed(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm), repeats)
+            base_times, patched_times, ideal_times = [], [], []
+            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all three alike
+                with torch.no_grad():
+                    base_times.append(_once(prefill))
+                    with vtr.patch(model, method, retain=retain):
+                        patched_times.append(_once(prefill))
+                    ideal_times.append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
+            base, patched, ideal = (statistics.median(t[1:]) for t in (base_times, patched_times, ideal_times))
             text = length - per_image
             flops = prefill_flops(config, 1, per_image, [text + n for n in stats["tokens_per_layer"]])
             rows.append({
                 "method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
                 "layer_avg_retention": stats["layer_avg_retention"],
-                "prefill_s": patched, "ideal_s": ideal, "speedup": base / patched, "ideal_speedup": base / ideal,
+                "unpatched_s": base, "prefill_s": patched, "ideal_s": ideal, "speedup": base / patched, "ideal_speedup": base / ideal,
                 "analytic_speedup": base_flops["total"] / flops["total"],
                 "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched,
             })
     result = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "shape": shape, "visual_tokens": per_image, "prompt_tokens": length,
-        "repeats": repeats, "unpatched_prefill_s": base, "rows": rows,
+        "repeats": repeats, "unpatched_prefill_s": unpatched, "rows": rows,
     }
     if out:
         with open(out, "w") as f:
