@@ -300,7 +300,7 @@ class Engine:
                 rec.pending[index] = self._attention(rec, module, hidden, self._layout_index(i, False), kwargs)
         for index, stage in enumerate(self.llm_stages):
             if stage.layer == i:
-                hidden = self._drop(rec, index, stage, hidden, kwargs)
+                hidden = self._drop(rec, index, stage, hidden)
         now = self._layout_index(i, True)
         layer_kwargs = self._kwargs_for(now, kwargs, hidden)
         for index, stage in enumerate(self.llm_stages):      # a stage that scores with an earlier layer's input
@@ -343,7 +343,7 @@ class Engine:
         rec.step_kwargs[index] = new
         return {**kwargs, **new}
 
-    def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+    def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         scores, scored_layout = rec.pending.pop(index)
         layout = rec.layouts[-1]
         if rec.layouts[scored_layout] is not layout:
