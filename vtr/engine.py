@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from vtr.kernels import topk_per_group
+from vtr.kernels import gather_tokens, topk_per_group
 from vtr.plugins.base import LLMPlugin, Plugin, Signals
 
 
@@ -226,8 +226,7 @@ class Engine:
             n = alive.shape[1]
             k = stage.plugin.stage_counts(n)[0]
             if k < n:
-                signals = Signals(tokens=features.gather(1, alive[..., None].expand(-1, -1, features.shape[-1])),
-                                  image_index=rec.image_local)
+                signals = Signals(tokens=gather_tokens(features, alive), image_index=rec.image_local)
                 if "cls_attention" in stage.plugin.needs:
                     if self.cls_attention is None or self.cls_attention.shape != (images, per_image):
                         raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
@@ -256,12 +255,10 @@ class Engine:
         if layout.src is None:            # nothing dropped before the LLM
             return None
         if rec.prefill:
-            embeds = kwargs["inputs_embeds"]
-            src = layout.src
             mask = layout.mask
-            kwargs["inputs_embeds"] = embeds.gather(1, src[..., None].expand(-1, -1, embeds.shape[-1])) * mask[..., None]
+            kwargs["inputs_embeds"] = gather_tokens(kwargs["inputs_embeds"], layout.src, mask)
             kwargs["attention_mask"] = mask.long()
-            kwargs["position_ids"] = rec.positions.gather(1, src).masked_fill(~mask, 0)
+            kwargs["position_ids"] = rec.positions.gather(1, layout.src).masked_fill(~mask, 0)
         else:
             kwargs["attention_mask"] = torch.cat([layout.mask, rec.tail], dim=1).long()
             if kwargs.get("position_ids") is None:
@@ -327,9 +324,7 @@ class Engine:
         new = {}
         if rec.prefill:
             idx = layout.slot0
-            new["position_embeddings"] = tuple(
-                t.expand(idx.shape[0], -1, -1).gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-                for t in kwargs["position_embeddings"])
+            new["position_embeddings"] = tuple(gather_tokens(t, idx) for t in kwargs["position_embeddings"])
             positions = kwargs.get("position_ids")
             if positions is not None:
                 new["position_ids"] = positions.expand(idx.shape[0], -1).gather(1, idx)
@@ -370,4 +365,4 @@ class Engine:
             return hidden
         new = layout.compact(keep)
         rec.layouts.append(new)
-        return hidden.gather(1, new.src[..., None].expand(-1, -1, hidden.shape[-1])) * new.mask[..., None]
+        return gather_tokens(hidden, new.src, new.mask)

@@ -37,6 +37,12 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: tor
     return logits.softmax(dim=-1).reshape(b, h, nq, n).mean(dim=1)
 
 
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens of x (B or 1, L, D) at index (B, L'): (B, L', D); rows where ``mask`` (B, L') is False become zero."""
+    out = x.expand(index.shape[0], -1, -1).gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    return out if mask is None else out * mask[..., None]
+
+
 def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min diversity (farthest-point / k-center) on D = 1 - cos, per image.
 
