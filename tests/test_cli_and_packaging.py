@@ -30,7 +30,10 @@ def test_demo_image_offline_with_overlay(tmp_path, capsys):
     assert Image.open(overlay).size == (336, 336)
 
 
-def test_demo_rejects_bad_input(capsys):
+def test_demo_rejects_bad_input(capsys, monkeypatch):
+    from vtr import demo
+
+    monkeypatch.setattr(demo, "load", lambda *a: pytest.fail("the model was loaded before the method was checked"))
     assert main(["demo", "image", "--method", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

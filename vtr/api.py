@@ -17,13 +17,15 @@ def methods() -> dict[str, type[Plugin]]:
     return dict(METHODS)
 
 
-def _resolve(method, retain, budget, options) -> list[Plugin]:
+def resolve(method, retain=None, budget=None, options=None) -> list[Plugin]:
+    """The plugins ``patch`` would install for these arguments, validated; no model is needed."""
+    options = options or {}
     if isinstance(method, (list, tuple)):
         if retain is not None or budget is not None or options:
             raise ValueError("for a pipeline, give each plugin object its own retain/budget and options")
         if not method:
             raise ValueError("an empty pipeline reduces nothing")
-        return [p for m in method for p in _resolve(m, None, None, {})]
+        return [p for m in method for p in resolve(m)]
     if isinstance(method, Plugin):
         if retain is not None or budget is not None or options:
             raise ValueError(f"{type(method).__name__} is already configured; set retain/budget on the object")
@@ -47,7 +49,7 @@ def patch(model: torch.nn.Module, method, retain: float | None = None, budget: i
     visual tokens kept per image. Everything is validated before the model is touched.
     """
     adapter = adapter_for(model)
-    plugins = _resolve(method, retain, budget, options)
+    plugins = resolve(method, retain, budget, options)
     engine = Engine(adapter, plugins)
     if model in _ACTIVE:
         raise RuntimeError("this model is already patched by vtr; call remove() on its handle first")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEFAULT_QUESTION = "What shapes are in the image?"
+
 
 def _methods(args):
     import vtr
@@ -50,7 +52,7 @@ def main(argv=None):
     demo.add_argument("kind", choices=["image"], help="what to ask about")
     demo.add_argument("--model", help="Hugging Face id or path (default: the built-in offline model)")
     demo.add_argument("--image", help="image file (default: assets/shapes.png)")
-    demo.add_argument("--question", default="What shapes are in the image?")
+    demo.add_argument("--question", default=DEFAULT_QUESTION)
     demo.add_argument("--method", default="fastv")
     demo.add_argument("--retain", type=_fraction)
     demo.add_argument("--budget", type=int)

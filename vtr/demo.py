@@ -8,7 +8,7 @@ import torch
 
 import vtr
 
-DEFAULT_QUESTION = "What shapes are in the image?"
+from vtr.cli import DEFAULT_QUESTION
 
 
 def default_image():
@@ -70,6 +70,7 @@ def run(model_id=None, image_path=None, question=DEFAULT_QUESTION, method="fastv
         max_new_tokens=24, attn_implementation="sdpa", overlay_path=None, print_fn=print):
     from PIL import Image
 
+    plugins = vtr.api.resolve(method, retain, budget)      # bad method or budget: fail before loading anything
     if model_id is None:
         print_fn("built-in model: a small LLaVA-architecture model with random weights (no download). It is untrained, "
                  "so its answers are noise; tokens, retention and timing are real. Pass --model for a real VLM.")
@@ -81,7 +82,7 @@ def run(model_id=None, image_path=None, question=DEFAULT_QUESTION, method="fastv
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
 
     answer, prefill = _answer(model, processor, inputs, max_new_tokens)
-    with vtr.patch(model, method, retain=retain, budget=budget) as handle:
+    with vtr.patch(model, plugins) as handle:
         pruned_answer, pruned_prefill = _answer(model, processor, inputs, max_new_tokens)
         stats, kept = handle.stats()[0], handle.kept()[0]
     print_fn(f"question: {question}")
