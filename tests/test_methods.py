@@ -29,6 +29,25 @@ def test_divprune_is_batched_per_image():
     assert max_min_diversity(x, 2).tolist() == [[3, 0], [0, 2]]
 
 
+def test_divprune_greedy_paths_agree_with_the_definition():
+    """The NumPy (CPU) and torch (GPU) greedy loops both equal a literal per-image max-min on D = 1 - cos."""
+    from vtr.kernels import _greedy_numpy, _greedy_torch
+    x = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(0))
+    d = 1 - torch.nn.functional.cosine_similarity(x[:, :, None], x[:, None], dim=-1)
+    expected = []
+    for img in d:
+        picks = [int(img.masked_fill(torch.eye(40, dtype=torch.bool), float("inf")).amin(0).argmax())]
+        while len(picks) < 12:
+            picks.append(max((j for j in range(40) if j not in picks), key=lambda j: float(img[picks, j].min())))
+        expected.append(picks)
+    assert max_min_diversity(x, 12).tolist() == expected
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    sim = xn @ xn.transpose(1, 2)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    first = sim.amax(1).argmin(1)
+    assert torch.equal(_greedy_torch(sim, first, 12), _greedy_numpy(sim, first, 12))
+
+
 def test_topk_per_group_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.2, 0.4])
     group = torch.tensor([0, 0, 0, 1, 1, 1])

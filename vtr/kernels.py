@@ -5,6 +5,7 @@ None of them needs the model's attention weights: attention rows are recomputed 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,26 +48,46 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min diversity (farthest-point / k-center) on D = 1 - cos, per image.
 
     x: (I, P, D). The first pick is the token with the largest nearest-neighbour distance; each later pick maximises
-    its distance to the closest token already picked. One vectorised update per step over all images.
-    Returns (I, k) indices in pick order.
+    its distance to the closest token already picked. Works on cosine similarity (max-min on 1 - cos is min-max on
+    cos). Returns (I, k) indices in pick order.
     """
-    images, n = x.shape[:2]
     xn = F.normalize(x.float(), dim=-1)
-    dist = 1 - xn @ xn.transpose(1, 2)                       # (I, P, P)
-    eye = torch.eye(n, dtype=torch.bool, device=x.device)
-    nearest = dist.masked_fill(eye, float("inf")).amin(dim=1)   # (I, P) nearest-neighbour distance
-    rows = torch.arange(images, device=x.device)
-    picks = torch.empty(images, k, dtype=torch.long, device=x.device)
-    picks[:, 0] = nearest.argmax(dim=1)
-    taken = torch.zeros(images, n, dtype=torch.bool, device=x.device)
-    taken[rows, picks[:, 0]] = True
-    closest = dist[rows, picks[:, 0]]                         # (I, P) distance to the nearest pick
+    sim = xn @ xn.transpose(1, 2)                             # (I, P, P)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))         # a token is not its own neighbour
+    first = sim.amax(dim=1).argmin(dim=1)                     # the largest nearest-neighbour distance
+    greedy = _greedy_numpy if sim.device.type == "cpu" else _greedy_torch
+    return greedy(sim, first, k)
+
+
+def _greedy_torch(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+    """The k - 1 greedy steps, one vectorised update over all images per step. ``closest``: each token's highest
+    similarity to a pick; picked tokens are set to +inf so they are never picked again."""
+    images, n = sim.shape[:2]
+    flat = sim.view(images * n, n)
+    offsets = torch.arange(images, device=sim.device) * n
+    closest = flat.index_select(0, offsets + first)
+    picks = [first]
+    inf = torch.full((images, 1), float("inf"), device=sim.device)
+    for _ in range(1, k):
+        closest.scatter_(1, picks[-1][:, None], inf)
+        picks.append(closest.argmin(dim=1))
+        torch.maximum(closest, flat.index_select(0, offsets + picks[-1]), out=closest)
+    return torch.stack(picks, dim=1)
+
+
+def _greedy_numpy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+    """The same steps as ``_greedy_torch`` in NumPy: on a CPU each step costs ~5 us instead of ~20 us of per-op
+    dispatch, which matters because the k steps are sequential."""
+    s = sim.numpy()
+    rows = np.arange(s.shape[0])
+    picks = np.empty((s.shape[0], k), dtype=np.int64)
+    picks[:, 0] = first.numpy()
+    closest = s[rows, picks[:, 0]]
     for step in range(1, k):
-        nxt = closest.masked_fill(taken, float("-inf")).argmax(dim=1)
-        picks[:, step] = nxt
-        taken[rows, nxt] = True
-        closest = torch.minimum(closest, dist[rows, nxt])
-    return picks
+        closest[rows, picks[:, step - 1]] = np.inf
+        picks[:, step] = closest.argmin(axis=1)
+        np.maximum(closest, s[rows, picks[:, step]], out=closest)
+    return torch.from_numpy(picks)
 
 
 def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
