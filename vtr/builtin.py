@@ -2,8 +2,11 @@
 
 They are real ``LlavaForConditionalGeneration`` instances (CLIP vision tower + Llama language model), so every adapter
 and method runs on them exactly as on llava-hf checkpoints. Their weights are random: they do not understand images.
+``load_model()`` loads the one that does: the tiny LLaVA trained on the shapes QA, shipped in ``vtr/assets``.
 """
 from __future__ import annotations
+
+from importlib import resources
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -58,36 +61,23 @@ def llava_inputs(model, prompts: list[list[int]], seed: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
-def builtin_processor(image_size: int, patch_size: int):
-    """A LlavaProcessor for the built-in model: a character-level tokenizer (printable ASCII plus <pad>, <s>, </s>
-    and <image>, whose id is ``IMAGE_TOKEN_ID``) and a CLIP image processor at ``image_size``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
-
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor      # no torchvision needed
-    except ImportError:                                                       # older transformers
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    specials = ["<pad>", "<s>", "</s>", "<image>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
-    assert vocab["<image>"] == IMAGE_TOKEN_ID
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", padding_side="left")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    images = ImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
-                          vision_feature_select_strategy="default", image_token="<image>",
-                          num_additional_image_tokens=1)
+def shipped_model_path():
+    """The tiny LLaVA trained on the synthetic shapes QA (``python -m vtr.eval.train_tiny``), shipped in assets."""
+    return resources.files("vtr.assets").joinpath("tiny-llava")
 
 
-def builtin_llava(attn_implementation: str = "sdpa"):
-    """The offline demo's model and processor: LLaVA architecture, 224 px, 14 px patches (256 visual tokens).
-    Untrained: its answers are noise until a trained built-in model ships."""
-    shape = dict(image_size=224, patch_size=14, vision_hidden=64, vision_layers=4, hidden=128, layers=8, heads=4,
-                 kv_heads=2, vocab=128)
-    model = tiny_llava(seed=0, attn_implementation=attn_implementation, **shape)
-    return model, builtin_processor(shape["image_size"], shape["patch_size"])
+def load_model(model_id: str | None = None, attn_implementation: str = "sdpa"):
+    """(model, processor) for a Hugging Face id or local path; None loads the shipped tiny trained LLaVA (offline)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = str(shipped_model_path()) if model_id is None else model_id
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, dtype="auto", attn_implementation=attn_implementation,
+        device_map="auto" if torch.cuda.is_available() and model_id is not None else None)
+    return model.eval(), AutoProcessor.from_pretrained(source)
+
+
+def chat_prompt(processor, question: str) -> str:
+    """One image, then the question, in the processor's own chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)

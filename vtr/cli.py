@@ -1,4 +1,4 @@
-"""The ``vtr`` command: ``vtr methods``, ``vtr demo image``, ``vtr bench``."""
+"""The ``vtr`` command: ``vtr methods``, ``vtr demo image``, ``vtr eval``, ``vtr bench``."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,37 @@ def _bench(args):
         print(f"written to {args.out}")
 
 
+def _eval(args):
+    from importlib import resources
+
+    import vtr
+    from vtr.builtin import load_model
+    from vtr.eval import evaluate
+    from vtr.eval.data import load_examples
+
+    methods = [m for m in args.methods.split(",") if m]
+    retains = [_fraction(r) for r in args.retain.split(",")]
+    for method in methods:                                   # fail before loading data or the model
+        vtr.api.resolve(method, retains[0], None)
+    data = args.data or str(resources.files("vtr.assets").joinpath("shapes-test", "test.jsonl"))
+    examples = load_examples(data, on_error=args.on_error)
+    skipped = examples.skipped
+    if skipped:
+        print(f"vtr: skipped {skipped} bad line(s) of {data}", file=sys.stderr)
+    examples = examples[:args.limit] if args.limit else examples
+    model, processor = load_model(args.model, args.attn)
+    results = evaluate.evaluate(model, processor, examples, methods, retains, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, suffix=args.suffix, show_progress=not args.quiet,
+                                ablation=args.ablation)
+    print(evaluate.format_table(results))
+    evaluate.write(results, args.out, model=args.model or "built-in tiny-llava", data=data, examples=len(examples),
+                   skipped=skipped, device=str(model.device), attn_implementation=args.attn)
+    print(f"written to {args.out}")
+    if args.plot:
+        evaluate.plot(results, args.plot, title=f"{args.model or 'built-in tiny-llava'} on {len(examples)} examples")
+        print(f"plot written to {args.plot}")
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -51,8 +82,8 @@ def main(argv=None):
     demo = sub.add_parser("demo", help="answer a question with and without token reduction")
     demo.add_argument("kind", choices=["image"], help="what to ask about")
     demo.add_argument("--model", help="Hugging Face id or path (default: the built-in offline model)")
-    demo.add_argument("--image", help="image file (default: assets/shapes.png)")
-    demo.add_argument("--question", default=DEFAULT_QUESTION)
+    demo.add_argument("--image", help="image file (default: an example of the shipped shapes test split)")
+    demo.add_argument("--question", help="default: the example's question, or %r with --image" % DEFAULT_QUESTION)
     demo.add_argument("--method", default="fastv")
     demo.add_argument("--retain", type=_fraction)
     demo.add_argument("--budget", type=int)
@@ -60,6 +91,25 @@ def main(argv=None):
     demo.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, eager or flash_attention_2")
     demo.add_argument("--overlay", help="write the image with the kept patches highlighted to this PNG")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("eval", help="accuracy, retention, FLOPs, latency and KV cache per method and retention")
+    ev.add_argument("--model", help="Hugging Face id or path (default: the shipped tiny trained LLaVA)")
+    ev.add_argument("--data", help="JSONL of image/question/answer (default: the shipped shapes test split)")
+    ev.add_argument("--methods", default="random,fastervlm,divprune,fastv,pdrop")
+    ev.add_argument("--retain", default="1,0.5,0.25,0.11")
+    ev.add_argument("--limit", type=int, help="use only the first N examples")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=4)
+    ev.add_argument("--suffix", default="", help="appended to every question, e.g. ' Answer with one word.'")
+    ev.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="a bad data line is fatal, or "
+                    "skipped with a warning naming its file and line")
+    ev.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, eager or flash_attention_2")
+    ev.add_argument("--out", default="eval.json")
+    ev.add_argument("--plot", default="eval.png", help="PNG of accuracy vs retention ('' for none)")
+    ev.add_argument("--ablation", action="store_true", help="also run the control with every image's visual tokens "
+                    "replaced by their mean (does the model read the image?)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="prefill time vs ideal and analytic speedup, per method and retention")
     bench.add_argument("--methods", default="random,fastervlm,divprune,fastv,pdrop")
@@ -73,7 +123,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, argparse.ArgumentTypeError) as err:
         print(f"vtr: error: {err}", file=sys.stderr)
         return 2
     return 0

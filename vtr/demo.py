@@ -8,33 +8,20 @@ import torch
 
 import vtr
 
+from vtr.builtin import chat_prompt, load_model
 from vtr.cli import DEFAULT_QUESTION
 
 
-def default_image():
-    from PIL import Image
-
-    return Image.open(resources.files("vtr.assets").joinpath("shapes.png")).convert("RGB")
+DEFAULT_EXAMPLE = "test-00004"      # a "small" question of the shipped test split: the answer sits in a few patches
 
 
-def load(model_id: str | None, attn_implementation: str):
-    if model_id is None:
-        from vtr.builtin import builtin_llava
+def default_example():
+    """The demo's default (image, question, expected answer), from the shipped shapes test split."""
+    from vtr.eval.data import load_examples, load_image
 
-        model, processor = builtin_llava(attn_implementation)
-        return model, processor, "USER: <image>\n{question} ASSISTANT:"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto", attn_implementation=attn_implementation,
-                                                        device_map="auto" if torch.cuda.is_available() else None)
-    return model.eval(), AutoProcessor.from_pretrained(model_id), None
-
-
-def _prompt(processor, template, question):
-    if template is not None:
-        return template.format(question=question)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    path = resources.files("vtr.assets").joinpath("shapes-test", "test.jsonl")
+    example = next(e for e in load_examples(path) if e.id == DEFAULT_EXAMPLE)
+    return load_image(example), example.question, example.answer
 
 
 def _answer(model, processor, inputs, max_new_tokens):
@@ -66,17 +53,23 @@ def overlay(image, kept: torch.Tensor, grid: int, path: str, size: int = 336):
     dim.save(path)
 
 
-def run(model_id=None, image_path=None, question=DEFAULT_QUESTION, method="fastv", retain=None, budget=None,
+def run(model_id=None, image_path=None, question=None, method="fastv", retain=None, budget=None,
         max_new_tokens=24, attn_implementation="sdpa", overlay_path=None, print_fn=print):
     from PIL import Image
 
     plugins = vtr.api.resolve(method, retain, budget)      # bad method or budget: fail before loading anything
+    expected = None
+    if image_path:
+        image = Image.open(image_path).convert("RGB")
+    else:
+        image, default_question, expected = default_example()
+        question = question or default_question
+    question = question or DEFAULT_QUESTION
     if model_id is None:
-        print_fn("built-in model: a small LLaVA-architecture model with random weights (no download). It is untrained, "
-                 "so its answers are noise; tokens, retention and timing are real. Pass --model for a real VLM.")
-    image = Image.open(image_path).convert("RGB") if image_path else default_image()
-    model, processor, template = load(model_id, attn_implementation)
-    inputs = processor(images=image, text=_prompt(processor, template, question), return_tensors="pt")
+        print_fn("built-in model: a tiny LLaVA (1.1 M parameters) trained on synthetic shapes questions, no download. "
+                 "It knows only that vocabulary; pass --model for a real VLM.")
+    model, processor = load_model(model_id, attn_implementation)
+    inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -85,7 +78,7 @@ def run(model_id=None, image_path=None, question=DEFAULT_QUESTION, method="fastv
     with vtr.patch(model, plugins) as handle:
         pruned_answer, pruned_prefill = _answer(model, processor, inputs, max_new_tokens)
         stats, kept = handle.stats()[0], handle.kept()[0]
-    print_fn(f"question: {question}")
+    print_fn(f"question: {question}" + (f"  (expected: {expected})" if expected else ""))
     print_fn(f"unpatched  answer: {answer!r}  prefill {prefill * 1e3:.1f} ms")
     print_fn(f"{method:<10} answer: {pruned_answer!r}  prefill {pruned_prefill * 1e3:.1f} ms")
     print_fn(f"visual tokens: {stats['visual_tokens_in']} in, {stats['visual_tokens_out']} out "

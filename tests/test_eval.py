@@ -1,0 +1,86 @@
+"""``vtr eval``: scoring, per-run figures, the mean-visual control, bad data, and the shipped trained model's quality."""
+import json
+
+import pytest
+
+from vtr.cli import main
+from vtr.eval import evaluate
+from vtr.eval.data import load_examples
+from vtr.eval.train_tiny import build_model, build_processor
+
+TEST_SPLIT = "assets/shapes-test/test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory):
+    """The shipped model's architecture and processor with random weights, saved like a checkpoint."""
+    path = tmp_path_factory.mktemp("random-tiny")
+    processor = build_processor()
+    build_model(processor, seed=1).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_answer_matching():
+    assert evaluate.is_correct("Yes.", "yes")
+    assert evaluate.is_correct("red circle", "red")
+    assert not evaluate.is_correct("reddish", "red")
+    assert not evaluate.is_correct("", "red")
+
+
+def test_runs_report_what_each_method_kept(random_model_dir):
+    from vtr.builtin import load_model
+
+    model, processor = load_model(str(random_model_dir))
+    examples = load_examples(TEST_SPLIT)[:6]
+    runs = evaluate.evaluate(model, processor, examples, ["random", "fastv"], [1.0, 0.25], batch_size=4,
+                             max_new_tokens=2, show_progress=False)
+    assert [(r["method"], r["retain"]) for r in runs] == [
+        ("unpatched", 1.0), ("random", 1.0), ("random", 0.25), ("fastv", 1.0), ("fastv", 0.25)]
+    ref, full, quarter, fastv_full, fastv_quarter = runs
+    for run in (full, fastv_full):                    # retain=1.0 changes nothing
+        assert run["predictions"] == ref["predictions"] and run["retention"] == 1.0
+    assert quarter["visual_tokens_in"] == 196 and quarter["visual_tokens_out"] == 49     # round(0.25 * 196)
+    assert quarter["retention"] == pytest.approx(0.25)
+    assert quarter["flops_llm"] < fastv_quarter["flops_llm"] < ref["flops_llm"]   # fastv keeps all for 2 of 4 layers
+    assert fastv_quarter["layer_avg_retention"] == pytest.approx((2 * 196 + 2 * 49) / (4 * 196))
+    assert quarter["kv_cache_bytes"] < fastv_quarter["kv_cache_bytes"] < ref["kv_cache_bytes"]
+    assert all(r["ttft_s"] > 0 and r["decode_s_per_token"] > 0 for r in runs)
+    assert ref["peak_memory_bytes"] is None                   # measured on CUDA only
+    assert set(ref["accuracy_by_family"]) == {"color", "exists", "count", "side", "small"}
+
+
+def test_cli_writes_json_and_plot_with_the_mean_visual_control(random_model_dir, tmp_path, capsys):
+    out, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert main(["eval", "--model", str(random_model_dir), "--limit", "4", "--methods", "divprune", "--retain", "0.5",
+                 "--ablation", "--quiet", "--out", str(out), "--plot", str(png)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["runs"]] == ["unpatched", "mean-visual", "divprune"]
+    assert result["examples"] == 4 and result["skipped"] == 0
+    assert png.stat().st_size > 0
+    assert "divprune" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_data_lines(random_model_dir, tmp_path, capsys):
+    good = load_examples(TEST_SPLIT)[0]
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"image": str(good.image_path), "question": good.question, "answer": good.answer})
+                    + "\n{not json\n")
+    args = ["eval", "--model", str(random_model_dir), "--data", str(data), "--methods", "random", "--retain", "0.5",
+            "--quiet", "--out", str(tmp_path / "e.json"), "--plot", ""]
+    assert main(args) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="bad.jsonl:2"):
+        assert main(args + ["--on-error", "skip"]) == 0
+    assert "skipped 1 bad line" in capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["skipped"] == 1
+
+
+def test_cli_rejects_a_bad_method_before_loading(monkeypatch, capsys):
+    import vtr.builtin
+
+    monkeypatch.setattr(vtr.builtin, "load_model", lambda *a: pytest.fail("the model was loaded first"))
+    assert main(["eval", "--methods", "random,nosuch"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "--retain", "1,0"]) == 2
+    assert "retain must be in (0, 1]" in capsys.readouterr().err
