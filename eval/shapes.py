@@ -94,21 +94,34 @@ def _background_array(bg: Background) -> np.ndarray:
     return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
+def _paint(pen: ImageDraw.ImageDraw, o: Obj, fill):
+    h = o.px // 2
+    box = (o.x - h, o.y - h, o.x + h, o.y + h)
+    if o.shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif o.shape == "square":
+        pen.rectangle(box, fill=fill)
+    elif o.shape == "triangle":
+        pen.polygon([(o.x, o.y - h), (o.x + h, o.y + h), (o.x - h, o.y + h)], fill=fill)
+    else:
+        pen.polygon([(o.x, o.y - h), (o.x + h, o.y), (o.x, o.y + h), (o.x - h, o.y)], fill=fill)
+
+
 def draw(scene: Scene) -> Image.Image:
     image = Image.fromarray(_background_array(scene.background), "RGB")
     pen = ImageDraw.Draw(image)
     for o in scene.objects:
-        h, fill = o.px // 2, COLORS[o.color]
-        box = (o.x - h, o.y - h, o.x + h, o.y + h)
-        if o.shape == "circle":
-            pen.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            pen.rectangle(box, fill=fill)
-        elif o.shape == "triangle":
-            pen.polygon([(o.x, o.y - h), (o.x + h, o.y + h), (o.x - h, o.y + h)], fill=fill)
-        else:
-            pen.polygon([(o.x, o.y - h), (o.x + h, o.y), (o.x, o.y + h), (o.x - h, o.y)], fill=fill)
+        _paint(pen, o, COLORS[o.color])
     return image
+
+
+def object_map(scene: Scene) -> np.ndarray:
+    """(IMAGE_SIZE, IMAGE_SIZE) uint8: 1 + the index of the object drawn at each pixel, 0 for background."""
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    pen = ImageDraw.Draw(image)
+    for i, o in enumerate(scene.objects):
+        _paint(pen, o, i + 1)
+    return np.asarray(image)
 
 
 def overlaps(a: Obj, b: Obj) -> bool:

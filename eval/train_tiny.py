@@ -5,8 +5,11 @@
 The result is a stock ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP projector, Llama language model) with a
 word-level tokenizer and a ``LlavaProcessor``, saved with ``save_pretrained`` so that
 ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` load it like any
-llava-hf checkpoint. Examples are generated on the fly from the train split's seeds; the loss is on the answer word and
-the end-of-sequence token only.
+llava-hf checkpoint. Examples are generated on the fly from the train split's seeds. The loss is the answer word and
+end-of-sequence token's cross-entropy plus, during training only, an auxiliary per-patch loss: two linear heads on the
+projector output predict the colour and the shape of the object covering each patch. Without it the from-scratch
+vision tower stays at chance for the first thousand steps; the heads are dropped before saving, so the saved model is
+a stock LLaVA.
 """
 from __future__ import annotations
 
@@ -63,8 +66,22 @@ def build_model(processor, seed: int = 0):
     return model
 
 
+def patch_labels(scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour class (0: background, 1..6) and shape class (0: background, 1..4) of the object covering most of each
+    patch (at least an eighth of it, so small objects keep a patch), row-major over the grid: (grid * grid,) each."""
+    owner = torch.from_numpy(shapes.object_map(scene).astype("int64"))
+    cell = shapes.IMAGE_SIZE // grid
+    counts = torch.nn.functional.one_hot(owner, len(scene.objects) + 1).view(grid, cell, grid, cell, -1).sum((1, 3))
+    counts[..., 0] = cell * cell // 8                 # background wins unless an object covers an eighth
+    winner = counts.argmax(-1).flatten()
+    colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in scene.objects])
+    kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in scene.objects])
+    return colors[winner], kinds[winner]
+
+
 def batch(processor, seeds, device="cpu") -> dict:
-    """A training batch: prompt + answer + </s>, right-padded; labels only on the answer and </s>."""
+    """A training batch: prompt + answer + </s>, right-padded; labels only on the answer and </s>; per-patch colour and
+    shape classes for the auxiliary loss."""
     examples = [shapes.make_example(s) for s in seeds]
     tok = processor.tokenizer
     texts = [chat_prompt(processor, e["question"]) for e in examples]
@@ -76,8 +93,11 @@ def batch(processor, seeds, device="cpu") -> dict:
     mask = torch.cat([mask, torch.ones(len(seeds), 2, dtype=mask.dtype)], dim=1)
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
+    grid = SHAPE["image_size"] // SHAPE["patch_size"]
+    colors, kinds = zip(*(patch_labels(e["scene"], grid) for e in examples))
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            "pixel_values": inputs["pixel_values"].to(device)}
+            "pixel_values": inputs["pixel_values"].to(device),
+            "patch_colors": torch.stack(colors).to(device), "patch_shapes": torch.stack(kinds).to(device)}
 
 
 @torch.no_grad()
@@ -97,12 +117,19 @@ def accuracy(model, processor, split: str = "val", n: int = 250) -> float:
     return correct / n
 
 
-def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int):
+def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
+          aux_weight: float = 0.5):
     if threads:
         torch.set_num_threads(threads)
     processor = build_processor()
     model = build_model(processor, seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    hidden = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleDict({"colors": torch.nn.Linear(hidden, len(shapes.COLORS) + 1),
+                                 "shapes": torch.nn.Linear(hidden, len(shapes.SHAPES) + 1)})
+    features = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: features.update(out=out))
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -110,18 +137,24 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     start, log = time.time(), []
     for step in range(steps):
         seeds = [train_seeds[seed * 10_000_000 + step * batch_size + i] for i in range(batch_size)]
-        loss = model(**batch(processor, seeds)).loss
+        inputs = batch(processor, seeds)
+        targets = {"colors": inputs.pop("patch_colors"), "shapes": inputs.pop("patch_shapes")}
+        loss = model(**inputs).loss
+        aux = sum(torch.nn.functional.cross_entropy(heads[k](features["out"]).flatten(0, 1), t.flatten())
+                  for k, t in targets.items())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=100)
-            log.append({"step": step + 1, "loss": float(loss), "val_accuracy": val, "minutes": (time.time() - start) / 60})
+            log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val,
+                        "minutes": (time.time() - start) / 60})
             print(json.dumps(log[-1]), flush=True)
     model.eval()
-    recipe = {"shape": SHAPE, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+    model.model.multi_modal_projector._forward_hooks.clear()
+    recipe = {"shape": SHAPE, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "aux_weight": aux_weight,
               "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log}
     path = Path(out)
     model.save_pretrained(path)
@@ -139,8 +172,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape loss")
     a = p.parse_args(argv)
-    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every)
+    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight)
 
 
 if __name__ == "__main__":

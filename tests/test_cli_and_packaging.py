@@ -24,7 +24,7 @@ def test_demo_image_offline_with_overlay(tmp_path, capsys):
     assert main(["demo", "image", "--method", "divprune", "--budget", "64", "--max-new-tokens", "3",
                  "--overlay", str(overlay)]) == 0
     out = capsys.readouterr().out
-    assert "untrained" in out and "256 in, 64 out" in out
+    assert "trained on synthetic shapes" in out and "196 in, 64 out" in out
     from PIL import Image
 
     assert Image.open(overlay).size == (336, 336)
@@ -33,7 +33,7 @@ def test_demo_image_offline_with_overlay(tmp_path, capsys):
 def test_demo_rejects_bad_input(capsys, monkeypatch):
     from vtr import demo
 
-    monkeypatch.setattr(demo, "load", lambda *a: pytest.fail("the model was loaded before the method was checked"))
+    monkeypatch.setattr(demo, "load_model", lambda *a: pytest.fail("the model was loaded before the method was checked"))
     assert main(["demo", "image", "--method", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -56,9 +56,11 @@ def test_non_editable_install_imports(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True)
-    code = ("import vtr, vtr.plugins, vtr.video, vtr.eval.bench, vtr.demo; "
+    code = ("import vtr, vtr.plugins, vtr.video, vtr.eval.bench, vtr.eval.evaluate, vtr.demo, vtr.builtin; "
             "assert vtr.__file__.startswith(%r), vtr.__file__; "
             "assert sorted(vtr.methods()) == ['divprune', 'fastervlm', 'fastv', 'pdrop', 'random']; "
-            "vtr.demo.default_image()" % str(target))
+            "vtr.demo.default_example(); "
+            "import pathlib; assert (pathlib.Path(vtr.builtin.shipped_model_path()) / 'model.safetensors').is_file()"
+            % str(target))
     env = {**os.environ, "PYTHONPATH": str(target)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
