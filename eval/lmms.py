@@ -7,7 +7,8 @@
 model_args: ``pretrained`` (a hub id or a local path; default: vtr's shipped tiny LLaVA), ``method`` (a vtr method, or
 ``none`` for the unpatched model), ``retain`` (fraction of visual tokens kept) or ``budget`` (tokens kept per image),
 ``attn_implementation``, ``max_new_tokens`` (used where the task sets none), and any option of the method (for
-example ``layer=2``). Answers are greedy whatever the task's temperature.
+example ``layer=2``). The batch size is lmms-eval's own ``--batch_size N`` (in model_args it would clash with it).
+Answers are greedy whatever the task's temperature; ``until`` strings cut them.
 
 vtr's figures per request go into the samples log (``--log_samples``) under ``token_counts``: visual_tokens_in,
 visual_tokens_out, retention and layer_avg_retention beside input_tokens and output_tokens. Their means over requests
@@ -30,6 +31,7 @@ from PIL import Image
 try:
     from lmms_eval.api.instance import GenerationResult, TokenCounts
     from lmms_eval.api.model import lmms
+    from lmms_eval.models.model_utils.gen_metrics import log_metrics
 except ImportError as err:
     raise ImportError("vtr.eval.lmms needs lmms-eval: pip install 'vtr[lmms]'") from err
 
@@ -118,8 +120,6 @@ class VTRModel(lmms):
         answers = self.processor.batch_decode(new, skip_special_tokens=True)
         stats = self._stats(inputs["input_ids"], bool(images))
         pad = self.model.generation_config.pad_token_id
-        from lmms_eval.models.model_utils.gen_metrics import log_metrics
-
         results = []
         for b, text in enumerate(answers):
             for stop in until:

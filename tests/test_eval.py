@@ -84,3 +84,18 @@ def test_cli_rejects_a_bad_method_before_loading(monkeypatch, capsys):
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     assert main(["eval", "--retain", "1,0"]) == 2
     assert "retain must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_shipped_model_answers_from_the_image():
+    """The quality bar of the shipped tiny LLaVA on the whole shipped test split: >= 90% exact match unpatched, and
+    near the question-only level once every image's visual tokens are replaced by their mean."""
+    from vtr.builtin import load_model
+
+    model, processor = load_model()
+    runs = evaluate.evaluate(model, processor, load_examples(TEST_SPLIT), [], [], batch_size=25, max_new_tokens=2,
+                             show_progress=False, ablation=True)
+    reference, ablated = runs
+    assert reference["accuracy"] >= 0.9, reference["accuracy_by_family"]
+    # Chance with the question alone: 1/6 colour, 1/2 yes/no, 1/4 count, 1/2 side, 1/6 small colour -> 0.32 on
+    # average; allow some help from the mean colour of the image.
+    assert ablated["accuracy"] <= 0.5, ablated["accuracy_by_family"]

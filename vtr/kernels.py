@@ -51,7 +51,7 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     its distance to the closest token already picked. Works on cosine similarity (max-min on 1 - cos is min-max on
     cos). Returns (I, k) indices in pick order.
     """
-    xn = F.normalize(x.float(), dim=-1)
+    xn = F.normalize(x.detach().float(), dim=-1)            # selection is not differentiable
     sim = xn @ xn.transpose(1, 2)                             # (I, P, P)
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))         # a token is not its own neighbour
     first = sim.amax(dim=1).argmin(dim=1)                     # the largest nearest-neighbour distance
