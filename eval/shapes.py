@@ -205,6 +205,33 @@ def _small(rng):
     return _scene(rng, [(shape, color, "small"), decoy] + rest), TEMPLATES["small"].format(shape=shape), color
 
 
+def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every well-posed (question, answer, family) of the five families about one scene - one "yes" and one "no" for
+    exists - shuffled. Training asks several per image, so each image costs one vision pass for several answers."""
+    qa = []
+    middle = (IMAGE_SIZE - 1) / 2
+    for shape in SHAPES:
+        objs = [o for o in scene.objects if o.shape == shape]
+        if len(objs) == 1:
+            o = objs[0]
+            qa.append((TEMPLATES["color"].format(shape=shape), o.color, "color"))
+            if abs(o.x - middle) >= SIDE_GAP:
+                qa.append((TEMPLATES["side_x"].format(shape=shape), "left" if o.x < middle else "right", "side"))
+            if abs(o.y - middle) >= SIDE_GAP:
+                qa.append((TEMPLATES["side_y"].format(shape=shape), "top" if o.y < middle else "bottom", "side"))
+        if 1 <= len(objs) <= 4:
+            qa.append((TEMPLATES["count"].format(shape=shape), str(len(objs)), "count"))
+        small = [o for o in objs if o.size == "small"]
+        if len(small) == 1:
+            qa.append((TEMPLATES["small"].format(shape=shape), small[0].color, "small"))
+    present = sorted({(o.shape, o.color) for o in scene.objects})
+    absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
+    for (shape, color), answer in ((rng.choice(present), "yes"), (rng.choice(absent), "no")):
+        qa.append((TEMPLATES["exists"].format(color=color, shape=shape), answer, "exists"))
+    rng.shuffle(qa)
+    return qa
+
+
 _FAMILY_FNS = {"color": _color, "exists": _exists, "count": _count, "side": _side, "small": _small}
 
 

@@ -5,8 +5,9 @@
 The result is a stock ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP projector, Llama language model) with a
 word-level tokenizer and a ``LlavaProcessor``, saved with ``save_pretrained`` so that
 ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` load it like any
-llava-hf checkpoint. Examples are generated on the fly from the train split's seeds. The loss is the answer word and
-end-of-sequence token's cross-entropy plus, during training only, an auxiliary per-patch loss: two linear heads on the
+llava-hf checkpoint. Examples are generated on the fly from the train split's seeds; each training sequence asks up to six questions about
+its image (the example's own first, then others about the same scene). The loss is the answers' and end-of-sequence
+tokens' cross-entropy plus, during training only, an auxiliary per-patch loss: two linear heads on the
 projector output predict the colour and the shape of the object covering each patch. Without it the from-scratch
 vision tower stays at chance for the first thousand steps; the heads are dropped before saving, so the saved model is
 a stock LLaVA.
@@ -79,20 +80,31 @@ def patch_labels(scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     return colors[winner], kinds[winner]
 
 
-def batch(processor, seeds, device="cpu") -> dict:
-    """A training batch: prompt + answer + </s>, right-padded; labels only on the answer and </s>; per-patch colour and
-    shape classes for the auxiliary loss."""
+def batch(processor, seeds, questions: int = 6, device="cpu") -> dict:
+    """A training batch. Each sequence is the example's prompt, its answer and </s>, then up to ``questions - 1`` more
+    questions about the same scene, each followed by its answer and </s> (``shapes.scene_questions``); prompts are
+    left-padded and the tails right-padded. Labels only on answers and </s>; per-patch colour and shape classes for the
+    auxiliary loss."""
+    import random
+
     examples = [shapes.make_example(s) for s in seeds]
     tok = processor.tokenizer
     texts = [chat_prompt(processor, e["question"]) for e in examples]
     inputs = processor(images=[e["image"] for e in examples], text=texts, return_tensors="pt", padding=True)
-    answers = torch.tensor([tok.convert_tokens_to_ids(e["answer"]) for e in examples])
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]          # left-padded prompts
-    eos = torch.full_like(answers, tok.eos_token_id)
-    ids = torch.cat([ids, answers[:, None], eos[:, None]], dim=1)
-    mask = torch.cat([mask, torch.ones(len(seeds), 2, dtype=mask.dtype)], dim=1)
-    labels = torch.full_like(ids, -100)
-    labels[:, -2:] = ids[:, -2:]
+    tails = []
+    for seed, e in zip(seeds, examples):
+        tail = [tok.convert_tokens_to_ids(e["answer"]), tok.eos_token_id]
+        others = [qa for qa in shapes.scene_questions(e["scene"], random.Random(seed)) if qa[0] != e["question"]]
+        for question, answer, _ in others[:questions - 1]:
+            tail += tok.convert_tokens_to_ids(question.split()) + [tok.convert_tokens_to_ids(answer), tok.eos_token_id]
+        tails.append(tail)
+    width = max(map(len, tails))
+    tail_ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in tails])
+    tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails])
+    ids = torch.cat([inputs["input_ids"], tail_ids], dim=1)
+    mask = torch.cat([inputs["attention_mask"], tail_mask], dim=1)
+    answer_or_eos = (ids == tok.eos_token_id) | torch.roll(ids == tok.convert_tokens_to_ids("?"), 1, dims=1)
+    labels = ids.masked_fill(~(answer_or_eos & mask.bool()), -100)
     grid = SHAPE["image_size"] // SHAPE["patch_size"]
     colors, kinds = zip(*(patch_labels(e["scene"], grid) for e in examples))
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
@@ -118,11 +130,19 @@ def accuracy(model, processor, split: str = "val", n: int = 250) -> float:
 
 
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
-          aux_weight: float = 0.5):
+          aux_weight: float = 0.5, init: str | None = None):
     if threads:
         torch.set_num_threads(threads)
     processor = build_processor()
-    model = build_model(processor, seed).train()
+    if init:                                   # go on training a saved model (the seeds continue past its steps)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
+        done = json.loads((Path(init) / "training.json").read_text())
+        seed, history = done["seed"], done.get("history", []) + [{k: v for k, v in done.items() if k != "history"}]
+        first_step = sum(h["steps"] for h in history)
+    else:
+        model, history, first_step = build_model(processor, seed).train(), [], 0
     hidden = model.config.text_config.hidden_size
     heads = torch.nn.ModuleDict({"colors": torch.nn.Linear(hidden, len(shapes.COLORS) + 1),
                                  "shapes": torch.nn.Linear(hidden, len(shapes.SHAPES) + 1)})
@@ -136,7 +156,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     train_seeds = shapes.SPLITS["train"]
     start, log = time.time(), []
     for step in range(steps):
-        seeds = [train_seeds[seed * 10_000_000 + step * batch_size + i] for i in range(batch_size)]
+        seeds = [train_seeds[seed * 10_000_000 + (first_step + step) * batch_size + i] for i in range(batch_size)]
         inputs = batch(processor, seeds)
         targets = {"colors": inputs.pop("patch_colors"), "shapes": inputs.pop("patch_shapes")}
         loss = model(**inputs).loss
@@ -155,7 +175,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     model.eval()
     model.model.multi_modal_projector._forward_hooks.clear()
     recipe = {"shape": SHAPE, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "aux_weight": aux_weight,
-              "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log}
+              "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log, "history": history}
     path = Path(out)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -173,8 +193,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape loss")
+    p.add_argument("--init", help="a model saved by this script, to train further")
     a = p.parse_args(argv)
-    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight)
+    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init)
 
 
 if __name__ == "__main__":

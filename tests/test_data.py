@@ -55,6 +55,26 @@ def test_answers_agree_with_scene(family):
             assert all(o.size != "small" for o in objs if o is not small[0]) and len(same) >= 2
 
 
+def test_scene_questions_by_hand():
+    import random
+
+    scene = S.Scene([S.Obj("circle", "red", "small", 30, 30), S.Obj("square", "blue", "large", 180, 112),
+                     S.Obj("square", "green", "medium", 60, 180)])
+    qa = {q: a for q, a, _ in S.scene_questions(scene, random.Random(0))}
+    assert qa["what color is the circle ?"] == "red"
+    assert qa["what color is the small circle ?"] == "red"
+    assert qa["is the circle on the left or right ?"] == "left"
+    assert qa["is the circle at the top or bottom ?"] == "top"
+    assert qa["how many squares are there ?"] == "2" and qa["how many circles are there ?"] == "1"
+    assert "what color is the square ?" not in qa                  # two squares: not well-posed
+    assert "how many triangles are there ?" not in qa              # answers are 1..4
+    assert sorted(a for q, a in qa.items() if q.startswith("is there")) == ["no", "yes"]
+    for q, a in qa.items():
+        if q.startswith("is there"):
+            _, _, _, color, shape, _ = q.split()
+            assert (a == "yes") == any(o.shape == shape and o.color == color for o in scene.objects)
+
+
 def test_objects_in_bounds_and_apart():
     for seed in range(200):
         objs = S.generate(seed)[0].objects
