@@ -6,7 +6,9 @@ Hook points (all ``register_forward_hook`` / ``register_forward_pre_hook(with_kw
 - the projector (post): projector-stage methods select per image;
 - the language model (pre): drops the pre-LLM losers from the sequence, mask and position ids;
 - each decoder layer from the first in-LLM stage on (pre): drops at stage layers, and gives every later layer the
-  mask, position ids and RoPE cos/sin of the shortened sequence.
+  mask, position ids and RoPE cos/sin of the shortened sequence;
+- the key projection of a layer that scores for a later stage (post): the last token's attention row is computed from
+  the keys the layer computes anyway (a stage that scores with its own layer, before dropping, recomputes them).
 
 Conventions: survivors keep their original position ids (gaps stay), so decoding continues at the original positions;
 each shortened sequence is left-padded again, so samples of a batch may keep different numbers of tokens. The KV
@@ -83,6 +85,7 @@ class Record:
     # per forward pass
     step_kwargs: dict[int, dict] = field(default_factory=dict)   # layout index -> rewritten layer kwargs
     pending: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # stage -> (scores, layout index)
+    armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin) until its keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
 
 
@@ -127,20 +130,23 @@ class Engine:
                 first = min(min(s.layer, s.score_layer) for s in self.llm_stages)
                 for i in range(first, self.num_layers):
                     self._add(a.decoder_layers[i], self._layer_hook(i))
+                for i in {s.score_layer for s in self.llm_stages if s.score_layer != s.layer}:
+                    self._add(a.key_projection(a.decoder_layers[i]), self._keys_hook(i), post=True)
         except Exception:
             self.remove()
             raise
 
-    def _add(self, module, fn, with_kwargs: bool = True):
-        """A forward pre-hook that also adds its host time to ``hook_seconds`` (what the benchmark reports as
-        selection overhead; on a GPU it counts launch time, not queued kernels)."""
+    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False):
+        """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
+        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels)."""
         def timed(*args):
             start = time.perf_counter()
             try:
                 return fn(*args)
             finally:
                 self.hook_seconds += time.perf_counter() - start
-        self.hooks.append(module.register_forward_pre_hook(timed, with_kwargs=with_kwargs))
+        register = module.register_forward_hook if post else module.register_forward_pre_hook
+        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post))
 
     def remove(self):
         for hook in self.hooks:
@@ -170,7 +176,7 @@ class Engine:
             self.rec = rec
         elif self.rec is not None and past_len:
             rec = self.rec
-            rec.prefill, rec.step_kwargs, rec.pending = False, {}, {}
+            rec.prefill, rec.step_kwargs, rec.pending, rec.armed = False, {}, {}, {}
             mask = kwargs.get("attention_mask")
             if mask is not None:
                 rec.tail = mask[:, rec.length:].bool()
@@ -312,16 +318,27 @@ class Engine:
                 hidden = self._drop(rec, index, stage, hidden)
         now = self._layout_index(i, True)
         layer_kwargs = self._kwargs_for(now, kwargs, hidden)
-        for index, stage in enumerate(self.llm_stages):      # a stage that scores with an earlier layer's input
-            if stage.score_layer == i and stage.layer != i:
-                rec.pending[index] = self._attention(rec, module, hidden, now, kwargs)
+        for index, stage in enumerate(self.llm_stages):      # a stage that scores with an earlier layer's input:
+            if stage.score_layer == i and stage.layer != i:   # scored when this layer's own keys are computed
+                rec.armed[i] = (index, now, layer_kwargs["position_embeddings"])
         return (hidden, *rest), layer_kwargs
 
     def _attention(self, rec, module, hidden, layout_index, kwargs):
         kw = self._kwargs_for(layout_index, kwargs, hidden)
         cos, sin = kw["position_embeddings"]
-        scores = self.adapter.last_token_attention(module, hidden, cos, sin, rec.layouts[layout_index].mask)
+        x = self.adapter.attention_input(module, hidden)
+        scores = self.adapter.last_token_attention(module, x, cos, sin, rec.layouts[layout_index].mask)
         return scores, layout_index
+
+    def _keys_hook(self, i: int):
+        def hook(module, args, keys):
+            armed = self.rec.armed.pop(i, None) if self.rec is not None else None
+            if armed is not None:
+                index, layout_index, (cos, sin) = armed
+                layer, mask = self.adapter.decoder_layers[i], self.rec.layouts[layout_index].mask
+                scores = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys=keys)
+                self.rec.pending[index] = (scores, layout_index)
+        return hook
 
     def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
         """Layer kwargs for a sequence in layout ``index``, computed once per forward pass and layout."""

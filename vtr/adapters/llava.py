@@ -53,15 +53,23 @@ class LlavaAdapter:
         rows = attention_rows(q, k, attn.scale)[:, 0]
         return rows if self.features_keep_cls else rows[:, 1:]
 
-    def last_token_attention(self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                             key_mask: torch.Tensor) -> torch.Tensor:
-        """Attention of the last position (the last prompt token under left padding) in a decoder layer, recomputed
-        from the layer's own norm, q/k projections and RoPE, head mean: (B, L)."""
+    def attention_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the layer's attention projections receive: its input norm applied to the hidden states."""
+        return layer.input_layernorm(hidden)
+
+    def key_projection(self, layer: nn.Module) -> nn.Module:
+        """The module whose output is the layer's keys before norm and RoPE; hooked to reuse them, not recompute."""
+        return layer.self_attn.k_proj
+
+    def last_token_attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             key_mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the last position (the last prompt token under left padding) in a decoder layer, from the
+        layer's own q/k projections, q/k norms and RoPE, head mean: (B, L). ``x`` is the attention input
+        (``attention_input``); ``keys`` the layer's own k projection of it when a hook caught it, else recomputed."""
         attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
         b, n, d = x.shape[0], x.shape[1], attn.head_dim
         q = attn.q_proj(x[:, -1:]).view(b, 1, -1, d)
-        k = attn.k_proj(x).view(b, n, -1, d)
+        k = (attn.k_proj(x) if keys is None else keys).view(b, n, -1, d)
         if hasattr(attn, "q_norm"):                       # Qwen3-style per-head norms before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos[:, -1:], sin[:, -1:])
