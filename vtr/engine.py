@@ -244,7 +244,8 @@ class Engine:
             n = alive.shape[1]
             k = stage.plugin.stage_counts(n)[0]
             if k < n:
-                signals = Signals(tokens=gather_tokens(features, alive), image_index=rec.image_local)
+                tokens = features if n == per_image else gather_tokens(features, alive)   # nothing dropped yet
+                signals = Signals(tokens=tokens, image_index=rec.image_local)
                 if "cls_attention" in stage.plugin.needs:
                     if self.cls_attention is None or self.cls_attention.shape != (images, per_image):
                         raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")

@@ -39,8 +39,14 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: tor
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens of x (B or 1, L, D) at index (B, L'): (B, L', D); rows where ``mask`` (B, L') is False become zero."""
-    out = x.expand(index.shape[0], -1, -1).gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    """Tokens of x (B or 1, L, D) at index (B, L'): (B, L', D); rows where ``mask`` (B, L') is False become zero.
+    One row ``index_select`` on the flattened tokens (several times faster than ``gather`` with an expanded index)."""
+    b, width = index.shape
+    if x.shape[0] == 1:
+        rows = index.flatten()
+    else:
+        rows = (index + torch.arange(b, device=index.device)[:, None] * x.shape[1]).flatten()
+    out = x.reshape(-1, x.shape[-1]).index_select(0, rows).view(b, width, x.shape[-1])
     return out if mask is None else out * mask[..., None]
 
 
