@@ -3,8 +3,9 @@
 Hook points (all ``register_forward_hook`` / ``register_forward_pre_hook(with_kwargs=True)`` on stock modules):
 - the multimodal model's forward (pre): starts a record at prefill, or a decode step;
 - the vision feature layer (pre): [CLS] attention, for methods that need it;
-- the projector (post): projector-stage methods select per image;
-- the language model (pre): drops the pre-LLM losers from the sequence, mask and position ids;
+- the language model (pre): pre-LLM methods select per image on the projected features (read from inputs_embeds,
+  since generate() may run the vision tower before the forward), and the losers leave the sequence, mask and position
+  ids;
 - each decoder layer from the first in-LLM stage on (pre): drops at stage layers, and gives every later layer the
   mask, position ids and RoPE cos/sin of the shortened sequence;
 - the key projection of a layer that scores for a later stage (post): the last token's attention row is computed from
