@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import vtr
 from vtr.adapters import adapter_for
-from vtr.builtin import chat_prompt
+from vtr.builtin import chat_prompt, model_inputs
 from vtr.eval.data import load_image
 from vtr.eval.flops import prefill_flops
 
@@ -58,12 +58,8 @@ def _cache_bytes(cache) -> int:
 
 
 def _batch_inputs(model, processor, examples, suffix: str):
-    images = [load_image(e) for e in examples]
     texts = [chat_prompt(processor, e.question + suffix) for e in examples]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return inputs
+    return model_inputs(model, processor, [load_image(e) for e in examples], texts)
 
 
 def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vtr.builtin import chat_prompt, model_inputs
+
 try:
     from lmms_eval.api.instance import GenerationResult, TokenCounts
     from lmms_eval.api.model import lmms
@@ -104,13 +106,8 @@ class VTRModel(lmms):
             if not all(isinstance(v, Image.Image) for v in visuals):
                 raise NotImplementedError("the vtr model answers image tasks only (got a video or audio input)")
             images += visuals
-            content = [{"type": "image"}] * len(visuals) + [{"type": "text", "text": context}]
-            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                            add_generation_prompt=True))
-        inputs = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            texts.append(chat_prompt(self.processor, context, len(visuals)))
+        inputs = model_inputs(self.model, self.processor, images, texts)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(**inputs, do_sample=False,

@@ -53,3 +53,15 @@ def split_batch(model, batch) -> list[dict]:
         first += n
         out.append(single)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """The shipped model's architecture and processor with random weights, saved like a checkpoint."""
+    from vtr.eval.train_tiny import build_model, build_processor
+
+    path = tmp_path_factory.mktemp("random-tiny")
+    processor = build_processor()
+    build_model(processor, seed=1).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

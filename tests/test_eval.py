@@ -6,19 +6,9 @@ import pytest
 from vtr.cli import main
 from vtr.eval import evaluate
 from vtr.eval.data import load_examples
-from vtr.eval.train_tiny import build_model, build_processor
 
 TEST_SPLIT = "assets/shapes-test/test.jsonl"
 
-
-@pytest.fixture(scope="module")
-def random_model_dir(tmp_path_factory):
-    """The shipped model's architecture and processor with random weights, saved like a checkpoint."""
-    path = tmp_path_factory.mktemp("random-tiny")
-    processor = build_processor()
-    build_model(processor, seed=1).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def test_answer_matching():

@@ -17,21 +17,11 @@ from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
 
 from vtr.eval.data import load_examples, load_image  # noqa: E402
 from vtr.eval.lmms import TASKS, VTRModel, manifest  # noqa: E402
-from vtr.eval.train_tiny import build_model, build_processor  # noqa: E402
 
 TEST_SPLIT = Path(__file__).resolve().parents[1] / "assets" / "shapes-test" / "test.jsonl"
 FASTV_QUARTER = {"visual_tokens_in": 196, "visual_tokens_out": 49, "retention": 0.25,
                  "layer_avg_retention": (2 * 196 + 2 * 49) / (4 * 196)}   # fastv keeps all for 2 of the 4 layers
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The shipped model's architecture and processor with random weights, saved like a checkpoint."""
-    path = tmp_path_factory.mktemp("random-tiny")
-    processor = build_processor()
-    build_model(processor, seed=1).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,9 +39,10 @@ def answer(lm, gen_kwargs):
     return lm.generate_until(requests)
 
 
-def test_answers_and_records_what_each_request_kept(model_dir):
+def test_answers_and_records_what_each_request_kept(random_model_dir):
     reset_logged_metrics()
-    lm = VTRModel.create_from_arg_string(f"pretrained={model_dir},method=fastv,retain=0.25", {"batch_size": 2})
+    lm = VTRModel.create_from_arg_string(f"pretrained={random_model_dir},method=fastv,retain=0.25",
+                                         {"batch_size": 2})
     results = answer(lm, {"max_new_tokens": 3})          # 3 requests in batches of 2: one full, one short
     assert len(results) == 3
     for r in results:
@@ -62,9 +53,9 @@ def test_answers_and_records_what_each_request_kept(model_dir):
     assert summary["avg_retention"] == pytest.approx(0.25) and summary["avg_visual_tokens_out"] == 49
 
 
-def test_until_cuts_the_answer_and_retain_one_changes_nothing(model_dir):
-    unpatched = VTRModel(pretrained=str(model_dir), method="none")
-    kept_all = VTRModel(pretrained=str(model_dir), method="random", retain=1.0, batch_size=3)
+def test_until_cuts_the_answer_and_retain_one_changes_nothing(random_model_dir):
+    unpatched = VTRModel(pretrained=str(random_model_dir), method="none")
+    kept_all = VTRModel(pretrained=str(random_model_dir), method="random", retain=1.0, batch_size=3)
     texts = [r.text for r in answer(unpatched, {"max_new_tokens": 4})]
     assert [r.text for r in answer(kept_all, {"max_new_tokens": 4})] == texts
     stats = answer(unpatched, {"max_new_tokens": 4})[0].token_counts
@@ -81,8 +72,8 @@ def test_bad_arguments_fail_before_loading(tmp_path):
         VTRModel(pretrained=missing, batch_size="auto")
 
 
-def test_loglikelihood_is_refused(model_dir):
-    lm = VTRModel(pretrained=str(model_dir), method="fastv", retain=0.5)
+def test_loglikelihood_is_refused(random_model_dir):
+    lm = VTRModel(pretrained=str(random_model_dir), method="fastv", retain=0.5)
     with pytest.raises(NotImplementedError, match="generate_until"):
         lm.loglikelihood([])
 
@@ -93,7 +84,7 @@ def test_manifest_resolves_to_the_class():
     assert registry.get_model_class("vtr") is VTRModel
 
 
-def test_cli_end_to_end_offline(model_dir, tmp_path):
+def test_cli_end_to_end_offline(random_model_dir, tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if "vtr" not in importlib.metadata.entry_points(group="lmms_eval.models").names:
         # vtr installed without the entry point (an older install): declare it in a stand-in distribution.
@@ -104,7 +95,7 @@ def test_cli_end_to_end_offline(model_dir, tmp_path):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(info.parent), env.get("PYTHONPATH")]))
     out = tmp_path / "out"
     subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "vtr", "--model_args",
-                    f"pretrained={model_dir},method=fastv,retain=0.25", "--batch_size", "2", "--tasks", "vtr_shapes",
+                    f"pretrained={random_model_dir},method=fastv,retain=0.25", "--batch_size", "2", "--tasks", "vtr_shapes",
                     "--include_path", str(TASKS), "--limit", "4", "--output_path", str(out), "--log_samples"],
                    check=True, env=env, timeout=600, capture_output=True)
     (results_file,) = out.rglob("*_results.json")

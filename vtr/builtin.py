@@ -77,7 +77,15 @@ def load_model(model_id: str | None = None, attn_implementation: str = "sdpa"):
     return model.eval(), AutoProcessor.from_pretrained(source)
 
 
-def chat_prompt(processor, question: str) -> str:
-    """One image, then the question, in the processor's own chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+def chat_prompt(processor, question: str, images: int = 1) -> str:
+    """The images, then the question, in the processor's own chat template."""
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def model_inputs(model, processor, images: list, texts: list[str]):
+    """The processor's batch (padded on the tokenizer's side) on the model's device, pixel values in its dtype."""
+    inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs

@@ -8,7 +8,7 @@ import torch
 
 import vtr
 
-from vtr.builtin import chat_prompt, load_model
+from vtr.builtin import chat_prompt, load_model, model_inputs
 from vtr.cli import DEFAULT_QUESTION
 
 
@@ -69,10 +69,7 @@ def run(model_id=None, image_path=None, question=None, method="fastv", retain=No
         print_fn("built-in model: a tiny LLaVA (1.1 M parameters) trained on synthetic shapes questions, no download. "
                  "It knows only that vocabulary; pass --model for a real VLM.")
     model, processor = load_model(model_id, attn_implementation)
-    inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = model_inputs(model, processor, [image], [chat_prompt(processor, question)])
 
     answer, prefill = _answer(model, processor, inputs, max_new_tokens)
     with vtr.patch(model, plugins) as handle:
