@@ -74,11 +74,11 @@ class Record:
     visual: torch.Tensor            # (B, L) bool: image-token positions of the original sequence
     image_of: torch.Tensor          # (B, L) long: global image index of each image token, -1 elsewhere
     visual_index: torch.Tensor      # (B, L) long: index of each image token among its sample's, -1 elsewhere
-    positions: torch.Tensor         # (B, L) original position ids
     length: int                     # original prompt length L
     layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
     per_sample_visual: torch.Tensor  # (B,) image tokens per sample
     alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
+    positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
@@ -124,9 +124,9 @@ class Engine:
         try:
             self._add(a.vlm, self._begin)
             if any("cls_attention" in s.plugin.needs for s in self.stages):
-                self._add(a.feature_layer, self._vision_layer, with_kwargs=False)
-            if any(s.layer is None for s in self.stages):
-                self._add(a.language_model, self._enter_llm)
+                self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
+                self._add(a.feature_layer, self._vision_layer)
+            self._add(a.language_model, self._enter_llm)
             if self.llm_stages:
                 first = min(min(s.layer, s.score_layer) for s in self.llm_stages)
                 for i in range(first, self.num_layers):
@@ -167,29 +167,31 @@ class Engine:
                 raise NotImplementedError("vtr: images arriving after a filled KV cache (multi-turn) are not supported")
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
-            rec = self._new_record(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+            rec = self._new_record(input_ids, kwargs.get("attention_mask"))
             if encoded is not None:
                 sizes = [int(f.shape[0]) for f in encoded.pooler_output]
             else:
-                images = pixel_values.shape[0]
-                sizes = [int(rec.per_sample_visual.sum()) // images] * images
+                sizes = self.adapter.image_token_counts(kwargs, int(rec.per_sample_visual.sum()))
             self._assign_images(rec, sizes)
             self.rec = rec
         elif self.rec is not None and past_len:
             rec = self.rec
             rec.prefill, rec.step_kwargs, rec.pending, rec.armed = False, {}, {}, {}
+            q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             mask = kwargs.get("attention_mask")
             if mask is not None:
                 rec.tail = mask[:, rec.length:].bool()
             else:
-                q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
                 width = past_len + q - rec.layouts[0].orig.shape[1]
                 rec.tail = torch.ones(rec.visual.shape[0], width, dtype=torch.bool, device=rec.visual.device)
+            if kwargs.get("position_ids") is None:    # the model would count positions from the shortened cache
+                kwargs["position_ids"] = self._decode_positions(rec, q)
+                return args, kwargs
         else:
             raise ValueError("vtr: this batch has no images (pixel_values is None), so there are no visual tokens "
                              "to reduce; remove the patch for text-only input")
 
-    def _new_record(self, input_ids, attention_mask, position_ids) -> Record:
+    def _new_record(self, input_ids, attention_mask) -> Record:
         b, length = input_ids.shape
         device = input_ids.device
         visual = input_ids == self.adapter.image_token_id
@@ -202,16 +204,14 @@ class Engine:
         if not bool(mask[:, -1].all()):
             raise ValueError("vtr: samples must be left-padded, as generate() needs for decoder-only models "
                              "(set processor.tokenizer.padding_side = 'left')")
-        if position_ids is None:
-            position_ids = torch.arange(length, device=device).expand(b, length)
         slots = torch.arange(length, device=device).expand(b, length)
         return Record(visual=visual, image_of=torch.full_like(input_ids, -1),
                       visual_index=(visual.long().cumsum(1) - 1).masked_fill(~visual, -1),
-                      positions=position_ids.expand(b, length), length=length, per_sample_visual=visual.sum(1),
+                      length=length, per_sample_visual=visual.sum(1),
                       layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots)])
 
-    def _vision_layer(self, module, args):
-        self.cls_attention = self.adapter.cls_attention(module, args[0])
+    def _vision_layer(self, module, args, kwargs):
+        self.cls_attention = self.adapter.cls_attention(module, args, kwargs)
 
     @staticmethod
     def _assign_images(rec: Record, sizes: list[int]):
@@ -234,43 +234,49 @@ class Engine:
 
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor):
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
-        (this works whether the forward pass or ``generate()`` ran the vision tower)."""
-        sizes = rec.image_sizes
-        if len(set(sizes)) != 1:
-            raise NotImplementedError("vtr: images of different token counts in one batch are not supported yet")
-        images, per_image = len(sizes), sizes[0]
-        features = embeds[rec.visual].view(images, per_image, embeds.shape[-1])
-        alive = torch.arange(per_image, device=embeds.device).expand(images, per_image)   # surviving indices
-        for stage in (s for s in self.stages if s.layer is None):
-            n = alive.shape[1]
-            k = stage.plugin.stage_counts(n)[0]
-            if k < n:
-                tokens = features if n == per_image else gather_tokens(features, alive)   # nothing dropped yet
-                signals = Signals(tokens=tokens, image_index=rec.image_local)
-                if "cls_attention" in stage.plugin.needs:
-                    if self.cls_attention is None or self.cls_attention.shape != (images, per_image):
-                        raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
-                    signals.cls_attention = self.cls_attention.gather(1, alive)
-                alive = alive.gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
-            rec.alive.append(self._alive_from_images(rec, alive))
+        (this works whether the forward pass or ``generate()`` ran the vision tower). Images with the same number of
+        features are selected together, one (images, P, D) batch per size."""
+        features = embeds[rec.visual]                                 # (total, D), image after image
+        total, device = features.shape[0], embeds.device
+        sizes = torch.tensor(rec.image_sizes, device=device)
+        offsets = torch.cumsum(sizes, 0) - sizes
+        groups = {}                                                   # size -> [image indices]
+        for i, n in enumerate(rec.image_sizes):
+            groups.setdefault(n, []).append(i)
+        groups = {n: torch.tensor(ids, device=device) for n, ids in groups.items()}
+        alive = {n: torch.arange(n, device=device).expand(len(ids), n) for n, ids in groups.items()}
+        cls = self.cls_attention
         self.cls_attention = None
-        if alive.shape[1] < per_image:
+        for stage in (s for s in self.stages if s.layer is None):
+            if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
+                raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
+            survivors = torch.zeros(total, dtype=torch.bool, device=device)
+            for n, ids in groups.items():
+                rows = offsets[ids][:, None] + alive[n]               # (G, alive) rows of ``features``
+                k = stage.plugin.stage_counts(rows.shape[1])[0]
+                if k < rows.shape[1]:
+                    tokens = features.view(-1, n, features.shape[-1]) if len(groups) == 1 and rows.shape[1] == n \
+                        else features[rows]                           # nothing dropped yet: no copy
+                    signals = Signals(tokens=tokens, image_index=rec.image_local[ids],
+                                      cls_attention=None if cls is None else cls[rows])
+                    alive[n] = alive[n].gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
+                    rows = offsets[ids][:, None] + alive[n]
+                survivors[rows.flatten()] = True
+            rec.alive.append(torch.zeros_like(rec.visual).masked_scatter(rec.visual, survivors))
+        if rec.alive and not bool(rec.alive[-1].sum() == total):
             layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]))
-            layout.slot0 = torch.arange(layout.orig.shape[1], device=embeds.device).expand_as(layout.orig)
+            layout.slot0 = torch.arange(layout.orig.shape[1], device=device).expand_as(layout.orig)
             rec.layouts[0] = layout
-
-    @staticmethod
-    def _alive_from_images(rec: Record, alive: torch.Tensor) -> torch.Tensor:
-        """(I, k) surviving token indices of each image -> (B, L) bool over the original sequence."""
-        images, per_image = alive.shape[0], rec.image_sizes[0]
-        flat = torch.zeros(images, per_image, dtype=torch.bool, device=alive.device)
-        flat.scatter_(1, alive, True)
-        return torch.zeros_like(rec.visual).masked_scatter(rec.visual, flat.flatten())
 
     def _enter_llm(self, module, args, kwargs):
         rec = self.rec
         if rec.prefill:
-            self._select_before_llm(rec, kwargs["inputs_embeds"])
+            rec.positions = kwargs.get("position_ids")
+            if rec.positions is None:                  # what the language model would use: 0..L-1
+                b, length = rec.visual.shape
+                rec.positions = torch.arange(length, device=rec.visual.device).expand(b, length)
+            if any(s.layer is None for s in self.stages):
+                self._select_before_llm(rec, kwargs["inputs_embeds"])
         layout = rec.layouts[0]
         if layout.src is None:            # nothing dropped before the LLM
             return None
@@ -278,19 +284,20 @@ class Engine:
             mask = layout.mask
             kwargs["inputs_embeds"] = gather_tokens(kwargs["inputs_embeds"], layout.src, mask)
             kwargs["attention_mask"] = mask.long()
-            kwargs["position_ids"] = rec.positions.gather(1, layout.src).masked_fill(~mask, 0)
+            src = layout.src.expand(*rec.positions.shape[:-2], *layout.src.shape)
+            kwargs["position_ids"] = rec.positions.gather(-1, src).masked_fill(~mask, 0)
         else:
             kwargs["attention_mask"] = torch.cat([layout.mask, rec.tail], dim=1).long()
-            if kwargs.get("position_ids") is None:
-                kwargs["position_ids"] = self._decode_positions(rec, kwargs["inputs_embeds"].shape[1])
         return args, kwargs
 
     @staticmethod
     def _decode_positions(rec: Record, q: int) -> torch.Tensor:
         """Original positions of the next q tokens, for callers that pass no position_ids while decoding: they
-        follow the last prompt token (the last slot under left padding)."""
-        start = rec.positions[:, -1:] + rec.tail.shape[1] - q + 1
-        return start + torch.arange(q, device=start.device)
+        follow the largest prompt position (on every M-RoPE axis alike, as the stock models count them)."""
+        lead = rec.positions.shape[:-2]
+        last = rec.positions.reshape(-1, *rec.positions.shape[-2:]).amax(dim=(0, 2))[:, None]     # (B, 1)
+        start = last + rec.tail.shape[1] - q + 1
+        return (start + torch.arange(q, device=start.device)).expand(*lead, -1, -1)
 
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):

@@ -1,0 +1,59 @@
+"""What every adapter shares: the decoder side of a Llama/Qwen-family language model (pre-norm layers with
+``self_attn.{q,k}_proj``, optional per-head q/k norms, RoPE cos/sin handed to each layer).
+
+An adapter sets: ``vlm`` (the module whose forward receives input_ids, pixel values, masks and the cache),
+``language_model``, ``decoder_layers``, ``text_config``, ``image_token_id``, ``vision_model`` and ``feature_layer``
+(hooked for [CLS]-attention methods), and implements ``image_token_counts`` and ``cls_attention``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vtr.kernels import apply_rope, attention_rows
+
+
+class Adapter:
+    name = ""
+
+    @staticmethod
+    def model_classes() -> tuple[type, ...]:
+        raise NotImplementedError
+
+    def image_token_counts(self, kwargs: dict, total: int) -> list[int]:
+        """Tokens of each image of the batch, in placeholder order, from the forward kwargs of ``vlm``;
+        ``total`` is the number of image placeholders in input_ids."""
+        raise NotImplementedError
+
+    def begin_vision(self, args: tuple, kwargs: dict):
+        """Called before the vision model runs (only for methods that need the [CLS] attention)."""
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Importance of each visual feature from ``feature_layer``'s attention, computed from its inputs: a flat
+        ``(features,)`` tensor over all images, in the order the features fill the placeholders."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ decoder side (Llama / Qwen family)
+    def attention_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the layer's attention projections receive: its input norm applied to the hidden states."""
+        return layer.input_layernorm(hidden)
+
+    def key_projection(self, layer: nn.Module) -> nn.Module:
+        """The module whose output is the layer's keys before norm and RoPE; hooked to reuse them, not recompute."""
+        return layer.self_attn.k_proj
+
+    def last_token_attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             key_mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the last position (the last prompt token under left padding) in a decoder layer, from the
+        layer's own q/k projections, q/k norms and RoPE, head mean: (B, L). ``x`` is the attention input
+        (``attention_input``); ``keys`` the layer's own k projection of it when a hook caught it, else recomputed.
+        cos/sin are what the layer receives (for M-RoPE models already composed from the three position axes)."""
+        attn = layer.self_attn
+        b, n, d = x.shape[0], x.shape[1], attn.head_dim
+        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, d)
+        k = (attn.k_proj(x) if keys is None else keys).view(b, n, -1, d)
+        if hasattr(attn, "q_norm"):                       # Qwen3-style per-head norms before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos[:, -1:], sin[:, -1:])
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        return attention_rows(q, k, attn.scaling, key_mask)[:, 0]
