@@ -100,7 +100,10 @@ def _flops(config, inputs, stats: list[dict] | None) -> list[dict]:
 def mean_visual_tokens(model):
     """Replace every image's visual tokens by their mean (at the projector output): the control that shows whether a
     model reads the image's layout at all. Accuracy under it should fall to what the question alone allows."""
-    projector = adapter_for(model).projector
+    projector = getattr(adapter_for(model), "projector", None)
+    if projector is None:
+        raise ValueError(f"the mean-visual control needs a per-image projector output; {type(model).__name__} "
+                         "has none vtr can hook")
     hook = projector.register_forward_hook(lambda module, args, out: out.mean(dim=-2, keepdim=True).expand_as(out))
     try:
         yield

@@ -3,9 +3,10 @@ import functools
 import pytest
 import torch
 
-from vtr.builtin import IMAGE_TOKEN_ID, llava_inputs, tiny_llava
+from tiny_models import BUILDERS, IMAGE, make_inputs
+from tiny_models import split_batch as _split
 
-I = IMAGE_TOKEN_ID
+I = IMAGE
 SINGLE = [1, 5, 6, I, 7, 8, 9, 10]
 BATCH = [[1, 5, I, 6, 7, I, 8], [1, 9, 10, 11, 12, 13, I, 14, 15, 16, 17, 18]]   # 2 images vs 1, different lengths
 
@@ -14,11 +15,10 @@ torch.set_num_threads(2)
 
 @functools.lru_cache(maxsize=None)
 def _model(arch: str, attn: str):
-    assert arch == "llava"
-    return tiny_llava(seed=0, attn_implementation=attn)
+    return BUILDERS[arch](attn)
 
 
-@pytest.fixture(params=["llava"])
+@pytest.fixture(params=sorted(BUILDERS))
 def arch(request):
     return request.param
 
@@ -34,25 +34,28 @@ def eager_model(arch):
 
 
 @pytest.fixture
+def llava():
+    """The LLaVA tiny model, for tests of the engine that do not depend on the architecture."""
+    return _model("llava", "sdpa")
+
+
+@pytest.fixture
+def llava_single(llava):
+    return make_inputs(llava, [SINGLE], seed=1)
+
+
+@pytest.fixture
 def single(model):
-    return llava_inputs(model, [SINGLE], seed=1)
+    return make_inputs(model, [SINGLE], seed=1)
 
 
 @pytest.fixture
 def batch(model):
-    return llava_inputs(model, BATCH, seed=2)
+    return make_inputs(model, BATCH, seed=2)
 
 
 def split_batch(model, batch) -> list[dict]:
-    """Each sample of a llava_inputs batch on its own, unpadded, with its own images."""
-    out, first = [], 0
-    for prompt in BATCH:
-        n = prompt.count(I)
-        single = llava_inputs(model, [prompt])
-        single["pixel_values"] = batch["pixel_values"][first:first + n]
-        first += n
-        out.append(single)
-    return out
+    return _split(model, batch, BATCH)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """The reference every patched run is checked against: the *unpatched* model's stock modules run on the pruned
 sequence, written independently of the engine.
 
-One sample, no padding. Kept embeddings keep their original position ids; for an in-LLM stage at layer K, layers < K
-see the longer sequence and layers >= K (and their KV cache) the shorter one. Decoding is greedy.
+One sample, no padding. Kept embeddings keep the position ids the stock model gives them on the full sequence
+(M-RoPE: its own ``get_rope_index``); for an in-LLM stage at layer K, layers < K see the longer sequence and layers
+>= K (and their KV cache) the shorter one. Decoding is greedy, at the positions the stock model gives new tokens.
 """
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def _causal(q: int, kv: int, dtype) -> torch.Tensor:
     return torch.full((q, kv), torch.finfo(dtype).min, dtype=dtype).triu(1 + kv - q)[None, None]
 
 
+def stock_positions(model, inputs: dict) -> tuple[torch.Tensor, int]:
+    """(positions of the full prompt, (..., 1, L); offset of a new token's position from its index in the sequence)."""
+    length = inputs["input_ids"].shape[1]
+    if "image_grid_thw" not in inputs:
+        return torch.arange(length)[None], 0
+    positions, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                   image_grid_thw=inputs["image_grid_thw"])
+    return positions, int(deltas[0])
+
+
 @torch.no_grad()
 def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor],
                     steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +50,13 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1 and bool(inputs["attention_mask"].all()), "the oracle takes one unpadded sample"
     embeds = lm.embed_tokens(input_ids)
-    features = torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    features = torch.cat(list(core.get_image_features(**vision).pooler_output))
     embeds[0, visual_positions(model, input_ids)] = features.to(embeds.dtype)
 
+    full_positions, delta = stock_positions(model, inputs)
     seq = torch.arange(input_ids.shape[1]) if pre_llm is None else pre_llm
-    h, pos = embeds[:, seq], seq[None]
+    h, pos = embeds[:, seq], full_positions[..., seq]
     cache = DynamicCache(config=lm.config)
     tokens, logits = [], []
     for step in range(steps):
@@ -54,9 +67,9 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
             for i, layer in enumerate(lm.layers):
                 if step == 0 and i in llm_stages:
                     keep = torch.isin(current, llm_stages[i])
-                    h, pos, current = h[:, keep], pos[:, keep], current[keep]
+                    h, pos, current = h[:, keep], pos[..., keep], current[keep]
                 q, kv = h.shape[1], cache.get_seq_length(i) + h.shape[1]
-                h = layer(h, attention_mask=_causal(q, kv, h.dtype), position_ids=pos,
+                h = layer(h, attention_mask=_causal(q, kv, h.dtype), position_ids=pos if pos.dim() == 2 else None,
                           position_embeddings=lm.rotary_emb(h, pos), past_key_values=cache, use_cache=True)
             h = lm.norm(h)
         step_logits = model.lm_head(h[:, -1])[0]
@@ -64,5 +77,5 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
         tokens.append(token)
         logits.append(step_logits)
         h = lm.embed_tokens(token[None, None])
-        pos = pos[:, -1:] + 1
+        pos = torch.full_like(pos[..., -1:], input_ids.shape[1] + step + delta)
     return torch.stack(tokens), torch.stack(logits)

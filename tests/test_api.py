@@ -29,7 +29,7 @@ def test_unknown_method_names_the_choices(model):
 def test_unsupported_model_is_a_type_error_listing_the_supported_ones():
     lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, vocab_size=50))
-    with pytest.raises(TypeError, match="LlamaForCausalLM.*LlavaForConditionalGeneration"):
+    with pytest.raises(TypeError, match="LlamaForCausalLM.*LlavaForConditionalGeneration.*Qwen2VLFor"):
         vtr.patch(lm, "fastv")
     assert hooks_on(lm) == 0
 
@@ -72,9 +72,9 @@ def test_budget_is_tokens_per_image(model, batch, method):
     assert [len(k) for k in handle.kept()] == [18, 9]          # two images, then one
 
 
-def test_pipeline_runs_in_order_and_reports_each_stage(model, single):
-    with vtr.patch(model, [DivPrune(retain=0.5), FastV(retain=0.5)]) as handle, torch.no_grad():
-        model(**single)
+def test_pipeline_runs_in_order_and_reports_each_stage(llava, llava_single):
+    with vtr.patch(llava, [DivPrune(retain=0.5), FastV(retain=0.5)]) as handle, torch.no_grad():
+        llava(**llava_single)
     stats = handle.stats()[0]
     assert [(s["method"], s["tokens_in"], s["tokens_out"]) for s in stats["stages"]] == \
         [("divprune", 49, 25), ("fastv", 25, 13)]
@@ -83,16 +83,16 @@ def test_pipeline_runs_in_order_and_reports_each_stage(model, single):
     assert stats["layer_avg_retention"] == pytest.approx((2 * 25 + 6 * 13) / (8 * 49))
 
 
-def test_pipeline_order_is_checked(model):
+def test_pipeline_order_is_checked(llava):
     with pytest.raises(ValueError, match="before every in-LLM method"):
-        vtr.patch(model, [FastV(), DivPrune()])
+        vtr.patch(llava, [FastV(), DivPrune()])
     with pytest.raises(ValueError, match="after the previous stage"):
-        vtr.patch(model, [PyramidDrop(), FastV(layer=3)])
+        vtr.patch(llava, [PyramidDrop(), FastV(layer=3)])
 
 
-def test_progressive_stats(model, single):
-    with vtr.patch(model, "pdrop") as handle, torch.no_grad():
-        model(**single)
+def test_progressive_stats(llava, llava_single):
+    with vtr.patch(llava, "pdrop") as handle, torch.no_grad():
+        llava(**llava_single)
     stats = handle.stats()[0]
     assert [s["tokens_out"] for s in stats["stages"]] == [25, 12, 6]     # 49 * 0.5^i, rounded
     assert stats["tokens_per_layer"] == [49, 49, 25, 25, 12, 12, 6, 6]

@@ -9,6 +9,9 @@ import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
 from vtr.plugins import DivPrune, FastV, FasterVLM, PyramidDrop, Random, Signals
 
+from conftest import SINGLE, _model
+from tiny_models import make_inputs
+
 
 def unit(degrees):
     return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
@@ -86,29 +89,61 @@ def test_random_is_seeded_per_image_position():
     assert not torch.equal(picks[0], other[0])
 
 
-def _eager_attentions(model, inputs):
+def test_cls_attention_kernel_equals_clip_attention_weights():
+    model = _model("llava", "eager")
+    inputs = make_inputs(model, [SINGLE], seed=1)
     with torch.no_grad():
-        out = model(**inputs, output_attentions=True, output_hidden_states=True)
         vision = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
-    return out, vision
-
-
-def test_cls_attention_kernel_equals_clip_attention_weights(eager_model, single):
-    out, vision = _eager_attentions(eager_model, single)
-    layer = len(vision.attentions) + eager_model.config.vision_feature_layer      # -2 -> second to last
+    layer = len(vision.attentions) + model.config.vision_feature_layer      # -2 -> second to last
     want = vision.attentions[layer][:, :, 0, 1:].mean(1)
-    with vtr.patch(eager_model, "fastervlm", budget=5) as handle:
+    with vtr.patch(model, "fastervlm", budget=5) as handle:
         with torch.no_grad():
-            eager_model(**single)
+            model(**inputs)
         kept = handle.kept()[0]
     assert torch.equal(kept, want[0].topk(5).indices.sort().values)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_towers_without_cls_score_by_attention_received_in_the_last_block(arch):
+    """The fallback, written out naively: full softmax attention of the last vision block per image, the mean each
+    patch receives (over heads and queries), averaged over its merge group; merged tokens are matched to the
+    tower's output order by running the stock merger (Qwen2.5-VL's blocks see patches in window order)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    model = _model(arch, "eager")
+    inputs = make_inputs(model, [SINGLE], seed=1)
+    visual, seen = model.model.visual, {}
+    probe = visual.blocks[-1].register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        probe.remove()
+    block, merge = visual.blocks[-1], model.config.vision_config.spatial_merge_size
+    n = seen["x"].shape[0]
+    q, k, _ = block.attn.qkv(block.norm1(seen["x"])).reshape(n, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3)
+    q, k = apply_rotary_pos_emb_vision(q, k, *seen["kw"]["position_embeddings"])
+    bounds = seen["kw"]["cu_seqlens"].tolist()
+    received = torch.cat([(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * block.attn.scaling).softmax(-1).mean((0, 1))
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+    block_order = received.view(-1, merge ** 2).mean(1)
+    with torch.no_grad():
+        merged = visual.merger(out.last_hidden_state)
+    order = [int((merged == row).all(1).nonzero()[0]) for row in out.pooler_output]
+    want = block_order[order]
+    if arch == "qwen2_5_vl":
+        assert order != sorted(order), "the example must exercise the window reordering"
+    with vtr.patch(model, "fastervlm", budget=5) as handle, torch.no_grad():
+        model(**inputs)
+    assert torch.equal(handle.kept()[0], want.topk(5).indices.sort().values)
 
 
 @pytest.mark.parametrize("method,score_layer", [("fastv", 1), ("pdrop", 2)])
 def test_last_token_attention_equals_decoder_attention_weights(eager_model, single, method, score_layer):
     """FastV scores with layer K-1 = 1, PyramidDrop's first stage with its own layer 2 (of 8): the recomputed row must
     pick the same tokens as the eager model's real attention weights (last query, head mean)."""
-    out, _ = _eager_attentions(eager_model, single)
+    with torch.no_grad():
+        out = eager_model(**single, output_attentions=True)
     visual = (single["input_ids"][0] == eager_model.config.image_token_id)
     row = out.attentions[score_layer][0, :, -1, :].mean(0)[visual]
     with vtr.patch(eager_model, method, budget=7) as handle:

@@ -27,6 +27,7 @@ class LlavaAdapter(Adapter):
         core = model.model
         self.model = model
         self.vlm = core                                   # receives input_ids, pixel_values, masks, cache
+        self.projector: nn.Module = core.multi_modal_projector    # one (tokens, D) output per image
         self.language_model: nn.Module = core.language_model
         self.decoder_layers = list(self.language_model.layers)
         self.text_config = self.language_model.config

@@ -1,0 +1,106 @@
+"""Tiny models of every supported architecture, built from configs of the real transformers classes (no download),
+and batch inputs for token-id prompts in which ``IMAGE`` stands for one image."""
+from __future__ import annotations
+
+import torch
+
+from vtr.builtin import IMAGE_TOKEN_ID, llava_inputs, tiny_llava
+
+IMAGE = IMAGE_TOKEN_ID
+VISION_START, VISION_END, VIDEO = 90, 91, 92
+PAD = 0
+
+
+def _qwen_text(rope: dict) -> dict:
+    return dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rope_parameters=rope, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2)
+
+
+def tiny_qwen2_vl(attn: str, version: str = "2"):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}   # head_dim 16 -> 8 pairs
+    vision = dict(depth=2, num_heads=2, in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    if version == "2":
+        config = Qwen2VLConfig(text_config=_qwen_text(rope), vision_config=dict(vision, embed_dim=32, hidden_size=64),
+                               **ids)
+        cls = Qwen2VLForConditionalGeneration
+    else:
+        config = Qwen2_5_VLConfig(text_config=_qwen_text(rope), **ids, vision_config=dict(
+            vision, depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=16,
+            fullatt_block_indexes=[1]))
+        cls = Qwen2_5_VLForConditionalGeneration
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None      # random weights: let every test decode its full length
+    return model
+
+
+BUILDERS = {
+    "llava": lambda attn: tiny_llava(seed=0, attn_implementation=attn),
+    "qwen2_vl": lambda attn: tiny_qwen2_vl(attn, "2"),
+    "qwen2_5_vl": lambda attn: tiny_qwen2_vl(attn, "2.5"),
+}
+
+# grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch
+QWEN_GRIDS = [(1, 8, 12), (1, 12, 8), (1, 16, 16), (1, 8, 8)]
+
+
+def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int = 0) -> dict:
+    """Left-padded batch inputs with random images (Qwen: of the sizes in ``QWEN_GRIDS``, in turn from
+    ``first_image``)."""
+    if model.config.model_type == "llava":
+        return llava_inputs(model, prompts, seed=seed)
+    return _qwen_inputs(model, prompts, seed, first_image)
+
+
+def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
+    """Each sample of a ``make_inputs`` batch on its own, unpadded, with its own images."""
+    out, first = [], 0
+    for prompt in prompts:
+        n = prompt.count(IMAGE)
+        single = make_inputs(model, [prompt], first_image=first)
+        if "image_grid_thw" in batch:
+            patches = batch["image_grid_thw"].prod(-1)
+            start = int(patches[:first].sum())
+            single["image_grid_thw"] = batch["image_grid_thw"][first:first + n]
+            single["pixel_values"] = batch["pixel_values"][start:start + int(patches[first:first + n].sum())]
+            assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
+        else:
+            single["pixel_values"] = batch["pixel_values"][first:first + n]
+        first += n
+        out.append(single)
+    return out
+
+
+def _qwen_inputs(model, prompts, seed, first_image):
+    config = model.config
+    merge = config.vision_config.spatial_merge_size
+    vision = config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    rows, grids = [], []
+    for prompt in prompts:
+        row = []
+        for tok in prompt:
+            if tok == IMAGE:
+                grid = QWEN_GRIDS[(first_image + len(grids)) % len(QWEN_GRIDS)]
+                grids.append(grid)
+                row += [VISION_START] + [config.image_token_id] * (grid[0] * grid[1] * grid[2] // merge ** 2) + \
+                    [VISION_END]
+            else:
+                row.append(tok)
+        rows.append(row)
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.cat([torch.randn(t * h * w, patch_dim, generator=g) for t, h, w in grids])
+    return {"input_ids": input_ids,
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+            "mm_token_type_ids": (input_ids == config.image_token_id).int(),
+            "pixel_values": pixel_values.to(model.dtype), "image_grid_thw": torch.tensor(grids)}

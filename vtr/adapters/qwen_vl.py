@@ -1,0 +1,83 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+A ViT with 2-D RoPE runs over all images at once (``cu_seqlens`` keeps each image to itself; Qwen2.5-VL attends in
+windows except in a few full-attention blocks and reorders tokens by window); a PatchMerger turns each 2x2 group of
+patches into one token. Selection therefore works on merged tokens, one run of ``image_token_id`` per image, with
+``t*h*w / merge**2`` tokens (dynamic resolution: images differ). The language model uses 3-axis M-RoPE: the model
+computes position ids on the full, unpruned layout and the engine gathers the kept columns; ``rope_deltas`` stay the
+model's own, so decoding continues at the positions the stock model gives.
+
+No [CLS] token: CLS-attention methods score a merged token by the mean attention its patches receive in the last
+vision block (all heads, all queries of the same image), the fallback FasterVLM-style methods use for such encoders.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vtr.kernels import attention_received, rotate_half
+
+from .base import Adapter
+
+
+class Qwen2VLAdapter(Adapter):
+    name = "qwen2_vl"
+
+    @staticmethod
+    def model_classes():
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return (Qwen2VLForConditionalGeneration,)
+
+    def __init__(self, model):
+        config = model.config
+        core = model.model
+        self.model = model
+        self.vlm = core
+        self.language_model: nn.Module = core.language_model
+        self.decoder_layers = list(self.language_model.layers)
+        self.text_config = self.language_model.config
+        self.image_token_id = config.image_token_id
+        self.vision_model = core.visual
+        self.feature_layer = core.visual.blocks[-1]
+        self.merge = config.vision_config.spatial_merge_size
+        self.merged_order: torch.Tensor | None = None      # block order -> merger output order (Qwen2.5-VL windows)
+
+    def image_token_counts(self, kwargs: dict, total: int) -> list[int]:
+        if kwargs.get("pixel_values_videos") is not None:
+            raise NotImplementedError(f"vtr: video input to {type(self.model).__name__} is not reduced yet")
+        return (kwargs["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = (t.float().unsqueeze(-2) for t in kwargs["position_embeddings"])
+        attn = layer.attn
+        n = hidden.shape[0]
+        q, k, _ = attn.qkv(layer.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = (t.float() * cos + rotate_half(t.float()) * sin for t in (q, k))       # the block's vision RoPE
+        bounds = cu_seqlens.tolist()
+        received = torch.cat([attention_received(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), attn.scaling)
+                              for a, b in zip(bounds[:-1], bounds[1:])])
+        merged = received.view(-1, self.merge ** 2).mean(dim=1)      # a merge group's patches are consecutive
+        return merged if self.merged_order is None else merged[self.merged_order]
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    name = "qwen2_5_vl"
+
+    @staticmethod
+    def model_classes():
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return (Qwen2_5_VLForConditionalGeneration,)
+
+    def begin_vision(self, args: tuple, kwargs: dict):
+        """The blocks see the patches in window order; the merger output is put back in image order."""
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.vision_model
+        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        self.merged_order = torch.argsort(window_index.to(grid.device))
