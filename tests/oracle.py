@@ -51,8 +51,11 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     assert input_ids.shape[0] == 1 and bool(inputs["attention_mask"].all()), "the oracle takes one unpadded sample"
     embeds = lm.embed_tokens(input_ids)
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-    features = torch.cat(list(core.get_image_features(**vision).pooler_output))
-    embeds[0, visual_positions(model, input_ids)] = features.to(embeds.dtype)
+    encoded = core.get_image_features(**vision)
+    visual = visual_positions(model, input_ids)
+    embeds[0, visual] = torch.cat(list(encoded.pooler_output)).to(embeds.dtype)
+    # Qwen3-VL DeepStack: features added to the visual tokens after the first layers, by the stock helper
+    deepstack = [torch.cat(list(f)) for f in getattr(encoded, "deepstack_features", None) or []]
 
     full_positions, delta = stock_positions(model, inputs)
     seq = torch.arange(input_ids.shape[1]) if pre_llm is None else pre_llm
@@ -60,7 +63,7 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     cache = DynamicCache(config=lm.config)
     tokens, logits = [], []
     for step in range(steps):
-        if step == 0 and not llm_stages:
+        if step == 0 and not llm_stages and not deepstack:
             h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
         else:
             current = seq
@@ -71,6 +74,10 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
                 q, kv = h.shape[1], cache.get_seq_length(i) + h.shape[1]
                 h = layer(h, attention_mask=_causal(q, kv, h.dtype), position_ids=pos if pos.dim() == 2 else None,
                           position_embeddings=lm.rotary_emb(h, pos), past_key_values=cache, use_cache=True)
+                if step == 0 and i < len(deepstack):
+                    is_visual = torch.isin(current, visual)
+                    rows = torch.searchsorted(visual, current[is_visual])      # each kept token's feature row
+                    h = lm._deepstack_process(h, is_visual[None], deepstack[i][rows])
             h = lm.norm(h)
         step_logits = model.lm_head(h[:, -1])[0]
         token = step_logits.argmax()

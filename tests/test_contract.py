@@ -29,13 +29,15 @@ def test_retain_one_is_bit_identical_and_remove_restores(model, single, method):
     ref_tokens, ref_logits = generate(model, single)
     before = hooks_on(model)
     handle = vtr.patch(model, method, retain=1.0)
-    assert hooks_on(model) > before
-    with torch.no_grad():
-        assert torch.equal(model(**single).logits, reference)
-    tokens, logits = generate(model, single)
-    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
-    assert handle.stats()[0]["retention"] == 1.0
-    handle.remove()
+    try:                                      # a failure here must not leave the shared model patched
+        assert hooks_on(model) > before
+        with torch.no_grad():
+            assert torch.equal(model(**single).logits, reference)
+        tokens, logits = generate(model, single)
+        assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+        assert handle.stats()[0]["retention"] == 1.0
+    finally:
+        handle.remove()
     assert hooks_on(model) == before
     assert not [k for k in vars(model) if "vtr" in k.lower()]
     with torch.no_grad():

@@ -34,6 +34,24 @@ def tiny_qwen2_vl(attn: str, version: str = "2"):
             vision, depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=16,
             fullatt_block_indexes=[1]))
         cls = Qwen2_5_VLForConditionalGeneration
+    return _finish(cls, config, attn)
+
+
+def tiny_qwen3_vl(attn: str):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config=dict(_qwen_text(rope), head_dim=16),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0, 1, 2]),   # layer 2 is FastV's drop layer
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END)
+    return _finish(Qwen3VLForConditionalGeneration, config, attn)
+
+
+def _finish(cls, config, attn: str):
     config._attn_implementation = attn
     torch.manual_seed(0)
     model = cls(config).eval()
@@ -46,6 +64,7 @@ BUILDERS = {
     "llava": lambda attn: tiny_llava(seed=0, attn_implementation=attn),
     "qwen2_vl": lambda attn: tiny_qwen2_vl(attn, "2"),
     "qwen2_5_vl": lambda attn: tiny_qwen2_vl(attn, "2.5"),
+    "qwen3_vl": tiny_qwen3_vl,
 }
 
 # grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch

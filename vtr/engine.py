@@ -8,6 +8,8 @@ Hook points (all ``register_forward_hook`` / ``register_forward_pre_hook(with_kw
   ids;
 - each decoder layer from the first in-LLM stage on (pre): drops at stage layers, and gives every later layer the
   mask, position ids and RoPE cos/sin of the shortened sequence;
+- the first decoder layers (post), for models that add visual features there (Qwen3-VL DeepStack): the engine adds
+  them to the visual tokens still in the sequence;
 - the key projection of a layer that scores for a later stage (post): the last token's attention row is computed from
   the keys the layer computes anyway (a stage that scores with its own layer, before dropping, recomputes them).
 
@@ -79,6 +81,7 @@ class Record:
     per_sample_visual: torch.Tensor  # (B,) image tokens per sample
     alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
     positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
+    injections: list[torch.Tensor] | None = None   # per early layer: (visual tokens, D) features added to its output
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
@@ -127,6 +130,8 @@ class Engine:
                 self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
                 self._add(a.feature_layer, self._vision_layer)
             self._add(a.language_model, self._enter_llm)
+            for i in range(min(a.injection_layers, self.num_layers)):
+                self._add(a.decoder_layers[i], self._inject_hook(i), post=True)
             if self.llm_stages:
                 first = min(min(s.layer, s.score_layer) for s in self.llm_stages)
                 for i in range(first, self.num_layers):
@@ -277,9 +282,10 @@ class Engine:
                 rec.positions = torch.arange(length, device=rec.visual.device).expand(b, length)
             if any(s.layer is None for s in self.stages):
                 self._select_before_llm(rec, kwargs["inputs_embeds"])
+            rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place
         layout = rec.layouts[0]
         if layout.src is None:            # nothing dropped before the LLM
-            return None
+            return args, kwargs
         if rec.prefill:
             mask = layout.mask
             kwargs["inputs_embeds"] = gather_tokens(kwargs["inputs_embeds"], layout.src, mask)
@@ -298,6 +304,21 @@ class Engine:
         last = rec.positions.reshape(-1, *rec.positions.shape[-2:]).amax(dim=(0, 2))[:, None]     # (B, 1)
         start = last + rec.tail.shape[1] - q + 1
         return (start + torch.arange(q, device=start.device)).expand(*lead, -1, -1)
+
+    def _inject_hook(self, i: int):
+        def hook(module, args, output):
+            rec = self.rec
+            if rec is None or not rec.prefill or rec.injections is None or i >= len(rec.injections):
+                return None
+            layout = rec.layouts[self._layout_index(i, True)]
+            orig = layout.orig.clamp(min=0)
+            visual = layout.mask & rec.visual.gather(1, orig)
+            rank = (rec.visual.flatten().cumsum(0) - 1).view_as(rec.visual)    # row of each token's features
+            rows = rank.gather(1, orig)[visual]
+            out = output.clone()
+            out[visual] = out[visual] + rec.injections[i][rows].to(out.dtype)
+            return out
+        return hook
 
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):

@@ -3,9 +3,9 @@ tokens are, how attention rows are recomputed) lives here; the engine and the me
 from __future__ import annotations
 
 from .llava import LlavaAdapter
-from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 
-ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 
 def supported_models() -> list[str]:

@@ -15,6 +15,8 @@ from vtr.kernels import apply_rope, attention_rows
 
 class Adapter:
     name = ""
+    #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
+    injection_layers = 0
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:
@@ -32,6 +34,12 @@ class Adapter:
         """Importance of each visual feature from ``feature_layer``'s attention, computed from its inputs: a flat
         ``(features,)`` tensor over all images, in the order the features fill the placeholders."""
         raise NotImplementedError
+
+    def take_injections(self, kwargs: dict) -> list[torch.Tensor] | None:
+        """The features the language model would add after its first ``injection_layers`` layers, one
+        (visual tokens, D) tensor per layer in placeholder order, taken out of the language model's ``kwargs`` so the
+        engine adds them itself to the tokens that are still there."""
+        return None
 
     # ------------------------------------------------------------------ decoder side (Llama / Qwen family)
     def attention_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

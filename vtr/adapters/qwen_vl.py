@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``).
 
 A ViT with 2-D RoPE runs over all images at once (``cu_seqlens`` keeps each image to itself; Qwen2.5-VL attends in
 windows except in a few full-attention blocks and reorders tokens by window); a PatchMerger turns each 2x2 group of
@@ -6,6 +7,9 @@ patches into one token. Selection therefore works on merged tokens, one run of `
 ``t*h*w / merge**2`` tokens (dynamic resolution: images differ). The language model uses 3-axis M-RoPE: the model
 computes position ids on the full, unpruned layout and the engine gathers the kept columns; ``rope_deltas`` stay the
 model's own, so decoding continues at the positions the stock model gives.
+
+Qwen3-VL adds DeepStack: features from intermediate vision layers are added to the visual tokens' hidden states after
+the first decoder layers; the engine adds them itself, to the tokens still in the sequence (their own rows).
 
 No [CLS] token: CLS-attention methods score a merged token by the mean attention its patches receive in the last
 vision block (all heads, all queries of the same image), the fallback FasterVLM-style methods use for such encoders.
@@ -81,3 +85,22 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
         self.merged_order = torch.argsort(window_index.to(grid.device))
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    name = "qwen3_vl"
+
+    @staticmethod
+    def model_classes():
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return (Qwen3VLForConditionalGeneration,)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.injection_layers = len(model.config.vision_config.deepstack_visual_indexes)
+
+    def take_injections(self, kwargs: dict) -> list[torch.Tensor] | None:
+        embeds = kwargs.get("deepstack_visual_embeds")
+        kwargs["deepstack_visual_embeds"] = kwargs["visual_pos_masks"] = None
+        return embeds
