@@ -60,11 +60,37 @@ def _finish(cls, config, attn: str):
     return model
 
 
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+IMAGE_SIZES = [(40, 60), (64, 30), (50, 50), (20, 70)]    # (H, W) of the anyres models' images, in turn
+
+
+def tiny_llava_next(attn: str, onevision: bool = False):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=96, max_position_embeddings=4096, pad_token_id=PAD, bos_token_id=1,
+                eos_token_id=2)
+    if onevision:      # SigLIP (no [CLS]), Qwen2
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
+                                      image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS,
+                                      vision_aspect_ratio="anyres_max_9")
+        return _finish(LlavaOnevisionForConditionalGeneration, config, attn)
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision, projection_dim=32),
+                             text_config=LlamaConfig(**text), image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS)
+    return _finish(LlavaNextForConditionalGeneration, config, attn)
+
+
 BUILDERS = {
     "llava": lambda attn: tiny_llava(seed=0, attn_implementation=attn),
     "qwen2_vl": lambda attn: tiny_qwen2_vl(attn, "2"),
     "qwen2_5_vl": lambda attn: tiny_qwen2_vl(attn, "2.5"),
     "qwen3_vl": tiny_qwen3_vl,
+    "llava_next": tiny_llava_next,
+    "llava_onevision": lambda attn: tiny_llava_next(attn, onevision=True),
 }
 
 # grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch
@@ -76,7 +102,47 @@ def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int
     ``first_image``)."""
     if model.config.model_type == "llava":
         return llava_inputs(model, prompts, seed=seed)
+    if model.config.model_type in ("llava_next", "llava_onevision"):
+        return _anyres_inputs(model, prompts, seed, first_image)
     return _qwen_inputs(model, prompts, seed, first_image)
+
+
+def _pad(rows: list[list[int]]) -> dict:
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([[PAD] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+
+def _anyres_crops(model, sizes: torch.Tensor, counts: list[int]) -> list[int]:
+    """Crops of each image: base + grid; OneVision gives images of multi-image samples their base crop only."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
+             for s in sizes]
+    if config.model_type == "llava_onevision":
+        alone = [n == 1 for n in counts for _ in range(n)]
+        crops = [c if a else 1 for c, a in zip(crops, alone)]
+    return crops
+
+
+def _anyres_inputs(model, prompts, seed, first_image):
+    """Crops of each image stacked (4-D pixel_values); the number of placeholders per image is what the stock model
+    makes of it (base + unpadded crops + newlines)."""
+    config = model.config
+    counts = [p.count(IMAGE) for p in prompts]
+    sizes = torch.tensor([IMAGE_SIZES[(first_image + i) % len(IMAGE_SIZES)] for i in range(sum(counts))])
+    crops = _anyres_crops(model, sizes, counts)
+    extra = {"batch_num_images": torch.tensor(counts)} if config.model_type == "llava_onevision" else {}
+    g = torch.Generator().manual_seed(seed)
+    side = config.vision_config.image_size
+    pixel_values = torch.randn(sum(crops), 3, side, side, generator=g).to(model.dtype)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values, sizes, **extra).pooler_output
+    tokens = iter(len(f) for f in features)
+    rows = [[t for tok in p for t in ([config.image_token_id] * next(tokens) if tok == IMAGE else [tok])]
+            for p in prompts]
+    return {**_pad(rows), "pixel_values": pixel_values, "image_sizes": sizes, **extra}
 
 
 def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
@@ -85,7 +151,13 @@ def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
     for prompt in prompts:
         n = prompt.count(IMAGE)
         single = make_inputs(model, [prompt], first_image=first)
-        if "image_grid_thw" in batch:
+        if "image_sizes" in batch:
+            crops = _anyres_crops(model, batch["image_sizes"], [p.count(IMAGE) for p in prompts])
+            start = sum(crops[:first])
+            single["pixel_values"] = batch["pixel_values"][start:start + sum(crops[first:first + n])]
+            single["image_sizes"] = batch["image_sizes"][first:first + n]
+            assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
+        elif "image_grid_thw" in batch:
             patches = batch["image_grid_thw"].prod(-1)
             start = int(patches[:first].sum())
             single["image_grid_thw"] = batch["image_grid_thw"][first:first + n]
@@ -123,3 +195,21 @@ def _qwen_inputs(model, prompts, seed, first_image):
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
             "mm_token_type_ids": (input_ids == config.image_token_id).int(),
             "pixel_values": pixel_values.to(model.dtype), "image_grid_thw": torch.tensor(grids)}
+
+
+def anyres_newlines(model, inputs: dict) -> list[torch.Tensor]:
+    """Per image of a LLaVA-NeXT/OneVision batch: which of its features are newline tokens, from the model's own
+    packing of zeros with a newline of ones."""
+    counts = inputs["batch_num_images"].tolist() if "batch_num_images" in inputs else \
+        [1] * len(inputs["image_sizes"])
+    crops = _anyres_crops(model, inputs["image_sizes"], counts)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    zeros = list(torch.zeros(sum(crops), side * side, 1).split(crops))
+    core, sizes = model.model, inputs["image_sizes"]
+    if model.config.model_type == "llava_onevision":
+        packed = core.pack_image_features(zeros, sizes, image_newline=torch.ones(1),
+                                          vision_aspect_ratio=model.config.vision_aspect_ratio)[0]
+    else:
+        packed = core.pack_image_features(zeros, sizes, model.config.vision_feature_select_strategy,
+                                          image_newline=torch.ones(1))[0]
+    return [p[:, 0] == 1 for p in packed]

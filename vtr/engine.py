@@ -81,6 +81,7 @@ class Record:
     per_sample_visual: torch.Tensor  # (B,) image tokens per sample
     alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
     positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
+    protected: torch.Tensor | None = None   # (B, L) bool: visual tokens never dropped (newline tokens)
     injections: list[torch.Tensor] | None = None   # per early layer: (visual tokens, D) features added to its output
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
@@ -129,6 +130,8 @@ class Engine:
             if any("cls_attention" in s.plugin.needs for s in self.stages):
                 self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
                 self._add(a.feature_layer, self._vision_layer)
+                for module, hook in a.vision_output_hooks:
+                    self._add(module, hook, post=True)
             self._add(a.language_model, self._enter_llm)
             for i in range(min(a.injection_layers, self.num_layers)):
                 self._add(a.decoder_layers[i], self._inject_hook(i), post=True)
@@ -173,10 +176,8 @@ class Engine:
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
-            if encoded is not None:
-                sizes = [int(f.shape[0]) for f in encoded.pooler_output]
-            else:
-                sizes = self.adapter.image_token_counts(kwargs, int(rec.per_sample_visual.sum()))
+            encoded_sizes = None if encoded is None else [int(f.shape[0]) for f in encoded.pooler_output]
+            sizes = self.adapter.image_token_counts(kwargs, int(rec.per_sample_visual.sum()), encoded_sizes)
             self._assign_images(rec, sizes)
             self.rec = rec
         elif self.rec is not None and past_len:
@@ -243,29 +244,40 @@ class Engine:
         features are selected together, one (images, P, D) batch per size."""
         features = embeds[rec.visual]                                 # (total, D), image after image
         total, device = features.shape[0], embeds.device
-        sizes = torch.tensor(rec.image_sizes, device=device)
+        protected = None if rec.protected is None else rec.protected[rec.visual]   # never offered, always kept
+        if protected is None:
+            candidates, counts = None, rec.image_sizes
+        else:
+            candidates = (~protected).nonzero()[:, 0]
+            counts = [n - int(p.sum()) for n, p in zip(rec.image_sizes, protected.split(rec.image_sizes))]
+        sizes = torch.tensor(counts, device=device)
         offsets = torch.cumsum(sizes, 0) - sizes
-        groups = {}                                                   # size -> [image indices]
-        for i, n in enumerate(rec.image_sizes):
+        groups = {}                                                   # candidates per image -> [image indices]
+        for i, n in enumerate(counts):
             groups.setdefault(n, []).append(i)
         groups = {n: torch.tensor(ids, device=device) for n, ids in groups.items()}
         alive = {n: torch.arange(n, device=device).expand(len(ids), n) for n, ids in groups.items()}
-        cls = self.cls_attention
+
+        def rows_of(ids, survivors):               # (G, alive) rows of ``features`` of these images' survivors
+            rows = offsets[ids][:, None] + survivors
+            return rows if candidates is None else candidates[rows]
+
+        cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features)
         self.cls_attention = None
         for stage in (s for s in self.stages if s.layer is None):
             if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
                 raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
-            survivors = torch.zeros(total, dtype=torch.bool, device=device)
+            survivors = torch.zeros(total, dtype=torch.bool, device=device) if protected is None else protected.clone()
             for n, ids in groups.items():
-                rows = offsets[ids][:, None] + alive[n]               # (G, alive) rows of ``features``
+                rows = rows_of(ids, alive[n])
                 k = stage.plugin.stage_counts(rows.shape[1])[0]
                 if k < rows.shape[1]:
-                    tokens = features.view(-1, n, features.shape[-1]) if len(groups) == 1 and rows.shape[1] == n \
-                        else features[rows]                           # nothing dropped yet: no copy
+                    whole = candidates is None and len(groups) == 1 and rows.shape[1] == n
+                    tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
                     signals = Signals(tokens=tokens, image_index=rec.image_local[ids],
                                       cls_attention=None if cls is None else cls[rows])
                     alive[n] = alive[n].gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
-                    rows = offsets[ids][:, None] + alive[n]
+                    rows = rows_of(ids, alive[n])
                 survivors[rows.flatten()] = True
             rec.alive.append(torch.zeros_like(rec.visual).masked_scatter(rec.visual, survivors))
         if rec.alive and not bool(rec.alive[-1].sum() == total):
@@ -280,6 +292,9 @@ class Engine:
             if rec.positions is None:                  # what the language model would use: 0..L-1
                 b, length = rec.visual.shape
                 rec.positions = torch.arange(length, device=rec.visual.device).expand(b, length)
+            protected = self.adapter.protected(kwargs["inputs_embeds"][rec.visual])
+            if protected is not None:
+                rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
             if any(s.layer is None for s in self.stages):
                 self._select_before_llm(rec, kwargs["inputs_embeds"])
             rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place
@@ -403,7 +418,9 @@ class Engine:
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
         orig = layout.orig.clamp(min=0)
-        visual = layout.mask & rec.visual.gather(1, orig)
+        visual = layout.mask & rec.visual.gather(1, orig)               # the visual tokens this stage may drop
+        if rec.protected is not None:
+            visual &= ~rec.protected.gather(1, orig)
         image = rec.image_of.gather(1, orig)[visual]
         images = int(rec.image_of.max()) + 1
         plugin = stage.plugin

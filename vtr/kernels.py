@@ -41,14 +41,15 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: tor
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
     """Mean softmax attention each token receives from all queries of its own sequence, averaged over heads.
 
-    q, k: (H, N, d) of one sequence. Returns (N,) in float32. Query rows are processed in chunks of ``chunk``, so
-    memory stays O(H x chunk x N); the full attention matrix is never held.
+    q, k: (..., H, N, d), one sequence per leading index. Returns (..., N) in float32. Query rows are processed in
+    chunks of ``chunk``, so memory stays O(H x chunk x N); the full attention matrix is never held.
     """
     qf, kf = q.float(), k.float()
-    received = torch.zeros(k.shape[1], device=k.device)
-    for s in range(0, q.shape[1], chunk):
-        received += (torch.einsum("hqd,hkd->hqk", qf[:, s:s + chunk], kf) * scale).softmax(-1).sum(dim=(0, 1))
-    return received / (q.shape[0] * q.shape[1])
+    received = torch.zeros(k.shape[:-3] + k.shape[-2:-1], device=k.device)
+    for s in range(0, q.shape[-2], chunk):
+        logits = torch.einsum("...hqd,...hkd->...hqk", qf[..., s:s + chunk, :], kf) * scale
+        received += logits.softmax(-1).sum(dim=(-3, -2))
+    return received / (q.shape[-3] * q.shape[-2])
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

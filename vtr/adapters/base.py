@@ -15,6 +15,8 @@ from vtr.kernels import apply_rope, attention_rows
 
 class Adapter:
     name = ""
+    #: (module, forward hook) pairs to install with the vision hooks of CLS-attention methods
+    vision_output_hooks: list = []
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
     injection_layers = 0
 
@@ -22,17 +24,27 @@ class Adapter:
     def model_classes() -> tuple[type, ...]:
         raise NotImplementedError
 
-    def image_token_counts(self, kwargs: dict, total: int) -> list[int]:
+    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
         """Tokens of each image of the batch, in placeholder order, from the forward kwargs of ``vlm``;
-        ``total`` is the number of image placeholders in input_ids."""
+        ``total`` is the number of image placeholders in input_ids, ``encoded`` the feature counts of a vision pass
+        that ran before the forward (generate()), if any."""
         raise NotImplementedError
+
+    def protected(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(features,) bool over the batch's visual features (as placed in the language model's input), True for
+        those never dropped (LLaVA-NeXT's newline tokens). None: every feature may be dropped."""
+        return None
+
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``cls_attention``'s output laid out like ``features`` (one score per feature)."""
+        return scores
 
     def begin_vision(self, args: tuple, kwargs: dict):
         """Called before the vision model runs (only for methods that need the [CLS] attention)."""
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Importance of each visual feature from ``feature_layer``'s attention, computed from its inputs: a flat
-        ``(features,)`` tensor over all images, in the order the features fill the placeholders."""
+        """Importance scores from ``feature_layer``'s attention, computed from its inputs, flat; ``arrange_scores``
+        lays them out like the features."""
         raise NotImplementedError
 
     def take_injections(self, kwargs: dict) -> list[torch.Tensor] | None:

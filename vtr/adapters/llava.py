@@ -1,14 +1,22 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP vision tower, MLP projector, Llama-family language model.
+"""The LLaVA family: LLaVA-1.5 (``LlavaForConditionalGeneration``), LLaVA-NeXT (``LlavaNextForConditionalGeneration``)
+and LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): a CLIP or SigLIP tower, an MLP projector, a
+Llama/Qwen2 language model; each image fills one run of ``image_token_id`` placeholders, in order.
 
-Visual features come from ``vision_feature_layer`` (-2 on LLaVA-1.5) with the [CLS] token dropped
-(``vision_feature_select_strategy="default"``); each image fills one run of ``image_token_id`` placeholders, in order.
+LLaVA-1.5: one crop per image; features from ``vision_feature_layer`` (-2) without the [CLS] token.
+NeXT / OneVision (anyres): a base image plus a grid of crops; the model packs the crops' features into one image grid,
+removes the padding (OneVision may also shrink it bilinearly) and ends each row with an ``image_newline`` token. A
+retain/budget applies per image across its crops, and newline tokens are never dropped.
+
+Scores from the vision tower (CLS-attention methods) are per crop patch; a packed feature takes the score of the crop
+patch whose projector output it copies (OneVision images whose grid the model resizes are not supported by them yet). Towers without a [CLS] token (SigLIP) score a patch by the mean attention it
+receives in the feature layer (all heads, all queries of its crop), the documented fallback.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from vtr.kernels import attention_rows
+from vtr.kernels import attention_received, attention_rows
 
 from .base import Adapter
 
@@ -26,8 +34,9 @@ class LlavaAdapter(Adapter):
         config = model.config
         core = model.model
         self.model = model
+        self.config = config
         self.vlm = core                                   # receives input_ids, pixel_values, masks, cache
-        self.projector: nn.Module = core.multi_modal_projector    # one (tokens, D) output per image
+        self.projector: nn.Module = core.multi_modal_projector    # one (tokens, D) output per crop
         self.language_model: nn.Module = core.language_model
         self.decoder_layers = list(self.language_model.layers)
         self.text_config = self.language_model.config
@@ -43,19 +52,110 @@ class LlavaAdapter(Adapter):
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
         self.features_keep_cls = config.vision_feature_select_strategy == "full"
 
-    def image_token_counts(self, kwargs: dict, total: int) -> list[int]:
+    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
         """Every image of a LLaVA-1.5 batch has the same number of features."""
+        if encoded is not None:
+            return encoded
         images = kwargs["pixel_values"].shape[0]
         return [total // images] * images
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """[CLS]->token attention of a CLIP encoder layer, head mean, over the tokens that become features."""
-        if not self.has_cls:
-            raise ValueError("this vision tower has no [CLS] token; CLS-attention methods cannot score it")
+        """Per crop: [CLS]->patch attention of the feature layer (head mean) over the patches that become features;
+        without a [CLS] token, the mean attention each patch receives. Flat, crop after crop."""
         attn = layer.self_attn
         x = layer.layer_norm1(args[0] if args else kwargs["hidden_states"])
         n, heads, d = x.shape[0], attn.num_heads, attn.head_dim
-        q = attn.q_proj(x[:, :1]).view(n, 1, heads, d).transpose(1, 2)
         k = attn.k_proj(x).view(n, x.shape[1], heads, d).transpose(1, 2)
-        rows = attention_rows(q, k, attn.scale)[:, 0]
-        return (rows if self.features_keep_cls else rows[:, 1:]).flatten()
+        if self.has_cls:
+            q = attn.q_proj(x[:, :1]).view(n, 1, heads, d).transpose(1, 2)
+            rows = attention_rows(q, k, attn.scale)[:, 0]
+            rows = rows if self.features_keep_cls else rows[:, 1:]
+        else:
+            q = attn.q_proj(x).view(n, x.shape[1], heads, d).transpose(1, 2)
+            rows = attention_received(q, k, attn.scale)
+        return rows.flatten()
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    name = "llava_next"
+
+    @staticmethod
+    def model_classes():
+        from transformers import LlavaNextForConditionalGeneration
+
+        return (LlavaNextForConditionalGeneration,)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.crop_features: torch.Tensor | None = None     # the projector's last output, (crops * P, D)
+        self.vision_output_hooks = [(self.projector, self._capture)]
+
+    def _capture(self, module, args, output):
+        self.crop_features = output.flatten(0, -2)
+
+    def _crops(self, image_sizes, kwargs: dict) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                for size in image_sizes]
+
+    def _pack(self, values: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
+        return self.vlm.pack_image_features(values, image_sizes, self.config.vision_feature_select_strategy,
+                                            image_newline=newline)[0]
+
+    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+        """From the pre-encoded features under generate(); else the model's own packing of the crops."""
+        if encoded is not None:
+            return encoded
+        sizes = kwargs["image_sizes"]
+        crops = self._crops(sizes, kwargs)
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        patches = side * side + int(self.has_cls and self.features_keep_cls)      # features per crop
+        ones = torch.ones(sum(crops), patches, 1, device=sizes.device)
+        return [len(p) for p in self._pack(list(ones.split(crops)), sizes, torch.ones(1, device=sizes.device))]
+
+    def protected(self, features: torch.Tensor) -> torch.Tensor:
+        """Newline tokens: the features that are the model's ``image_newline`` vector."""
+        return (features == self.vlm.image_newline.to(features.dtype)).all(dim=-1)
+
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Each packed feature is a copy of one crop patch's projector output (newlines aside): matched by value,
+        it takes that patch's score, wherever unpadding moved it."""
+        crops = self.crop_features.to(features.dtype)
+        both = torch.cat([crops, features])
+        _, ids = torch.unique(both, dim=0, return_inverse=True)
+        source = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+        source[ids[:len(crops)]] = torch.arange(len(crops), device=ids.device)
+        index = source[ids[len(crops):]]
+        unmatched = (index < 0) & ~self.protected(features)
+        if bool(unmatched.any()):
+            raise NotImplementedError(f"vtr: {type(self.model).__name__} resized this image's crop grid "
+                                      "(anyres_max); CLS-attention scores cannot follow resized features yet")
+        return scores[index.clamp(min=0)]
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    name = "llava_onevision"
+
+    @staticmethod
+    def model_classes():
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return (LlavaOnevisionForConditionalGeneration,)
+
+    def _crops(self, image_sizes, kwargs: dict) -> list[int]:
+        crops = super()._crops(image_sizes, kwargs)
+        per_sample = kwargs.get("batch_num_images")
+        if per_sample is None:
+            return crops
+        single = [n == 1 for n in per_sample.tolist() for _ in range(n)]   # multi-image samples: base image only
+        return [c if s else 1 for c, s in zip(crops, single)]
+
+    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
+            raise NotImplementedError("vtr: video input to LlavaOnevisionForConditionalGeneration is not reduced yet")
+        return super().image_token_counts(kwargs, total, encoded)
+
+    def _pack(self, values: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
+        return self.vlm.pack_image_features(values, image_sizes, image_newline=newline,
+                                            vision_aspect_ratio=self.config.vision_aspect_ratio)[0]

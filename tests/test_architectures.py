@@ -1,0 +1,73 @@
+"""What each architecture adds to the contract: LLaVA-NeXT/OneVision newline tokens and anyres scoring, and the
+support matrix the README shows."""
+import pytest
+import torch
+
+import vtr
+from vtr.plugins import METHODS
+
+from conftest import BATCH, SINGLE, _model
+from tiny_models import IMAGE, anyres_newlines, make_inputs, tiny_llava_next
+
+ANYRES = ["llava_next", "llava_onevision"]
+
+
+@pytest.mark.parametrize("arch", ANYRES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_newline_tokens_are_never_dropped_and_the_budget_is_per_image(arch, method):
+    model = _model(arch, "sdpa")
+    batch = make_inputs(model, BATCH, seed=2)
+    newlines = anyres_newlines(model, batch)
+    with vtr.patch(model, method, budget=3) as handle, torch.no_grad():
+        model(**batch)
+    first = 0
+    for kept, prompt in zip(handle.kept(), BATCH):
+        images = newlines[first:first + prompt.count(IMAGE)]
+        first += len(images)
+        is_newline = torch.cat(images)
+        assert set(is_newline.nonzero()[:, 0].tolist()) <= set(kept.tolist())
+        assert len(kept) == 3 * len(images) + int(is_newline.sum())
+
+
+def _crop_scores(model, inputs) -> torch.Tensor:
+    """Per crop patch, from the eager tower's attention weights: [CLS] row (CLIP) or mean received (SigLIP)."""
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    attn = out.attentions[len(out.attentions) + model.config.vision_feature_layer]      # (crops, H, P', P')
+    if model.config.vision_config.model_type == "clip_vision_model":
+        return attn[:, :, 0, 1:].mean(1)
+    return attn.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("arch", ANYRES)
+def test_anyres_cls_scores_follow_the_models_packing(arch):
+    """FasterVLM on anyres models: crop-patch scores laid out by the model's own pack_image_features (unpadding,
+    newlines), top-k per image over the non-newline features."""
+    model = _model(arch, "eager")
+    inputs = make_inputs(model, [SINGLE], seed=1)
+    scores = _crop_scores(model, inputs)
+    crops = len(inputs["pixel_values"])
+    nan = torch.full((1,), float("nan"))
+    if arch == "llava_onevision":
+        packed = model.model.pack_image_features([scores[..., None]], inputs["image_sizes"], image_newline=nan,
+                                                 vision_aspect_ratio=model.config.vision_aspect_ratio)[0][0][:, 0]
+    else:
+        packed = model.model.pack_image_features([scores[..., None]], inputs["image_sizes"], "default",
+                                                 image_newline=nan)[0][0][:, 0]
+    assert crops > 1 and packed.isnan().any()
+    want = set(packed.nan_to_num(-1).topk(4).indices.tolist()) | set(packed.isnan().nonzero()[:, 0].tolist())
+    with vtr.patch(model, "fastervlm", budget=4) as handle, torch.no_grad():
+        model(**inputs)
+    assert set(handle.kept()[0].tolist()) == want
+
+
+def test_onevision_resized_grid_refuses_cls_scores_and_other_methods_still_work():
+    model = tiny_llava_next("sdpa", onevision=True)
+    model.config.vision_aspect_ratio = "anyres_max_1"          # the packed grid is shrunk bilinearly
+    inputs = make_inputs(model, [SINGLE], seed=1)
+    with vtr.patch(model, "fastervlm", retain=0.5), pytest.raises(NotImplementedError, match="resized"):
+        with torch.no_grad():
+            model(**inputs)
+    with vtr.patch(model, "divprune", retain=0.5) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats()[0]["retention"] < 1
