@@ -71,3 +71,19 @@ def test_onevision_resized_grid_refuses_cls_scores_and_other_methods_still_work(
     with vtr.patch(model, "divprune", retain=0.5) as handle, torch.no_grad():
         model(**inputs)
     assert handle.stats()[0]["retention"] < 1
+
+
+def test_internvl_cls_scores_are_per_tile_and_folded_by_pixel_shuffle():
+    """[CLS] row of each tile from the eager tower's attention weights, folded 2x2 by the model's pixel_shuffle;
+    the budget applies to the whole image (its run of placeholders), across its tiles."""
+    model = _model("internvl", "eager")
+    inputs = make_inputs(model, [SINGLE], seed=1, first_image=1)        # an image of 3 tiles
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    rows = out.attentions[-1][:, :, 0, 1:].mean(1)                        # feature layer -1
+    tiles, side = rows.shape[0], int(rows.shape[1] ** 0.5)
+    assert tiles == 3
+    scores = model.model.pixel_shuffle(rows.reshape(tiles, side, side, 1)).mean(-1).flatten()
+    with vtr.patch(model, "fastervlm", budget=6) as handle, torch.no_grad():
+        model(**inputs)
+    assert torch.equal(handle.kept()[0], scores.topk(6).indices.sort().values)

@@ -84,6 +84,22 @@ def tiny_llava_next(attn: str, onevision: bool = False):
     return _finish(LlavaNextForConditionalGeneration, config, attn)
 
 
+IMG_START, IMG_END = 93, 94
+INTERNVL_TILES = [1, 3, 2, 1]           # tiles of each InternVL image, in turn (thumbnail included)
+
+
+def tiny_internvl(attn: str):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=64, patch_size=8, use_qk_norm=True, norm_type="rms_norm")
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=4096, pad_token_id=PAD,
+                       bos_token_id=1, eos_token_id=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=16)
+    return _finish(InternVLForConditionalGeneration, config, attn)
+
+
 BUILDERS = {
     "llava": lambda attn: tiny_llava(seed=0, attn_implementation=attn),
     "qwen2_vl": lambda attn: tiny_qwen2_vl(attn, "2"),
@@ -91,6 +107,7 @@ BUILDERS = {
     "qwen3_vl": tiny_qwen3_vl,
     "llava_next": tiny_llava_next,
     "llava_onevision": lambda attn: tiny_llava_next(attn, onevision=True),
+    "internvl": tiny_internvl,
 }
 
 # grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch
@@ -104,6 +121,8 @@ def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int
         return llava_inputs(model, prompts, seed=seed)
     if model.config.model_type in ("llava_next", "llava_onevision"):
         return _anyres_inputs(model, prompts, seed, first_image)
+    if model.config.model_type == "internvl":
+        return _internvl_inputs(model, prompts, seed, first_image)
     return _qwen_inputs(model, prompts, seed, first_image)
 
 
@@ -151,7 +170,12 @@ def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
     for prompt in prompts:
         n = prompt.count(IMAGE)
         single = make_inputs(model, [prompt], first_image=first)
-        if "image_sizes" in batch:
+        if model.config.model_type == "internvl":
+            tiles = _internvl_tiles(0, sum(p.count(IMAGE) for p in prompts))
+            start = sum(tiles[:first])
+            single["pixel_values"] = batch["pixel_values"][start:start + sum(tiles[first:first + n])]
+            assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
+        elif "image_sizes" in batch:
             crops = _anyres_crops(model, batch["image_sizes"], [p.count(IMAGE) for p in prompts])
             start = sum(crops[:first])
             single["pixel_values"] = batch["pixel_values"][start:start + sum(crops[first:first + n])]
@@ -168,6 +192,22 @@ def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
         first += n
         out.append(single)
     return out
+
+
+def _internvl_tiles(first_image: int, n: int) -> list[int]:
+    return [INTERNVL_TILES[(first_image + i) % len(INTERNVL_TILES)] for i in range(n)]
+
+
+def _internvl_inputs(model, prompts, seed, first_image):
+    """Each image: ``<img>``, its tiles' placeholders, ``</img>``; pixel_values holds all tiles in order."""
+    tiles = iter(_internvl_tiles(first_image, sum(p.count(IMAGE) for p in prompts)))
+    per_tile = model.config.image_seq_length
+    rows = [[t for tok in p for t in ([IMG_START] + [IMAGE] * per_tile * next(tiles) + [IMG_END] if tok == IMAGE
+                                      else [tok])] for p in prompts]
+    total = sum(_internvl_tiles(first_image, sum(p.count(IMAGE) for p in prompts)))
+    side = model.config.vision_config.image_size[0]
+    g = torch.Generator().manual_seed(seed)
+    return {**_pad(rows), "pixel_values": torch.randn(total, 3, side, side, generator=g).to(model.dtype)}
 
 
 def _qwen_inputs(model, prompts, seed, first_image):

@@ -177,7 +177,7 @@ class Engine:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
             encoded_sizes = None if encoded is None else [int(f.shape[0]) for f in encoded.pooler_output]
-            sizes = self.adapter.image_token_counts(kwargs, int(rec.per_sample_visual.sum()), encoded_sizes)
+            sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded_sizes)
             self._assign_images(rec, sizes)
             self.rec = rec
         elif self.rec is not None and past_len:

@@ -2,10 +2,12 @@
 tokens are, how attention rows are recomputed) lives here; the engine and the methods stay model-agnostic."""
 from __future__ import annotations
 
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter,
+            InternVLAdapter)
 
 
 def supported_models() -> list[str]:

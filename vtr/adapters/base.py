@@ -24,9 +24,9 @@ class Adapter:
     def model_classes() -> tuple[type, ...]:
         raise NotImplementedError
 
-    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
         """Tokens of each image of the batch, in placeholder order, from the forward kwargs of ``vlm``;
-        ``total`` is the number of image placeholders in input_ids, ``encoded`` the feature counts of a vision pass
+        ``visual``: (B, L) bool, the image placeholders of input_ids; ``encoded``: the feature counts of a vision pass
         that ran before the forward (generate()), if any."""
         raise NotImplementedError
 

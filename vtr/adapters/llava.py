@@ -52,12 +52,12 @@ class LlavaAdapter(Adapter):
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
         self.features_keep_cls = config.vision_feature_select_strategy == "full"
 
-    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
         """Every image of a LLaVA-1.5 batch has the same number of features."""
         if encoded is not None:
             return encoded
         images = kwargs["pixel_values"].shape[0]
-        return [total // images] * images
+        return [int(visual.sum()) // images] * images
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """Per crop: [CLS]->patch attention of the feature layer (head mean) over the patches that become features;
@@ -103,7 +103,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return self.vlm.pack_image_features(values, image_sizes, self.config.vision_feature_select_strategy,
                                             image_newline=newline)[0]
 
-    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
         """From the pre-encoded features under generate(); else the model's own packing of the crops."""
         if encoded is not None:
             return encoded
@@ -151,10 +151,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         single = [n == 1 for n in per_sample.tolist() for _ in range(n)]   # multi-image samples: base image only
         return [c if s else 1 for c, s in zip(crops, single)]
 
-    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
             raise NotImplementedError("vtr: video input to LlavaOnevisionForConditionalGeneration is not reduced yet")
-        return super().image_token_counts(kwargs, total, encoded)
+        return super().image_token_counts(kwargs, visual, encoded)
 
     def _pack(self, values: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         return self.vlm.pack_image_features(values, image_sizes, image_newline=newline,

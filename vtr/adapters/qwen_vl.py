@@ -47,7 +47,7 @@ class Qwen2VLAdapter(Adapter):
         self.merge = config.vision_config.spatial_merge_size
         self.merged_order: torch.Tensor | None = None      # block order -> merger output order (Qwen2.5-VL windows)
 
-    def image_token_counts(self, kwargs: dict, total: int, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
             raise NotImplementedError(f"vtr: video input to {type(self.model).__name__} is not reduced yet")
         if encoded is not None:

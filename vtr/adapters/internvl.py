@@ -1,0 +1,69 @@
+"""InternVL (``InternVLForConditionalGeneration``, InternVL3 and later as ported to transformers): an InternViT tower
+run on every tile of every image (a thumbnail plus up to 12 tiles, chosen by the processor), pixel shuffle that folds
+each 2x2 group of patches into one token, an MLP projector, a Qwen2/Llama language model.
+
+The model does not know which tiles belong to which image: the processor writes ``<img>``, the tiles' placeholders,
+``</img>`` for each image, so an image is one run of consecutive ``image_token_id`` placeholders, and a budget or
+retain applies to the image across its tiles. CLS-attention methods use the [CLS] token of each tile: its attention
+to the tile's patches in the feature layer, head mean, averaged over the patches the model's own ``pixel_shuffle``
+folds into each token.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vtr.kernels import attention_rows
+
+from .base import Adapter
+
+
+class InternVLAdapter(Adapter):
+    name = "internvl"
+
+    @staticmethod
+    def model_classes():
+        from transformers import InternVLForConditionalGeneration
+
+        return (InternVLForConditionalGeneration,)
+
+    def __init__(self, model):
+        config = model.config
+        core = model.model
+        self.model = model
+        self.config = config
+        self.vlm = core
+        self.projector: nn.Module = core.multi_modal_projector
+        self.language_model: nn.Module = core.language_model
+        self.decoder_layers = list(self.language_model.layers)
+        self.text_config = self.language_model.config
+        self.image_token_id = config.image_token_id
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise TypeError("vtr supports one vision_feature_layer, not a list of them")
+        self.vision_model = core.vision_tower
+        encoder_layers = self.vision_model.encoder.layer
+        self.feature_layer = encoder_layers[len(encoder_layers) + layer if layer < 0 else layer - 1]
+        self.features_keep_cls = config.vision_feature_select_strategy == "full"
+
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
+        """One run of placeholders per image (``<img>`` and ``</img>`` separate them)."""
+        flags = visual.int()
+        zero = flags.new_zeros(flags.shape[0], 1)
+        edges = torch.diff(torch.cat([zero, flags, zero], dim=1), dim=1)        # +1 at a run's start, -1 after it
+        starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()         # row-major: runs in sequence order
+        return (ends[:, 1] - starts[:, 1]).tolist()
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self.features_keep_cls:
+            raise ValueError("vision_feature_select_strategy='full' keeps the [CLS] token among the features; "
+                             "CLS-attention methods expect it removed")
+        attn = layer.attention
+        x = layer.layernorm_before(args[0] if args else kwargs["hidden_states"])
+        tiles, n, heads, d = x.shape[0], x.shape[1], attn.num_heads, attn.head_dim
+        q = attn.q_norm(attn.q_proj(x[:, :1])).view(tiles, 1, heads, d).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x)).view(tiles, n, heads, d).transpose(1, 2)
+        rows = attention_rows(q, k, attn.scale)[:, 0, 1:]                       # (tiles, patches)
+        side = int((n - 1) ** 0.5)
+        folded = self.vlm.pixel_shuffle(rows.reshape(tiles, side, side, 1), scale_factor=self.config.downsample_ratio)
+        return folded.mean(dim=-1).flatten()
