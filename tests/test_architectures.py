@@ -87,3 +87,19 @@ def test_internvl_cls_scores_are_per_tile_and_folded_by_pixel_shuffle():
     with vtr.patch(model, "fastervlm", budget=6) as handle, torch.no_grad():
         model(**inputs)
     assert torch.equal(handle.kept()[0], scores.topk(6).indices.sort().values)
+
+
+def test_every_supported_class_is_built_in_the_tests_and_listed_in_the_readme():
+    """The contract runs on a tiny model of every supported class, and the README's matrix (written by
+    tests/support_matrix.py) has a row for each and a column for every method."""
+    import pathlib
+
+    from tiny_models import BUILDERS
+
+    built = {type(_model(arch, "sdpa")).__name__ for arch in BUILDERS}
+    assert built == set(vtr.supported_models())
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    matrix = readme.split("<!-- support-matrix:start -->")[1].split("<!-- support-matrix:end -->")[0]
+    rows = {line.split("`")[1] for line in matrix.strip().splitlines()[2:]}
+    assert rows == built
+    assert all(f"`{m}`" in matrix.splitlines()[1] for m in METHODS)

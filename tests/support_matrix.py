@@ -1,0 +1,64 @@
+"""Writes the README's support matrix from a run of the correctness contract: ``python tests/support_matrix.py``.
+
+A cell is checked only when every contract test of that architecture and method passed in this run (retain 1.0
+bit-identical and ``remove()``, greedy generation equal to the oracle at two retentions, padded batch equal to
+per-sample runs, sdpa and eager keeping the same tokens)."""
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+README = HERE.parent / "README.md"
+START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+
+
+class Collect:
+    def __init__(self):
+        self.outcomes = collections.defaultdict(list)      # (arch, method) -> [(test, passed)]
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call" and not (report.when == "setup" and report.failed):
+            return
+        match = re.search(r"::(\w+)\[(\w+)-(?:[\d.]+-)?(\w+)\]$", report.nodeid)
+        if match:
+            test, arch, method = match.groups()
+            self.outcomes[arch, method].append((test, report.passed))
+
+
+def table(outcomes, classes: dict[str, str], methods: list[str]) -> str:
+    lines = ["| model class | " + " | ".join(f"`{m}`" for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for arch, cls in classes.items():
+        cells = []
+        for method in methods:
+            runs = outcomes.get((arch, method), [])
+            passed = sum(ok for _, ok in runs)
+            cells.append(f"✓ {passed}/{len(runs)}" if runs and passed == len(runs) else f"✗ {passed}/{len(runs)}")
+        lines.append(f"| `{cls}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE))
+    from tiny_models import BUILDERS
+
+    from vtr.plugins import METHODS
+
+    collect = Collect()
+    code = pytest.main([str(HERE / "test_contract.py"), "-q", "-p", "no:cacheprovider"], plugins=[collect])
+    classes = {arch: type(build("sdpa")).__name__ for arch, build in sorted(BUILDERS.items())}
+    text = README.read_text()
+    start, end = text.index(START) + len(START), text.index(END)
+    matrix = table(collect.outcomes, classes, sorted(METHODS))
+    README.write_text(text[:start] + "\n" + matrix + "\n" + text[end:])
+    print(matrix)
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
