@@ -1,11 +1,17 @@
 """vtr's methods, one file each. ``METHODS`` maps each registered name to its plugin class."""
-from .base import LLMPlugin, Plugin, Signals
+from .base import EncoderPlugin, LLMPlugin, Plugin, Signals
 from .divprune import DivPrune
+from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .pdrop import PyramidDrop
 from .random import Random
+from .tome import ToMe
 
-METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, FasterVLM, DivPrune, FastV, PyramidDrop)}
+METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, FasterVLM, DivPrune, FastV, PyramidDrop, ToMe,
+                                                             EViT)}
+VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
+ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
-__all__ = ["METHODS", "Plugin", "LLMPlugin", "Signals", "Random", "FasterVLM", "DivPrune", "FastV", "PyramidDrop"]
+__all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random", "FasterVLM", "DivPrune", "FastV",
+           "PyramidDrop", "ToMe", "EViT"]

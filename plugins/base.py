@@ -94,3 +94,15 @@ class LLMPlugin(Plugin):
     def score_layer(self, layer: int) -> int:
         """The decoder layer whose q/k projections give the attention row used to drop at ``layer``."""
         return layer
+
+
+@dataclass
+class EncoderPlugin(Plugin):
+    """A method that reduces tokens inside the blocks of an encoder-only ViT (timm, open_clip), between attention and
+    MLP; ``retain``/``budget`` count the patch tokens (prefix tokens such as [CLS] are never reduced)."""
+
+    where: ClassVar[str] = "encoder"
+
+    def reductions(self, depth: int, tokens: int) -> list[int]:
+        """Tokens removed in each block, for an encoder of ``depth`` blocks with ``tokens`` patch tokens."""
+        raise NotImplementedError

@@ -47,14 +47,14 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from tiny_models import BUILDERS
 
-    from vtr.plugins import METHODS
+    from vtr.plugins import VLM_METHODS
 
     collect = Collect()
     code = pytest.main([str(HERE / "test_contract.py"), "-q", "-p", "no:cacheprovider"], plugins=[collect])
     classes = {arch: type(build("sdpa")).__name__ for arch, build in sorted(BUILDERS.items())}
     text = README.read_text()
     start, end = text.index(START) + len(START), text.index(END)
-    matrix = table(collect.outcomes, classes, sorted(METHODS))
+    matrix = table(collect.outcomes, classes, VLM_METHODS)
     README.write_text(text[:start] + "\n" + matrix + "\n" + text[end:])
     print(matrix)
     return int(code)

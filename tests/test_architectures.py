@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vtr
-from vtr.plugins import METHODS
+from vtr.plugins import VLM_METHODS
 
 from conftest import BATCH, SINGLE, _model
 from tiny_models import IMAGE, anyres_newlines, make_inputs, tiny_llava_next
@@ -13,7 +13,7 @@ ANYRES = ["llava_next", "llava_onevision"]
 
 
 @pytest.mark.parametrize("arch", ANYRES)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", VLM_METHODS)
 def test_newline_tokens_are_never_dropped_and_the_budget_is_per_image(arch, method):
     model = _model(arch, "sdpa")
     batch = make_inputs(model, BATCH, seed=2)
@@ -97,9 +97,9 @@ def test_every_supported_class_is_built_in_the_tests_and_listed_in_the_readme():
     from tiny_models import BUILDERS
 
     built = {type(_model(arch, "sdpa")).__name__ for arch in BUILDERS}
-    assert built == set(vtr.supported_models())
+    assert built == set(vtr.supported_models("vlm"))
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     matrix = readme.split("<!-- support-matrix:start -->")[1].split("<!-- support-matrix:end -->")[0]
     rows = {line.split("`")[1] for line in matrix.strip().splitlines()[2:]}
     assert rows == built
-    assert all(f"`{m}`" in matrix.splitlines()[1] for m in METHODS)
+    assert all(f"`{m}`" in matrix.splitlines()[1] for m in VLM_METHODS)

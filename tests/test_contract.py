@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import vtr
-from vtr.plugins import METHODS
+from vtr.plugins import VLM_METHODS
 
 from conftest import split_batch
 from oracle import oracle_generate, sequence_after
 
-ALL = sorted(METHODS)
+ALL = VLM_METHODS
 STEPS = 6
 
 

@@ -6,6 +6,7 @@ import weakref
 import torch
 
 from vtr.adapters import adapter_for
+from vtr.encoder import EncoderEngine
 from vtr.engine import Engine
 from vtr.plugins import METHODS, Plugin
 
@@ -46,11 +47,12 @@ def patch(model: torch.nn.Module, method, retain: float | None = None, budget: i
 
     ``method``: a registered name (see :func:`methods`), a plugin object, or a list of them run in order (vision
     encoder -> projector output -> LLM layers). ``retain``: fraction of each image's visual tokens kept; ``budget``:
-    visual tokens kept per image. Everything is validated before the model is touched.
+    visual tokens kept per image. ``model`` is a supported VLM or an encoder-only ViT (timm, open_clip; encoder
+    methods such as ``tome``). Everything is validated before the model is touched.
     """
     adapter = adapter_for(model)
     plugins = resolve(method, retain, budget, options)
-    engine = Engine(adapter, plugins)
+    engine = (EncoderEngine if adapter.kind == "encoder" else Engine)(adapter, plugins)
     if model in _ACTIVE:
         raise RuntimeError("this model is already patched by vtr; call remove() on its handle first")
     engine.install()
@@ -74,58 +76,19 @@ class Handle:
     def active(self) -> bool:
         return bool(self._engine.hooks)
 
-    def _record(self):
-        rec = self._engine.rec
-        if rec is None:
-            raise RuntimeError("no prefill with images has run through the patched model yet")
-        return rec
-
     def kept(self, stage: int = -1) -> list[torch.Tensor]:
         """Per sample: indices (ascending) of its visual tokens that survive ``stage`` (default: the last stage).
         Visual tokens are numbered in sequence order over all images of the sample."""
-        rec = self._record()
-        stages = len(self._engine.stages)
-        if not -stages <= stage < stages:
-            raise IndexError(f"stage {stage} out of range: this patch has {stages} stages")
-        alive = rec.alive[stage] if len(rec.alive) == stages else None
-        if alive is None:
-            raise RuntimeError("the last forward pass did not reach every stage")
-        return [rec.visual_index[b][alive[b] & rec.visual[b]] for b in range(alive.shape[0])]
+        return self._engine.kept(stage)
 
     def positions(self) -> torch.Tensor:
         """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
-        return self._record().layouts[-1].orig
+        return self._engine.positions()
 
     def stats(self) -> list[dict]:
-        """Per sample: visual tokens in and out, retention, each stage's counts, and for in-LLM stages the
-        layer-averaged retention (what the LLM's FLOPs follow)."""
-        rec = self._record()
-        engine = self._engine
-        depth = engine.num_layers
-        out = []
-        for b in range(rec.visual.shape[0]):
-            total = int(rec.per_sample_visual[b])
-            counts = [int(a[b].sum()) for a in rec.alive]
-            stages, before = [], total
-            for stage, n in zip(engine.stages, counts):
-                stages.append({**stage.describe(), "tokens_in": before, "tokens_out": n})
-                before = n
-            per_layer = []
-            for layer in range(depth):
-                n = total
-                for stage, c in zip(engine.stages, counts):
-                    if stage.layer is None or stage.layer <= layer:
-                        n = c
-                per_layer.append(n)
-            out.append({
-                "visual_tokens_in": total,
-                "visual_tokens_out": counts[-1] if counts else total,
-                "retention": (counts[-1] if counts else total) / total,
-                "layer_avg_retention": sum(per_layer) / (depth * total),
-                "tokens_per_layer": per_layer,
-                "stages": stages,
-            })
-        return out
+        """Per sample: tokens in and out, retention, each stage's counts, and the layer-averaged retention (what
+        FLOPs follow)."""
+        return self._engine.stats()
 
     def remove(self):
         """Take every hook off; the model is exactly what it was before :func:`patch`."""

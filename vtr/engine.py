@@ -26,7 +26,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from vtr.kernels import gather_tokens, topk_per_group
-from vtr.plugins.base import LLMPlugin, Plugin, Signals
+from vtr.plugins.base import EncoderPlugin, LLMPlugin, Plugin, Signals
 
 
 @dataclass
@@ -94,14 +94,43 @@ class Record:
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
 
 
-class Engine:
+class HookSet:
+    """Forward hooks installed on a model, each timed, all removable at once."""
+
+    def __init__(self):
+        self.hooks: list = []
+        self.hook_seconds = 0.0
+
+    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False):
+        """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
+        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels)."""
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.hook_seconds += time.perf_counter() - start
+        register = module.register_forward_hook if post else module.register_forward_pre_hook
+        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post))
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+class Engine(HookSet):
     def __init__(self, adapter, plugins: list[Plugin]):
+        super().__init__()
         self.adapter = adapter
         self.plugins = plugins
         self.num_layers = len(adapter.decoder_layers)
         self.stages: list[Stage] = []
         last_layer = -1
         for plugin in plugins:
+            if isinstance(plugin, EncoderPlugin):
+                raise ValueError(f"{plugin.name} works inside encoder-only ViTs (timm, open_clip); in a VLM's vision "
+                                 "tower it would change the number of visual tokens the language model expects")
             if isinstance(plugin, LLMPlugin):
                 layers = plugin.layers(self.num_layers)
                 for step, layer in enumerate(layers):
@@ -117,8 +146,6 @@ class Engine:
                 self.stages.append(Stage(plugin, 0, 1))
         self.llm_stages = [s for s in self.stages if s.layer is not None]
         self.rec: Record | None = None
-        self.hooks: list = []
-        self.hook_seconds = 0.0
         # generate() runs the vision tower before the model's forward: the [CLS] attention waits here until then
         self.cls_attention: torch.Tensor | None = None
 
@@ -145,23 +172,62 @@ class Engine:
             self.remove()
             raise
 
-    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False):
-        """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
-        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels)."""
-        def timed(*args):
-            start = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                self.hook_seconds += time.perf_counter() - start
-        register = module.register_forward_hook if post else module.register_forward_pre_hook
-        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post))
-
     def remove(self):
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
+        super().remove()
         self.cls_attention = None       # the last record stays readable through the handle
+
+    # ------------------------------------------------------------------ results (read through the Handle)
+    def _record(self) -> Record:
+        rec = self.rec
+        if rec is None:
+            raise RuntimeError("no prefill with images has run through the patched model yet")
+        return rec
+
+    def kept(self, stage: int = -1) -> list[torch.Tensor]:
+        """Per sample: indices (ascending) of its visual tokens that survive ``stage`` (default: the last stage).
+        Visual tokens are numbered in sequence order over all images of the sample."""
+        rec = self._record()
+        stages = len(self.stages)
+        if not -stages <= stage < stages:
+            raise IndexError(f"stage {stage} out of range: this patch has {stages} stages")
+        alive = rec.alive[stage] if len(rec.alive) == stages else None
+        if alive is None:
+            raise RuntimeError("the last forward pass did not reach every stage")
+        return [rec.visual_index[b][alive[b] & rec.visual[b]] for b in range(alive.shape[0])]
+
+    def positions(self) -> torch.Tensor:
+        """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
+        return self._record().layouts[-1].orig
+
+    def stats(self) -> list[dict]:
+        """Per sample: visual tokens in and out, retention, each stage's counts, and for in-LLM stages the
+        layer-averaged retention (what the LLM's FLOPs follow)."""
+        rec = self._record()
+        depth = self.num_layers
+        out = []
+        for b in range(rec.visual.shape[0]):
+            total = int(rec.per_sample_visual[b])
+            counts = [int(a[b].sum()) for a in rec.alive]
+            stages, before = [], total
+            for stage, n in zip(self.stages, counts):
+                stages.append({**stage.describe(), "tokens_in": before, "tokens_out": n})
+                before = n
+            per_layer = []
+            for layer in range(depth):
+                n = total
+                for stage, c in zip(self.stages, counts):
+                    if stage.layer is None or stage.layer <= layer:
+                        n = c
+                per_layer.append(n)
+            out.append({
+                "visual_tokens_in": total,
+                "visual_tokens_out": counts[-1] if counts else total,
+                "retention": (counts[-1] if counts else total) / total,
+                "layer_avg_retention": sum(per_layer) / (depth * total),
+                "tokens_per_layer": per_layer,
+                "stages": stages,
+            })
+        return out
 
     # ------------------------------------------------------------------ hooks
     def _begin(self, module, args, kwargs):

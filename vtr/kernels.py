@@ -124,3 +124,28 @@ def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -
     keep = torch.zeros_like(group, dtype=torch.bool)
     keep[order] = rank < k[g_sorted]
     return keep
+
+
+class Plan:
+    """How a ViT block reduces its tokens: ``dest`` (B, N) is each token's slot in [0, width) (-1: dropped); a slot
+    is the ``weight``-weighted average of its tokens (None: weighted by size) and its size the sum of theirs. ``reduce`` applies the plan,
+    ``expand`` copies each slot back to its tokens (so a token-wise layer can run on the slots)."""
+
+    def __init__(self, dest: torch.Tensor, weight: torch.Tensor | None, width: int):
+        self.dest, self.weight, self.width = dest, weight, width
+
+    def _sum(self, values: torch.Tensor) -> torch.Tensor:
+        b = values.shape[0]
+        out = values.new_zeros(b, self.width + 1, *values.shape[2:])          # slot ``width`` collects the dropped
+        index = self.dest.masked_fill(self.dest < 0, self.width)
+        index = index.view(b, -1, *[1] * (values.dim() - 2)).expand_as(values)
+        return out.scatter_add_(1, index, values)[:, :self.width]
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, N, D), size (B, N) -> slots (B, width, D) and their sizes (B, width)."""
+        w = (size if self.weight is None else self.weight).to(x.dtype)
+        return self._sum(x * w[..., None]) / self._sum(w)[..., None], self._sum(size)
+
+    def expand(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, width, D) -> (B, N, D); dropped tokens get slot 0 (they leave at the next ``reduce``)."""
+        return gather_tokens(y, self.dest.clamp(min=0))

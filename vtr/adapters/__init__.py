@@ -5,13 +5,22 @@ from __future__ import annotations
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
+from .vit import OpenClipViTAdapter, TimmViTAdapter
 
 ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter,
-            InternVLAdapter)
+            InternVLAdapter, TimmViTAdapter, OpenClipViTAdapter)
 
 
-def supported_models() -> list[str]:
-    return [cls.__name__ for adapter in ADAPTERS for cls in adapter.model_classes()]
+def _label(cls) -> str:
+    """transformers classes by name; timm and open_clip (both call theirs VisionTransformer) with their package."""
+    package = cls.__module__.split(".")[0]
+    return cls.__name__ if package == "transformers" else f"{package}.{cls.__name__}"
+
+
+def supported_models(kind: str | None = None) -> list[str]:
+    """The supported model classes (``kind``: "vlm" or "encoder" for one kind only); timm's and open_clip's ViTs are
+    listed when those packages are installed."""
+    return [_label(cls) for adapter in ADAPTERS if kind in (None, adapter.kind) for cls in adapter.model_classes()]
 
 
 def adapter_for(model):

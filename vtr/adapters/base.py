@@ -15,6 +15,7 @@ from vtr.kernels import apply_rope, attention_rows
 
 class Adapter:
     name = ""
+    kind = "vlm"
     #: (module, forward hook) pairs to install with the vision hooks of CLS-attention methods
     vision_output_hooks: list = []
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
