@@ -1,8 +1,9 @@
 """Writes the README's support matrix from a run of the correctness contract: ``python tests/support_matrix.py``.
 
-A cell is checked only when every contract test of that architecture and method passed in this run (retain 1.0
+A cell is checked only when every contract test of that architecture and method passed in this run (VLMs: retain 1.0
 bit-identical and ``remove()``, greedy generation equal to the oracle at two retentions, padded batch equal to
-per-sample runs, sdpa and eager keeping the same tokens)."""
+per-sample runs, sdpa and eager keeping the same tokens; encoder-only ViTs: equal to the literal rule, no reduction
+bit-identical and ``remove()``)."""
 from __future__ import annotations
 
 import collections
@@ -24,8 +25,12 @@ class Collect:
     def pytest_runtest_logreport(self, report):
         if report.when != "call" and not (report.when == "setup" and report.failed):
             return
-        match = re.search(r"::(\w+)\[(\w+)-(?:[\d.]+-)?(\w+)\]$", report.nodeid)
-        if match:
+        encoder = re.search(r"test_encoders.py::(\w+)\[(\w+)-\w+-(timm|open_clip)\]$", report.nodeid)
+        match = re.search(r"test_contract.py::(\w+)\[(\w+)-(?:[\d.]+-)?(\w+)\]$", report.nodeid)
+        if encoder:
+            test, method, arch = encoder.groups()
+            self.outcomes[arch, method].append((test, report.passed))
+        elif match:
             test, arch, method = match.groups()
             self.outcomes[arch, method].append((test, report.passed))
 
@@ -47,14 +52,17 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from tiny_models import BUILDERS
 
-    from vtr.plugins import VLM_METHODS
+    from vtr.plugins import ENCODER_METHODS, VLM_METHODS
 
     collect = Collect()
-    code = pytest.main([str(HERE / "test_contract.py"), "-q", "-p", "no:cacheprovider"], plugins=[collect])
+    code = pytest.main([str(HERE / "test_contract.py"), str(HERE / "test_encoders.py"), "-q", "-p",
+                        "no:cacheprovider"], plugins=[collect])
     classes = {arch: type(build("sdpa")).__name__ for arch, build in sorted(BUILDERS.items())}
+    encoders = {"timm": "timm.VisionTransformer", "open_clip": "open_clip.VisionTransformer"}
     text = README.read_text()
     start, end = text.index(START) + len(START), text.index(END)
-    matrix = table(collect.outcomes, classes, VLM_METHODS)
+    matrix = table(collect.outcomes, classes, VLM_METHODS) + "\n\nEncoder-only ViTs (encoder methods):\n\n" + \
+        table(collect.outcomes, encoders, ENCODER_METHODS)
     README.write_text(text[:start] + "\n" + matrix + "\n" + text[end:])
     print(matrix)
     return int(code)

@@ -100,6 +100,7 @@ def test_every_supported_class_is_built_in_the_tests_and_listed_in_the_readme():
     assert built == set(vtr.supported_models("vlm"))
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     matrix = readme.split("<!-- support-matrix:start -->")[1].split("<!-- support-matrix:end -->")[0]
-    rows = {line.split("`")[1] for line in matrix.strip().splitlines()[2:]}
+    vlm_table = matrix.strip().split("\n\n")[0]
+    rows = {line.split("`")[1] for line in vlm_table.splitlines()[2:]}
     assert rows == built
     assert all(f"`{m}`" in matrix.splitlines()[1] for m in VLM_METHODS)

@@ -51,6 +51,17 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert "analytic" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("encoder", ["timm", "open_clip"])
+def test_encoder_bench_quick_writes_json(tmp_path, capsys, encoder):
+    pytest.importorskip(encoder)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--encoder", encoder, "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["tome", "tome", "evit"]
+    assert all(r["images_per_s"] > 0 and r["tokens_out"] < 16 for r in result["rows"])
+    assert "images/s" in capsys.readouterr().out
+
+
 def test_non_editable_install_imports(tmp_path):
     """``pip install .`` lays plugins/, video/, eval/ and assets/ out as vtr.plugins, vtr.video, vtr.eval, vtr.assets."""
     target = tmp_path / "site"

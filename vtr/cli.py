@@ -23,11 +23,17 @@ def _demo(args):
 
 
 def _bench(args):
-    from vtr.eval import bench
+    from vtr.eval import bench, bench_encoder
 
-    result = bench.run(args.methods.split(","), [float(r) for r in args.retain.split(",")], repeats=args.repeats,
-                       quick=args.quick, threads=args.threads, out=args.out)
-    print(bench.format_table(result))
+    if args.encoder:
+        module = bench_encoder
+        result = bench_encoder.run(args.encoder, repeats=args.repeats, quick=args.quick, threads=args.threads,
+                                   out=args.out)
+    else:
+        module = bench
+        result = bench.run(args.methods.split(","), [float(r) for r in args.retain.split(",")], repeats=args.repeats,
+                           quick=args.quick, threads=args.threads, out=args.out)
+    print(module.format_table(result))
     if args.out:
         print(f"written to {args.out}")
 
@@ -118,6 +124,8 @@ def main(argv=None):
     bench.add_argument("--threads", type=int)
     bench.add_argument("--quick", action="store_true", help="a smaller model, for a smoke run")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
+    bench.add_argument("--encoder", choices=["timm", "open_clip"],
+                       help="instead: images/s of an encoder-only ViT under tome and evit")
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
