@@ -21,6 +21,10 @@ class Signals:
     last_attention: ``(B, L)`` attention of the last prompt token (head mean) over the current sequence.
     visual: ``(B, L)`` bool, which positions of ``tokens`` are visual tokens still alive (LLM stage only).
     image_index: ``(images,)`` index of each image inside its own sample (projector stage only).
+    layout: anyres models (LLaVA-NeXT/OneVision), projector stage, for methods that need "anyres_layout": ``crop``
+        ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
+        token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
+        crops per column and per row, ``side`` patches per crop side.
     """
 
     tokens: torch.Tensor
@@ -28,6 +32,7 @@ class Signals:
     last_attention: torch.Tensor | None = None
     visual: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
+    layout: dict | None = None
 
 
 @dataclass

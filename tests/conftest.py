@@ -23,9 +23,20 @@ def arch(request):
     return request.param
 
 
+ANYRES_ONLY = {"globalcom2"}        # methods that need a thumbnail plus crops
+
+
+def applies(model, method: str) -> bool:
+    return method not in ANYRES_ONLY or model.config.model_type in ("llava_next", "llava_onevision")
+
+
 @pytest.fixture
-def model(arch):
-    return _model(arch, "sdpa")
+def model(arch, request):
+    model = _model(arch, "sdpa")
+    method = request.node.callspec.params.get("method") if hasattr(request.node, "callspec") else None
+    if method is not None and not applies(model, method):
+        pytest.skip(f"{method} does not apply to {type(model).__name__} (refused: test_api.py)")
+    return model
 
 
 @pytest.fixture

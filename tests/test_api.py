@@ -115,6 +115,13 @@ def test_right_padding_is_refused(model, batch):
         model(**right)
 
 
+def test_anyres_only_method_refuses_other_models_before_touching_them(llava):
+    before = hooks_on(llava)
+    with pytest.raises(ValueError, match="globalcom2 needs an anyres model"):
+        vtr.patch(llava, "globalcom2", retain=0.5)
+    assert hooks_on(llava) == before
+
+
 def test_supported_models_and_handle_repr(model):
     assert "LlavaForConditionalGeneration" in vtr.supported_models()
     handle = vtr.patch(model, "fastv")

@@ -104,3 +104,29 @@ def test_every_supported_class_is_built_in_the_tests_and_listed_in_the_readme():
     rows = {line.split("`")[1] for line in vlm_table.splitlines()[2:]}
     assert rows == built
     assert all(f"`{m}`" in matrix.splitlines()[1] for m in VLM_METHODS)
+
+
+@pytest.mark.parametrize("arch", ANYRES)
+def test_anyres_layout_reads_each_images_crop_grid(arch):
+    """The crop grid the adapter reads from the packed features is the one the model chose for the image size."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    from vtr.adapters import adapter_for
+
+    model = _model(arch, "sdpa")
+    inputs = make_inputs(model, [SINGLE, SINGLE, SINGLE], seed=4)            # three images of different sizes
+    adapter = adapter_for(model)
+    probe = adapter.projector.register_forward_hook(adapter._capture)
+    try:
+        with torch.no_grad():
+            extra = {k: inputs[k] for k in ("batch_num_images",) if k in inputs}
+            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                      **extra).pooler_output
+    finally:
+        probe.remove()
+    layout = adapter.anyres_layout(torch.cat(list(features)), [len(f) for f in features])
+    side = model.config.vision_config.image_size
+    want = [get_anyres_image_grid_shape(s.tolist(), model.config.image_grid_pinpoints, side)
+            for s in inputs["image_sizes"]]
+    assert [tuple(g) for g in layout["grid"].tolist()] == [tuple(w) for w in want]
+    assert len(set(tuple(w) for w in want)) > 1

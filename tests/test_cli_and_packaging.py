@@ -69,7 +69,8 @@ def test_non_editable_install_imports(tmp_path):
                     "--target", str(target), str(ROOT)], check=True)
     code = ("import vtr, vtr.plugins, vtr.video, vtr.eval.bench, vtr.eval.evaluate, vtr.demo, vtr.builtin; "
             "assert vtr.__file__.startswith(%r), vtr.__file__; "
-            "assert sorted(vtr.methods()) == ['divprune', 'evit', 'fastervlm', 'fastv', 'pdrop', 'random', 'tome']; "
+            "assert {'random', 'fastervlm', 'divprune', 'globalcom2', 'fastv', 'pdrop', 'tome', 'evit'} <= "
+            "set(vtr.methods()); "
             "vtr.demo.default_example(); "
             "import pathlib; assert (pathlib.Path(vtr.builtin.shipped_model_path()) / 'model.safetensors').is_file()"
             % str(target))

@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import DivPrune, FastV, FasterVLM, PyramidDrop, Random, Signals
+from vtr.plugins import DivPrune, FastV, FasterVLM, GlobalCom2, PyramidDrop, Random, Signals
 
 from conftest import SINGLE, _model
 from tiny_models import anyres_newlines, make_inputs
@@ -153,3 +153,20 @@ def test_last_token_attention_equals_decoder_attention_weights(eager_model, sing
             eager_model(**single)
         first = handle.kept(stage=0)[0]
     assert torch.equal(first, row.topk(len(first)).indices.sort().values)
+
+
+def test_globalcom2_thumbnail_sets_crop_shares_and_guides_selection():
+    """A 2x2 thumbnail and a 1x2 grid of 2x2 crops. Thumbnail attention [[.1, .2], [.05, .65]]: the right crop covers
+    .85 of it, the left .15; with tau = 0.1, sigma ~ (0.001, 0.999), so at k = 6 (r = 1/2) the shares are
+    thumbnail 2, left 4 * .5 * (1 + .001 - .5) = 1.0 -> 1, right 4 * .5 * 1.499 = 3.0 -> 2 + the leftover 1 = 3.
+    The crops' own attention is flat, so the thumbnail map resized onto the 2x4 grid decides inside them."""
+    thumb = [0.1, 0.2, 0.05, 0.65]
+    crop = torch.tensor([[0] * 4 + [1] * 4 + [2] * 4])
+    row = torch.tensor([[0, 0, 1, 1] * 3])
+    col = torch.tensor([[0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3]])
+    layout = {"crop": crop, "row": row, "col": col, "grid": torch.tensor([[1, 2]]), "side": 2}
+    s = Signals(tokens=torch.zeros(1, 12, 4), cls_attention=torch.tensor([thumb + [0.3] * 8]), layout=layout)
+    picks = GlobalCom2(temperature=0.1).select(s, 6)[0]
+    # thumbnail: its two most attended (1, 3); left crop: guide at (1, 1) = .2 is its best (7);
+    # right crop: (1, 3) = .65, (1, 2) = .5, (0, 3) = .2 (11, 10, 9)
+    assert sorted(picks.tolist()) == [1, 3, 7, 9, 10, 11]

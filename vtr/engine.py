@@ -131,6 +131,9 @@ class Engine(HookSet):
             if isinstance(plugin, EncoderPlugin):
                 raise ValueError(f"{plugin.name} works inside encoder-only ViTs (timm, open_clip); in a VLM's vision "
                                  "tower it would change the number of visual tokens the language model expects")
+            if "anyres_layout" in plugin.needs and not hasattr(adapter, "anyres_layout"):
+                raise ValueError(f"{plugin.name} needs an anyres model (a thumbnail plus crops: LLaVA-NeXT, "
+                                 f"LLaVA-OneVision), not {type(adapter.model).__name__}")
             if isinstance(plugin, LLMPlugin):
                 layers = plugin.layers(self.num_layers)
                 for step, layer in enumerate(layers):
@@ -329,6 +332,9 @@ class Engine(HookSet):
             return rows if candidates is None else candidates[rows]
 
         cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features)
+        layout = None
+        if any("anyres_layout" in s.plugin.needs for s in self.stages if s.layer is None):
+            layout = self.adapter.anyres_layout(features, rec.image_sizes)
         self.cls_attention = None
         for stage in (s for s in self.stages if s.layer is None):
             if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
@@ -342,6 +348,10 @@ class Engine(HookSet):
                     tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
                     signals = Signals(tokens=tokens, image_index=rec.image_local[ids],
                                       cls_attention=None if cls is None else cls[rows])
+                    if layout is not None:
+                        signals.layout = {"crop": layout["crop"][rows], "row": layout["row"][rows],
+                                          "col": layout["col"][rows], "grid": layout["grid"][ids],
+                                          "side": layout["side"]}
                     alive[n] = alive[n].gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
                     rows = rows_of(ids, alive[n])
                 survivors[rows.flatten()] = True

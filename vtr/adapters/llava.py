@@ -118,20 +118,54 @@ class LlavaNextAdapter(LlavaAdapter):
         """Newline tokens: the features that are the model's ``image_newline`` vector."""
         return (features == self.vlm.image_newline.to(features.dtype)).all(dim=-1)
 
-    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Each packed feature is a copy of one crop patch's projector output (newlines aside): matched by value,
-        it takes that patch's score, wherever unpadding moved it."""
+    def _sources(self, features: torch.Tensor) -> torch.Tensor:
+        """Each packed feature is a copy of one crop patch's projector output (newlines aside): its row in the
+        projector output (crops * P), matched by value; -1 for newlines."""
         crops = self.crop_features.to(features.dtype)
-        both = torch.cat([crops, features])
-        _, ids = torch.unique(both, dim=0, return_inverse=True)
+        _, ids = torch.unique(torch.cat([crops, features]), dim=0, return_inverse=True)
         source = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
         source[ids[:len(crops)]] = torch.arange(len(crops), device=ids.device)
         index = source[ids[len(crops):]]
-        unmatched = (index < 0) & ~self.protected(features)
-        if bool(unmatched.any()):
+        if bool(((index < 0) & ~self.protected(features)).any()):
             raise NotImplementedError(f"vtr: {type(self.model).__name__} resized this image's crop grid "
-                                      "(anyres_max); CLS-attention scores cannot follow resized features yet")
-        return scores[index.clamp(min=0)]
+                                      "(anyres_max); vision-tower scores cannot follow resized features yet")
+        return index
+
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """A packed feature takes the score of the crop patch it copies, wherever unpadding moved it."""
+        return scores[self._sources(features).clamp(min=0)]
+
+    def anyres_layout(self, features: torch.Tensor, sizes: list[int]) -> dict:
+        """Where each packed feature comes from (see ``Signals.layout``). An image's features are its thumbnail's
+        patches, then its unpadded grid of crop patches row by row, each row ended by a newline; the crops met in
+        the first grid row are the crops per row."""
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        source, newline = self._sources(features), self.protected(features)
+        crop, row, col, grids, start = [], [], [], [], 0
+        for n in sizes:
+            src, nl = source[start:start + n], newline[start:start + n]
+            c = src // (side * side)
+            c = (c - c[0]).masked_fill(nl, -1)                   # the thumbnail comes first: crop 0
+            patch = src % (side * side)
+            r, q = (patch // side).masked_fill(c != 0, 0), (patch % side).masked_fill(c != 0, 0)
+            grid = c > 0
+            if bool(grid.any()):
+                g0 = int(grid.nonzero()[0])
+                line = torch.cumsum(nl[g0:].long(), 0) - nl[g0:].long()          # the grid row of each token
+                starts = torch.cat([line.new_zeros(1), nl[g0:].nonzero()[:, 0] + 1])
+                offset = torch.arange(n - g0, device=src.device) - starts[line]
+                r[g0:] = torch.where(grid[g0:], line, r[g0:])
+                q[g0:] = torch.where(grid[g0:], offset, q[g0:])
+                per_row, crops = len(set(c[g0:][grid[g0:] & (line == 0)].tolist())), int(c.max())
+                if crops % per_row:
+                    raise ValueError("vtr: could not read this image's crop grid from its packed features")
+                grids.append((crops // per_row, per_row))
+            else:
+                grids.append((0, 0))
+            crop.append(c), row.append(r), col.append(q)
+            start += n
+        return {"crop": torch.cat(crop), "row": torch.cat(row), "col": torch.cat(col),
+                "grid": torch.tensor(grids, device=source.device), "side": side}
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
