@@ -39,11 +39,16 @@ def _crop_scores(model, inputs) -> torch.Tensor:
     return attn.mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("arch", ANYRES)
-def test_anyres_cls_scores_follow_the_models_packing(arch):
+@pytest.mark.parametrize("arch,resize", [("llava_next", None), ("llava_onevision", None),
+                                         ("llava_onevision", "anyres_max_1")])
+def test_anyres_cls_scores_follow_the_models_packing(arch, resize):
     """FasterVLM on anyres models: crop-patch scores laid out by the model's own pack_image_features (unpadding,
-    newlines), top-k per image over the non-newline features."""
+    newlines, OneVision's resize of large grids), top-k per image over the non-newline features, under a forward
+    pass and under generate() (which does not pass image_sizes on)."""
     model = _model(arch, "eager")
+    if resize:
+        model = tiny_llava_next("eager", onevision=True)
+        model.config.vision_aspect_ratio = resize                # the packed grid is shrunk bilinearly
     inputs = make_inputs(model, [SINGLE], seed=1)
     scores = _crop_scores(model, inputs)
     crops = len(inputs["pixel_values"])
@@ -55,22 +60,14 @@ def test_anyres_cls_scores_follow_the_models_packing(arch):
         packed = model.model.pack_image_features([scores[..., None]], inputs["image_sizes"], "default",
                                                  image_newline=nan)[0][0][:, 0]
     assert crops > 1 and packed.isnan().any()
+    if resize:
+        grid_tokens = len(packed) - scores.shape[1] - int(packed.isnan().sum())
+        assert grid_tokens < (crops - 1) * scores.shape[1], "the example must exercise the resize"
     want = set(packed.nan_to_num(-1).topk(4).indices.tolist()) | set(packed.isnan().nonzero()[:, 0].tolist())
-    with vtr.patch(model, "fastervlm", budget=4) as handle, torch.no_grad():
-        model(**inputs)
-    assert set(handle.kept()[0].tolist()) == want
-
-
-def test_onevision_resized_grid_refuses_cls_scores_and_other_methods_still_work():
-    model = tiny_llava_next("sdpa", onevision=True)
-    model.config.vision_aspect_ratio = "anyres_max_1"          # the packed grid is shrunk bilinearly
-    inputs = make_inputs(model, [SINGLE], seed=1)
-    with vtr.patch(model, "fastervlm", retain=0.5), pytest.raises(NotImplementedError, match="resized"):
-        with torch.no_grad():
-            model(**inputs)
-    with vtr.patch(model, "divprune", retain=0.5) as handle, torch.no_grad():
-        model(**inputs)
-    assert handle.stats()[0]["retention"] < 1
+    for run in ("forward", "generate"):
+        with vtr.patch(model, "fastervlm", budget=4) as handle, torch.no_grad():
+            model(**inputs) if run == "forward" else model.generate(**inputs, max_new_tokens=1)
+        assert set(handle.kept()[0].tolist()) == want, run
 
 
 def test_internvl_cls_scores_are_per_tile_and_folded_by_pixel_shuffle():
@@ -130,3 +127,13 @@ def test_anyres_layout_reads_each_images_crop_grid(arch):
             for s in inputs["image_sizes"]]
     assert [tuple(g) for g in layout["grid"].tolist()] == [tuple(w) for w in want]
     assert len(set(tuple(w) for w in want)) > 1
+
+
+def test_globalcom2_on_a_resized_onevision_grid_keeps_the_budget():
+    model = tiny_llava_next("sdpa", onevision=True)
+    model.config.vision_aspect_ratio = "anyres_max_1"
+    inputs = make_inputs(model, [SINGLE], seed=1)
+    newlines = int(torch.cat(anyres_newlines(model, inputs)).sum())
+    with vtr.patch(model, "globalcom2", budget=5) as handle:
+        model.generate(**inputs, max_new_tokens=2)
+    assert len(handle.kept()[0]) == 5 + newlines

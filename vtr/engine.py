@@ -331,7 +331,8 @@ class Engine(HookSet):
             rows = offsets[ids][:, None] + survivors
             return rows if candidates is None else candidates[rows]
 
-        cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features)
+        cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features,
+                                                                                    rec.image_sizes)
         layout = None
         if any("anyres_layout" in s.plugin.needs for s in self.stages if s.layer is None):
             layout = self.adapter.anyres_layout(features, rec.image_sizes)

@@ -36,8 +36,9 @@ class Adapter:
         those never dropped (LLaVA-NeXT's newline tokens). None: every feature may be dropped."""
         return None
 
-    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``cls_attention``'s output laid out like ``features`` (one score per feature)."""
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """``cls_attention``'s output laid out like ``features`` (one score per feature; ``sizes``: features per
+        image)."""
         return scores
 
     def begin_vision(self, args: tuple, kwargs: dict):

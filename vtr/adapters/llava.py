@@ -7,11 +7,15 @@ NeXT / OneVision (anyres): a base image plus a grid of crops; the model packs th
 removes the padding (OneVision may also shrink it bilinearly) and ends each row with an ``image_newline`` token. A
 retain/budget applies per image across its crops, and newline tokens are never dropped.
 
-Scores from the vision tower (CLS-attention methods) are per crop patch; a packed feature takes the score of the crop
-patch whose projector output it copies (OneVision images whose grid the model resizes are not supported by them yet). Towers without a [CLS] token (SigLIP) score a patch by the mean attention it
+Scores from the vision tower (CLS-attention methods) are per crop patch; they are packed like the features (base crop,
+then the crop grid, unpadded and, on OneVision, resized as the model does). Under generate() the model does not pass
+``image_sizes`` on, so the crop grid and unpadded window of each image are read back from its packed features: the
+adapter reproduces the first channels from the projector's crop outputs and keeps the geometry that matches. Towers without a [CLS] token (SigLIP) score a patch by the mean attention it
 receives in the feature layer (all heads, all queries of its crop), the documented fallback.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -87,11 +91,13 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def __init__(self, model):
         super().__init__(model)
-        self.crop_features: torch.Tensor | None = None     # the projector's last output, (crops * P, D)
+        self.side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        self.crop_features: torch.Tensor | None = None     # the projector's last output, (crops, P, D)
         self.vision_output_hooks = [(self.projector, self._capture)]
+        self._cache: tuple | None = None
 
     def _capture(self, module, args, output):
-        self.crop_features = output.flatten(0, -2)
+        self.crop_features = output
 
     def _crops(self, image_sizes, kwargs: dict) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -109,8 +115,7 @@ class LlavaNextAdapter(LlavaAdapter):
             return encoded
         sizes = kwargs["image_sizes"]
         crops = self._crops(sizes, kwargs)
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        patches = side * side + int(self.has_cls and self.features_keep_cls)      # features per crop
+        patches = self.side * self.side + int(self.has_cls and self.features_keep_cls)      # features per crop
         ones = torch.ones(sum(crops), patches, 1, device=sizes.device)
         return [len(p) for p in self._pack(list(ones.split(crops)), sizes, torch.ones(1, device=sizes.device))]
 
@@ -118,54 +123,108 @@ class LlavaNextAdapter(LlavaAdapter):
         """Newline tokens: the features that are the model's ``image_newline`` vector."""
         return (features == self.vlm.image_newline.to(features.dtype)).all(dim=-1)
 
-    def _sources(self, features: torch.Tensor) -> torch.Tensor:
-        """Each packed feature is a copy of one crop patch's projector output (newlines aside): its row in the
-        projector output (crops * P), matched by value; -1 for newlines."""
-        crops = self.crop_features.to(features.dtype)
-        _, ids = torch.unique(torch.cat([crops, features]), dim=0, return_inverse=True)
-        source = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
-        source[ids[:len(crops)]] = torch.arange(len(crops), device=ids.device)
-        index = source[ids[len(crops):]]
-        if bool(((index < 0) & ~self.protected(features)).any()):
-            raise NotImplementedError(f"vtr: {type(self.model).__name__} resized this image's crop grid "
-                                      "(anyres_max); vision-tower scores cannot follow resized features yet")
-        return index
+    # ------------------------------------------------------------------ where each packed feature comes from
+    def _shrunk(self, height: int, width: int) -> tuple[int, int]:
+        """The size the model gives an unpadded grid of crop patches (LLaVA-NeXT keeps it)."""
+        return height, width
 
-    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """A packed feature takes the score of the crop patch it copies, wherever unpadding moved it."""
-        return scores[self._sources(features).clamp(min=0)]
+    def _shrink(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid
+
+    def _full_grid(self, crops: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:
+        """(n_h * n_w, P, k) crop patches -> (k, n_h * side, n_w * side), crops in raster order, as the model tiles
+        them."""
+        side = self.side
+        return crops.reshape(n_h, n_w, side, side, -1).permute(4, 0, 2, 1, 3).reshape(-1, n_h * side, n_w * side)
+
+    def _geometry(self, features: torch.Tensor, sizes: list[int]) -> list[dict]:
+        """Per image: its crops (base first) in the projector output, and the crop grid, unpadded window and packed
+        size the model used, found by reproducing the first channels of its packed features from the crops (the
+        model does not pass ``image_sizes`` on under generate(), so they are read back, and verified)."""
+        if self._cache is not None and self._cache[0] is features:
+            return self._cache[1]
+        crops, side = self.crop_features.to(features.dtype), self.side
+        patches, probe = crops.shape[1], min(8, crops.shape[-1])
+        bases, start = [], 0
+        for n in sizes:                               # an image's packed features start with its base crop
+            match = (crops[:, 0] == features[start]).all(dim=-1).nonzero()
+            if len(match) != 1:
+                raise RuntimeError("vtr: the image features do not come from this forward pass's vision tower")
+            bases.append(int(match[0]))
+            start += n
+        out, start = [], 0
+        for i, n in enumerate(sizes):
+            base = bases[i]
+            count = (bases[i + 1] if i + 1 < len(bases) else len(crops)) - base
+            geometry = {"base": base, "crops": count, "grid": (0, 0), "patches": patches}
+            grid_part = features[start + patches:start + n]
+            newline = self.protected(grid_part)
+            if count > 1:
+                rows = int(newline.sum())
+                cols = len(grid_part) // rows - 1
+                want = grid_part.view(rows, cols + 1, -1)[:, :cols, :probe].permute(2, 0, 1)
+                geometry.update(self._search(crops[base + 1:base + count, :, :probe], count - 1, rows, cols, want))
+            out.append(geometry)
+            start += n
+        self._cache = (features, out)
+        return out
+
+    def _search(self, crops: torch.Tensor, count: int, rows: int, cols: int, want: torch.Tensor) -> dict:
+        side = self.side
+        for n_h in (h for h in range(1, count + 1) if count % h == 0):
+            n_w = count // n_h
+            full = self._full_grid(crops, n_h, n_w)
+            height, width = n_h * side, n_w * side
+            windows = [(height - 2 * pad, width, pad, 0) for pad in range(height // 2)] + \
+                [(height, width - 2 * pad, 0, pad) for pad in range(1, width // 2)]
+            for h, w, top, left in windows:                 # the model crops its padding symmetrically
+                if self._shrunk(h, w) != (rows, cols):
+                    continue
+                got = self._shrink(full[:, top:top + h, left:left + w])
+                if torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+                    return {"grid": (n_h, n_w), "window": (top, left, h, w), "packed": (rows, cols)}
+        raise NotImplementedError(f"vtr: could not trace {type(self.model).__name__}'s packed image features back to "
+                                  "its crops (a packing this adapter does not know)")
+
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Per-crop-patch scores packed like the features: the base crop's, then the crop grid's, unpadded (and
+        resized) as the model did it; newline slots get 0."""
+        out = []
+        for g, n in zip(self._geometry(features, sizes), sizes):
+            per_crop = scores.view(-1, g["patches"])[g["base"]:g["base"] + g["crops"]].float()
+            packed = [per_crop[0]]
+            if g["crops"] > 1:
+                top, left, h, w = g["window"]
+                grid = self._shrink(self._full_grid(per_crop[1:, :, None], *g["grid"])[:, top:top + h, left:left + w])
+                packed.append(torch.cat([grid[0], grid.new_zeros(grid.shape[1], 1)], dim=1).flatten())
+            flat = torch.cat(packed)
+            out.append(torch.cat([flat, flat.new_zeros(n - len(flat))]))       # a lone base crop's newline
+        return torch.cat(out)
 
     def anyres_layout(self, features: torch.Tensor, sizes: list[int]) -> dict:
-        """Where each packed feature comes from (see ``Signals.layout``). An image's features are its thumbnail's
-        patches, then its unpadded grid of crop patches row by row, each row ended by a newline; the crops met in
-        the first grid row are the crops per row."""
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        source, newline = self._sources(features), self.protected(features)
-        crop, row, col, grids, start = [], [], [], [], 0
-        for n in sizes:
-            src, nl = source[start:start + n], newline[start:start + n]
-            c = src // (side * side)
-            c = (c - c[0]).masked_fill(nl, -1)                   # the thumbnail comes first: crop 0
-            patch = src % (side * side)
-            r, q = (patch // side).masked_fill(c != 0, 0), (patch % side).masked_fill(c != 0, 0)
-            grid = c > 0
-            if bool(grid.any()):
-                g0 = int(grid.nonzero()[0])
-                line = torch.cumsum(nl[g0:].long(), 0) - nl[g0:].long()          # the grid row of each token
-                starts = torch.cat([line.new_zeros(1), nl[g0:].nonzero()[:, 0] + 1])
-                offset = torch.arange(n - g0, device=src.device) - starts[line]
-                r[g0:] = torch.where(grid[g0:], line, r[g0:])
-                q[g0:] = torch.where(grid[g0:], offset, q[g0:])
-                per_row, crops = len(set(c[g0:][grid[g0:] & (line == 0)].tolist())), int(c.max())
-                if crops % per_row:
-                    raise ValueError("vtr: could not read this image's crop grid from its packed features")
-                grids.append((crops // per_row, per_row))
-            else:
-                grids.append((0, 0))
-            crop.append(c), row.append(r), col.append(q)
-            start += n
+        """Where each packed feature comes from (see ``Signals.layout``): a grid token belongs to the crop its
+        source position (before a resize: the nearest) falls in."""
+        side, crop, row, col, grids = self.side, [], [], [], []
+        for g, n in zip(self._geometry(features, sizes), sizes):
+            device = features.device
+            patch = torch.arange(g["patches"], device=device)
+            c, r, q = [torch.zeros_like(patch)], [patch // side], [patch % side]
+            if g["crops"] > 1:
+                (top, left, h, w), (rows, cols), (n_h, n_w) = g["window"], g["packed"], g["grid"]
+                rr, cc = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols + 1, device=device),
+                                        indexing="ij")
+                src_r = ((rr + 0.5) * h / rows - 0.5).round().clamp(0, h - 1).long() + top
+                src_c = ((cc + 0.5) * w / cols - 0.5).round().clamp(0, w - 1).long() + left
+                grid_crop = (src_r // side) * n_w + src_c // side + 1
+                c.append(grid_crop.masked_fill(cc == cols, -1).flatten())
+                r.append(rr.flatten()), q.append(cc.flatten())
+            c, r, q = torch.cat(c), torch.cat(r), torch.cat(q)
+            pad = n - len(c)                                   # a lone base crop's newline
+            crop.append(torch.cat([c, c.new_full((pad,), -1)]))
+            row.append(torch.cat([r, r.new_zeros(pad)])), col.append(torch.cat([q, q.new_zeros(pad)]))
+            grids.append(g["grid"])
         return {"crop": torch.cat(crop), "row": torch.cat(row), "col": torch.cat(col),
-                "grid": torch.tensor(grids, device=source.device), "side": side}
+                "grid": torch.tensor(grids, device=features.device), "side": side}
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -193,3 +252,18 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def _pack(self, values: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         return self.vlm.pack_image_features(values, image_sizes, image_newline=newline,
                                             vision_aspect_ratio=self.config.vision_aspect_ratio)[0]
+
+    def _ratio(self, height: int, width: int) -> float:
+        """OneVision shrinks an unpadded grid larger than ``anyres_max_N`` crops' worth (by more than 10 %)."""
+        most = int(self.config.vision_aspect_ratio.strip("anyres_max_"))
+        return math.sqrt(height * width / (most * self.side ** 2))
+
+    def _shrunk(self, height: int, width: int) -> tuple[int, int]:
+        ratio = self._ratio(height, width)
+        return (int(height // ratio), int(width // ratio)) if ratio > 1.1 else (height, width)
+
+    def _shrink(self, grid: torch.Tensor) -> torch.Tensor:
+        size = self._shrunk(*grid.shape[1:])
+        if size == tuple(grid.shape[1:]):
+            return grid
+        return nn.functional.interpolate(grid[None], list(size), mode="bilinear")[0]
