@@ -8,11 +8,13 @@ from .globalcom2 import GlobalCom2
 from .pdrop import PyramidDrop
 from .random import Random
 from .tome import ToMe
+from .uniform import Uniform
+from .vispruner import VisPruner
 
-METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, FasterVLM, DivPrune, GlobalCom2, FastV,
-                                                             PyramidDrop, ToMe, EViT)}
+METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, Uniform, FasterVLM, VisPruner, DivPrune,
+                                                             GlobalCom2, FastV, PyramidDrop, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random", "FasterVLM", "DivPrune", "FastV",
-           "GlobalCom2", "PyramidDrop", "ToMe", "EViT"]
+           "GlobalCom2", "PyramidDrop", "ToMe", "EViT", "Uniform", "VisPruner"]

@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import DivPrune, FastV, FasterVLM, GlobalCom2, PyramidDrop, Random, Signals
+from vtr.plugins import DivPrune, FastV, FasterVLM, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisPruner
 
 from conftest import SINGLE, _model
 from tiny_models import anyres_newlines, make_inputs
@@ -170,3 +170,22 @@ def test_globalcom2_thumbnail_sets_crop_shares_and_guides_selection():
     # thumbnail: its two most attended (1, 3); left crop: guide at (1, 1) = .2 is its best (7);
     # right crop: (1, 3) = .65, (1, 2) = .5, (0, 3) = .2 (11, 10, 9)
     assert sorted(picks.tolist()) == [1, 3, 7, 9, 10, 11]
+
+
+def test_uniform_grid_by_hand():
+    tokens = torch.zeros(2, 16, 3)                       # a 4 x 4 grid
+    assert Uniform().select(Signals(tokens=tokens), 4).tolist() == [[5, 7, 13, 15]] * 2   # rows/cols 1 and 3
+    assert Uniform().select(Signals(tokens=torch.zeros(1, 10, 3)), 3).tolist() == [[1, 5, 8]]   # (i + .5) * 10 / 3
+
+
+def test_vispruner_important_then_diverse_by_hand():
+    """Tokens 0..4 at 10, 0, 90, 90 and 225 degrees: even 0, 2, 4 against odd 1, 3 have highest similarities
+    cos 10 = .98, 1 and -.71. Keeping 3 drops the two most duplicated even tokens, 2 and 0. In VisPruner with k = 3
+    and r = 1/3, token 5 is the important one and two diverse tokens are needed: all three even tokens go."""
+    from vtr.plugins.vispruner import remove_duplicates
+
+    x = torch.tensor([unit(10), unit(0), unit(90), unit(90), unit(225), unit(45)])
+    assert remove_duplicates(x[:5], 3).tolist() == [1, 3, 4]
+    s = Signals(tokens=x[None], cls_attention=torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]]))
+    picks = VisPruner(important_ratio=1 / 3).select(s, 3)[0]
+    assert picks.tolist() == [5, 1, 3]
