@@ -16,5 +16,5 @@ METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, Uniform, F
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
-__all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random", "FasterVLM", "DivPrune", "FastV",
-           "GlobalCom2", "PyramidDrop", "ToMe", "EViT", "Uniform", "VisPruner"]
+__all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
+           "Uniform", "FasterVLM", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "PyramidDrop", "ToMe", "EViT"]

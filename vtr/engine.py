@@ -59,12 +59,14 @@ class Layout:
 
     def compact(self, keep: torch.Tensor) -> "Layout":
         """The layout of the slots where ``keep`` (B, L) is True, in order, left-padded again."""
+        b, length = keep.shape
         counts = keep.sum(1)
         width = int(counts.max())
-        first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices     # kept slots first, in order
-        i = torch.arange(width, device=keep.device) - (width - counts)[:, None]
-        valid = i >= 0
-        src = first.gather(1, i.clamp(min=0)).masked_fill(~valid, 0)
+        slot = keep.cumsum(1) - 1 + (width - counts)[:, None]          # each kept slot's place, right-aligned
+        src = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)   # column ``width``: the dropped
+        src.scatter_(1, slot.masked_fill(~keep, width), torch.arange(length, device=keep.device).expand(b, -1))
+        src = src[:, :width]
+        valid = torch.arange(width, device=keep.device) >= (width - counts)[:, None]
         orig = self.orig.gather(1, src).masked_fill(~valid, -1)
         return Layout(orig=orig, slot0=self.slot0.gather(1, src), src=src)
 
@@ -74,8 +76,6 @@ class Record:
     """What the engine knows about the current generation, set at prefill."""
 
     visual: torch.Tensor            # (B, L) bool: image-token positions of the original sequence
-    image_of: torch.Tensor          # (B, L) long: global image index of each image token, -1 elsewhere
-    visual_index: torch.Tensor      # (B, L) long: index of each image token among its sample's, -1 elsewhere
     length: int                     # original prompt length L
     layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
     per_sample_visual: torch.Tensor  # (B,) image tokens per sample
@@ -84,14 +84,27 @@ class Record:
     protected: torch.Tensor | None = None   # (B, L) bool: visual tokens never dropped (newline tokens)
     injections: list[torch.Tensor] | None = None   # per early layer: (visual tokens, D) features added to its output
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
+    _image_of: torch.Tensor | None = None
+
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
     prefill: bool = True
     # per forward pass
     step_kwargs: dict[int, dict] = field(default_factory=dict)   # layout index -> rewritten layer kwargs
     pending: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # stage -> (scores, layout index)
-    armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin) until its keys
+    armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
+
+    @property
+    def image_of(self) -> torch.Tensor:
+        """(B, L) long: global image index of each image token, -1 elsewhere (made when an in-LLM stage needs it)."""
+        if self._image_of is None:
+            device = self.visual.device
+            numbers = torch.arange(len(self.image_sizes), device=device).repeat_interleave(
+                torch.tensor(self.image_sizes, device=device))
+            self._image_of = torch.full(self.visual.shape, -1, dtype=torch.long, device=device).masked_scatter(
+                self.visual, numbers)
+        return self._image_of
 
 
 class HookSet:
@@ -196,7 +209,8 @@ class Engine(HookSet):
         alive = rec.alive[stage] if len(rec.alive) == stages else None
         if alive is None:
             raise RuntimeError("the last forward pass did not reach every stage")
-        return [rec.visual_index[b][alive[b] & rec.visual[b]] for b in range(alive.shape[0])]
+        visual_index = rec.visual.long().cumsum(1) - 1            # each image token's number in its sample
+        return [visual_index[b][alive[b] & rec.visual[b]] for b in range(alive.shape[0])]
 
     def positions(self) -> torch.Tensor:
         """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
@@ -280,9 +294,7 @@ class Engine(HookSet):
             raise ValueError("vtr: samples must be left-padded, as generate() needs for decoder-only models "
                              "(set processor.tokenizer.padding_side = 'left')")
         slots = torch.arange(length, device=device).expand(b, length)
-        return Record(visual=visual, image_of=torch.full_like(input_ids, -1),
-                      visual_index=(visual.long().cumsum(1) - 1).masked_fill(~visual, -1),
-                      length=length, per_sample_visual=visual.sum(1),
+        return Record(visual=visual, length=length, per_sample_visual=visual.sum(1),
                       layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots)])
 
     def _vision_layer(self, module, args, kwargs):
@@ -290,28 +302,28 @@ class Engine(HookSet):
 
     @staticmethod
     def _assign_images(rec: Record, sizes: list[int]):
-        """Image features fill the image placeholders in row-major order, one run of ``sizes[i]`` tokens each."""
-        device = rec.visual.device
-        total = int(rec.per_sample_visual.sum())
-        if sum(sizes) != total:
-            raise ValueError(f"vtr: {total} image tokens in input_ids, but the images have {sum(sizes)} features")
-        sizes_t = torch.tensor(sizes, device=device)
+        """Image features fill the image placeholders in row-major order, one run of ``sizes[i]`` tokens each; an
+        image may not run across two samples."""
+        counts = rec.per_sample_visual.tolist()
+        if sum(sizes) != sum(counts):
+            raise ValueError(f"vtr: {sum(counts)} image tokens in input_ids, but the images have {sum(sizes)} features")
+        local, sample, filled, seen = [], 0, 0, 0
+        for n in sizes:
+            while filled == counts[sample]:
+                sample, filled, seen = sample + 1, 0, 0
+            if filled + n > counts[sample]:
+                raise ValueError("vtr: an image's placeholders are split across samples")
+            local.append(seen)
+            filled, seen = filled + n, seen + 1
         rec.image_sizes = sizes
-        rec.image_of = torch.full_like(rec.visual_index, -1).masked_scatter(
-            rec.visual, torch.arange(len(sizes), device=device).repeat_interleave(sizes_t))
-        first_token = torch.cumsum(sizes_t, 0) - sizes_t
-        rows = rec.visual.nonzero()[:, 0]
-        if bool((rows[first_token] != rows[first_token + sizes_t - 1]).any()):
-            raise ValueError("vtr: an image's placeholders are split across samples")
-        sample = rows[first_token]                                    # the sample each image belongs to
-        per_sample = torch.bincount(sample, minlength=rec.visual.shape[0])
-        rec.image_local = torch.arange(len(sizes), device=device) - (torch.cumsum(per_sample, 0) - per_sample)[sample]
+        rec.image_local = torch.tensor(local, device=rec.visual.device)
 
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor):
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
         (this works whether the forward pass or ``generate()`` ran the vision tower). Images with the same number of
         features are selected together, one (images, P, D) batch per size."""
-        features = embeds[rec.visual]                                 # (total, D), image after image
+        placeholders = rec.visual.flatten().nonzero()[:, 0]           # image after image
+        features = embeds.reshape(-1, embeds.shape[-1]).index_select(0, placeholders)      # (total, D)
         total, device = features.shape[0], embeds.device
         protected = None if rec.protected is None else rec.protected[rec.visual]   # never offered, always kept
         if protected is None:
@@ -369,8 +381,8 @@ class Engine(HookSet):
             if rec.positions is None:                  # what the language model would use: 0..L-1
                 b, length = rec.visual.shape
                 rec.positions = torch.arange(length, device=rec.visual.device).expand(b, length)
-            protected = self.adapter.protected(kwargs["inputs_embeds"][rec.visual])
-            if protected is not None:
+            if self.adapter.newline_tokens:
+                protected = self.adapter.protected(kwargs["inputs_embeds"][rec.visual])
                 rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
             if any(s.layer is None for s in self.stages):
                 self._select_before_llm(rec, kwargs["inputs_embeds"])
@@ -499,7 +511,7 @@ class Engine(HookSet):
         if rec.protected is not None:
             visual &= ~rec.protected.gather(1, orig)
         image = rec.image_of.gather(1, orig)[visual]
-        images = int(rec.image_of.max()) + 1
+        images = len(rec.image_sizes)
         plugin = stage.plugin
         if stage.step == 0:
             rec.entry_counts[id(plugin)] = torch.bincount(image, minlength=images)

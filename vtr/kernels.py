@@ -128,8 +128,9 @@ def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -
 
 class Plan:
     """How a ViT block reduces its tokens: ``dest`` (B, N) is each token's slot in [0, width) (-1: dropped); a slot
-    is the ``weight``-weighted average of its tokens (None: weighted by size) and its size the sum of theirs. ``reduce`` applies the plan,
-    ``expand`` copies each slot back to its tokens (so a token-wise layer can run on the slots)."""
+    is the ``weight``-weighted average of its tokens (None: weighted by size) and its size the sum of theirs.
+    ``reduce`` applies the plan, ``expand`` copies each slot back to its tokens (so a token-wise layer can run on the
+    slots)."""
 
     def __init__(self, dest: torch.Tensor, weight: torch.Tensor | None, width: int):
         self.dest, self.weight, self.width = dest, weight, width

@@ -18,6 +18,8 @@ class Adapter:
     kind = "vlm"
     #: (module, forward hook) pairs to install with the vision hooks of CLS-attention methods
     vision_output_hooks: list = []
+    #: whether some image placeholders hold tokens that are never dropped (``protected``)
+    newline_tokens = False
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
     injection_layers = 0
 
@@ -31,10 +33,10 @@ class Adapter:
         that ran before the forward (generate()), if any."""
         raise NotImplementedError
 
-    def protected(self, features: torch.Tensor) -> torch.Tensor | None:
+    def protected(self, features: torch.Tensor) -> torch.Tensor:
         """(features,) bool over the batch's visual features (as placed in the language model's input), True for
-        those never dropped (LLaVA-NeXT's newline tokens). None: every feature may be dropped."""
-        return None
+        those never dropped (LLaVA-NeXT's newline tokens); called only when ``newline_tokens``."""
+        raise NotImplementedError
 
     def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """``cls_attention``'s output laid out like ``features`` (one score per feature; ``sizes``: features per

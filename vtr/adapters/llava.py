@@ -10,8 +10,9 @@ retain/budget applies per image across its crops, and newline tokens are never d
 Scores from the vision tower (CLS-attention methods) are per crop patch; they are packed like the features (base crop,
 then the crop grid, unpadded and, on OneVision, resized as the model does). Under generate() the model does not pass
 ``image_sizes`` on, so the crop grid and unpadded window of each image are read back from its packed features: the
-adapter reproduces the first channels from the projector's crop outputs and keeps the geometry that matches. Towers without a [CLS] token (SigLIP) score a patch by the mean attention it
-receives in the feature layer (all heads, all queries of its crop), the documented fallback.
+adapter reproduces the first channels from the projector's crop outputs and keeps the geometry that matches.
+Towers without a [CLS] token (SigLIP) score a patch by the mean attention it receives in the feature layer (all
+heads, all queries of its crop), the documented fallback.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class LlavaAdapter(Adapter):
 
 class LlavaNextAdapter(LlavaAdapter):
     name = "llava_next"
+    newline_tokens = True
 
     @staticmethod
     def model_classes():
