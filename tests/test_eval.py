@@ -105,3 +105,36 @@ def test_training_script_saves_a_loadable_model(tmp_path):
     model, processor = load_model(str(tmp_path / "b"))
     assert not model.model.multi_modal_projector._forward_hooks        # the training-only hook is gone
     assert processor.tokenizer.padding_side == "left"
+
+
+def test_perturbations_and_jaccard_by_hand():
+    import numpy as np
+    from PIL import Image
+
+    from vtr.eval.stability import jaccard, perturb
+
+    pixels = np.zeros((4, 5, 3), dtype=np.uint8)
+    pixels[:, 0] = 10
+    pixels[1, 2] = 200
+    image = Image.fromarray(pixels)
+    shifted = np.asarray(perturb(image, "shift"))
+    assert shifted[1, 3].tolist() == [200] * 3 and shifted[:, 0].tolist() == shifted[:, 1].tolist()   # 1 px right
+    noisy = np.asarray(perturb(image, "noise", seed=1)).astype(int)
+    assert np.asarray(perturb(image, "noise", seed=1)).tolist() == noisy.tolist()          # seeded
+    assert 0 < np.abs(noisy - pixels).max() <= 12                                          # small: sigma 2
+    assert np.asarray(perturb(image, "jpeg")).shape == pixels.shape
+    assert jaccard({1, 2, 3}, {2, 3, 4}) == 0.5 and jaccard(set(), set()) == 1.0
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        perturb(image, "blur")
+
+
+def test_stability_cli(random_model_dir, tmp_path, capsys):
+    out = tmp_path / "stability.json"
+    assert main(["eval", "--stability", "--model", str(random_model_dir), "--methods", "random,fastervlm",
+                 "--retain", "1,0.25", "--limit", "4", "--quiet", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["method"], r["retain"]) for r in runs] == [("random", 0.25), ("fastervlm", 0.25)]
+    assert runs[0]["jaccard"] == {"noise": 1.0, "jpeg": 1.0, "shift": 1.0}      # seeded by position: never moves
+    assert all(0 <= v <= 1 for r in runs for v in r["jaccard"].values())
+    assert runs[1]["jaccard"]["shift"] < 1                   # [CLS] attention moves with the pixels
+    assert "J noise" in capsys.readouterr().out

@@ -57,6 +57,16 @@ def _eval(args):
         print(f"vtr: skipped {skipped} bad line(s) of {data}", file=sys.stderr)
     examples = examples[:args.limit] if args.limit else examples
     model, processor = load_model(args.model, args.attn)
+    if args.stability:
+        from vtr.eval import stability
+
+        results = stability.stability(model, processor, examples, methods, [r for r in retains if r < 1] or retains,
+                                      batch_size=args.batch_size, suffix=args.suffix, show_progress=not args.quiet)
+        print(stability.format_table(results))
+        evaluate.write(results, args.out, model=args.model or "built-in tiny-llava", data=data,
+                       examples=len(examples), skipped=skipped, perturbations=list(stability.PERTURBATIONS))
+        print(f"written to {args.out}")
+        return
     results = evaluate.evaluate(model, processor, examples, methods, retains, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, suffix=args.suffix, show_progress=not args.quiet,
                                 ablation=args.ablation)
@@ -115,6 +125,8 @@ def main(argv=None):
     ev.add_argument("--ablation", action="store_true", help="also run the control with every image's visual tokens "
                     "replaced by their mean (does the model read the image?)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--stability", action="store_true", help="instead: how much each method's kept set changes "
+                    "(Jaccard) under pixel noise, a JPEG round trip and a 1-px shift")
     ev.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="prefill time vs ideal and analytic speedup, per method and retention")
