@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import torch
 
+from vtr.kernels import topk_per_group
+
 
 @dataclass
 class Signals:
@@ -21,6 +23,10 @@ class Signals:
     last_attention: ``(B, L)`` attention of the last prompt token (head mean) over the current sequence.
     visual: ``(B, L)`` bool, which positions of ``tokens`` are visual tokens still alive (LLM stage only).
     image_index: ``(images,)`` index of each image inside its own sample (projector stage only).
+    keys: ``(B, L, H * d)`` the score layer's key projection (before norm and RoPE), LLM stage, for methods that
+        need "keys".
+    image: ``(V,)`` image index of each entry of ``tokens[visual]`` (LLM stage).
+    positions: ``(B, L)`` original sequence index of each position, -1 for padding (LLM stage).
     layout: anyres models (LLaVA-NeXT/OneVision), projector stage, for methods that need "anyres_layout": ``crop``
         ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
         token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
@@ -32,6 +38,9 @@ class Signals:
     last_attention: torch.Tensor | None = None
     visual: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
     layout: dict | None = None
 
 
@@ -99,6 +108,11 @@ class LLMPlugin(Plugin):
     def score_layer(self, layer: int) -> int:
         """The decoder layer whose q/k projections give the attention row used to drop at ``layer``."""
         return layer
+
+    def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
+        """Which of the visual tokens ``s.tokens[s.visual]`` survive, ``k[i]`` of image i: (V,) bool. Default: the
+        top ``k`` of ``score()`` per image (ties: earlier first)."""
+        return topk_per_group(self.score(s)[s.visual].float(), s.image, k)
 
 
 @dataclass

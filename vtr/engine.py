@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from vtr.kernels import gather_tokens, topk_per_group
+from vtr.kernels import gather_tokens
 from vtr.plugins.base import EncoderPlugin, LLMPlugin, Plugin, Signals
 
 
@@ -91,7 +91,7 @@ class Record:
     prefill: bool = True
     # per forward pass
     step_kwargs: dict[int, dict] = field(default_factory=dict)   # layout index -> rewritten layer kwargs
-    pending: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # stage -> (scores, layout index)
+    pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
 
@@ -462,7 +462,7 @@ class Engine(HookSet):
         cos, sin = kw["position_embeddings"]
         x = self.adapter.attention_input(module, hidden)
         scores = self.adapter.last_token_attention(module, x, cos, sin, rec.layouts[layout_index].mask)
-        return scores, layout_index
+        return {"last_attention": scores}, layout_index
 
     def _keys_hook(self, i: int):
         def hook(module, args, keys):
@@ -470,8 +470,12 @@ class Engine(HookSet):
             if armed is not None:
                 index, layout_index, (cos, sin) = armed
                 layer, mask = self.adapter.decoder_layers[i], self.rec.layouts[layout_index].mask
-                scores = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys=keys)
-                self.rec.pending[index] = (scores, layout_index)
+                needs, taken = self.llm_stages[index].plugin.needs, {}
+                if "last_attention" in needs:
+                    taken["last_attention"] = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys)
+                if "keys" in needs:
+                    taken["keys"] = keys
+                self.rec.pending[index] = (taken, layout_index)
         return hook
 
     def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
@@ -502,7 +506,7 @@ class Engine(HookSet):
         return {**kwargs, **new}
 
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
-        scores, scored_layout = rec.pending.pop(index)
+        taken, scored_layout = rec.pending.pop(index)
         layout = rec.layouts[-1]
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
@@ -518,9 +522,9 @@ class Engine(HookSet):
         entry = rec.entry_counts[id(plugin)]
         k = torch.tensor([plugin.stage_counts(int(n), stage.steps)[stage.step] for n in entry.tolist()],
                          device=hidden.device)
-        signals = Signals(tokens=hidden, last_attention=scores, visual=visual)
+        signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, **taken)
         keep = layout.mask & ~visual
-        keep[visual] = topk_per_group(plugin.score(signals)[visual].float(), image, k)
+        keep[visual] = plugin.keep(signals, k)
         length = rec.visual.shape[1]
         alive = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
         alive.scatter_(1, layout.orig.masked_fill(~layout.mask, length), keep)      # padding lands in the spare column
