@@ -1,5 +1,6 @@
 """vtr's methods, one file each. ``METHODS`` maps each registered name to its plugin class."""
 from .base import EncoderPlugin, LLMPlugin, Plugin, Signals
+from .dart import DART
 from .divprune import DivPrune
 from .evit import EViT
 from .fastervlm import FasterVLM
@@ -12,9 +13,9 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, Uniform, FasterVLM, VisPruner, DivPrune,
-                                                             GlobalCom2, FastV, PyramidDrop, ToMe, EViT)}
+                                                             GlobalCom2, FastV, DART, PyramidDrop, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
-           "Uniform", "FasterVLM", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "PyramidDrop", "ToMe", "EViT"]
+           "Uniform", "FasterVLM", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "DART", "PyramidDrop", "ToMe", "EViT"]

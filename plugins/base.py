@@ -23,8 +23,10 @@ class Signals:
     last_attention: ``(B, L)`` attention of the last prompt token (head mean) over the current sequence.
     visual: ``(B, L)`` bool, which positions of ``tokens`` are visual tokens still alive (LLM stage only).
     image_index: ``(images,)`` index of each image inside its own sample (projector stage only).
-    keys: ``(B, L, H * d)`` the score layer's key projection (before norm and RoPE), LLM stage, for methods that
-        need "keys".
+    keys: ``(B, L, Hkv * d)`` the score layer's keys as its attention uses them (per-head norm, RoPE), heads joined;
+        LLM stage, for methods that need "keys".
+    text: ``(B, L)`` bool, the text (non-image) tokens of the sequence (LLM stage).
+    normed: ``(B, L, D)`` ``tokens`` through the language model's final norm (methods that need "final_norm").
     image: ``(V,)`` image index of each entry of ``tokens[visual]`` (LLM stage).
     positions: ``(B, L)`` original sequence index of each position, -1 for padding (LLM stage).
     layout: anyres models (LLaVA-NeXT/OneVision), projector stage, for methods that need "anyres_layout": ``crop``
@@ -39,6 +41,8 @@ class Signals:
     visual: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    normed: torch.Tensor | None = None
     image: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     layout: dict | None = None

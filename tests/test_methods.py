@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import DivPrune, FastV, FasterVLM, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisPruner
+from vtr.plugins import DART, DivPrune, FastV, FasterVLM, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisPruner
 
 from conftest import SINGLE, _model
 from tiny_models import anyres_newlines, make_inputs
@@ -189,3 +189,36 @@ def test_vispruner_important_then_diverse_by_hand():
     s = Signals(tokens=x[None], cls_attention=torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]]))
     picks = VisPruner(important_ratio=1 / 3).select(s, 3)[0]
     assert picks.tolist() == [5, 1, 3]
+
+
+def test_dart_pivots_then_least_similar_by_hand():
+    """Positions 1-5 are one image, 6-7 text after it. Key norms make position 2 the image pivot and 7 the text
+    pivot. Budget 3: the image pivot, then one pick per pivot. Features (angles): 2 at 0, 1 at 10, 3 at 180, 4 at 90,
+    5 at 170, 7 at 175 degrees. Pivot 2's least similar is 3 (cos -1); then pivot 7's is 1 (cos 165 = -.97)."""
+    angles = [0, 10, 0, 180, 90, 170, 0, 175]
+    feats = torch.tensor([unit(a) for a in angles])[None]
+    keys = torch.tensor([0, 1, 5, 2, 3, 4, 1, 9.0])[None, :, None]
+    visual = torch.tensor([[False, True, True, True, True, True, False, False]])
+    s = Signals(tokens=feats, normed=feats, keys=keys, visual=visual, text=~visual, image=torch.zeros(5).long(),
+                positions=torch.arange(8)[None])
+    keep = DART(image_pivots=1, text_pivots=1).keep(s, torch.tensor([3]))
+    assert keep.tolist() == [True, True, True, False, False]          # positions 1, 2, 3
+
+
+def test_dart_keys_are_the_layers_rotated_keys():
+    """The keys DART ranks are what layer K-1 caches at prefill (after its norm and RoPE)."""
+    model = _model("qwen3_vl", "sdpa")              # q/k norms and M-RoPE: the hardest case
+    inputs = make_inputs(model, [SINGLE], seed=1)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    want = cache.layers[1].keys.transpose(1, 2).flatten(2)
+    seen = {}
+
+    class Spy(DART):
+        def keep(self, s, k):
+            seen["keys"] = s.keys
+            return super().keep(s, k)
+
+    with vtr.patch(model, Spy(retain=0.5)), torch.no_grad():
+        model(**inputs)
+    torch.testing.assert_close(seen["keys"], want, atol=1e-5, rtol=1e-5)

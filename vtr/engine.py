@@ -473,8 +473,9 @@ class Engine(HookSet):
                 needs, taken = self.llm_stages[index].plugin.needs, {}
                 if "last_attention" in needs:
                     taken["last_attention"] = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys)
-                if "keys" in needs:
-                    taken["keys"] = keys
+                if "keys" in needs:               # as the attention uses them: normed, rotated, heads joined
+                    rotated = self.adapter.rotated_keys(layer, keys, cos, sin)
+                    taken["keys"] = rotated.transpose(1, 2).flatten(2)
                 self.rec.pending[index] = (taken, layout_index)
         return hook
 
@@ -522,7 +523,10 @@ class Engine(HookSet):
         entry = rec.entry_counts[id(plugin)]
         k = torch.tensor([plugin.stage_counts(int(n), stage.steps)[stage.step] for n in entry.tolist()],
                          device=hidden.device)
-        signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, **taken)
+        text = layout.mask & ~rec.visual.gather(1, orig)
+        signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, text=text, **taken)
+        if "final_norm" in plugin.needs:
+            signals.normed = self.adapter.language_model.norm(hidden)
         keep = layout.mask & ~visual
         keep[visual] = plugin.keep(signals, k)
         length = rec.visual.shape[1]

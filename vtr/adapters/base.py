@@ -73,11 +73,19 @@ class Adapter:
         (``attention_input``); ``keys`` the layer's own k projection of it when a hook caught it, else recomputed.
         cos/sin are what the layer receives (for M-RoPE models already composed from the three position axes)."""
         attn = layer.self_attn
-        b, n, d = x.shape[0], x.shape[1], attn.head_dim
+        b, d = x.shape[0], attn.head_dim
         q = attn.q_proj(x[:, -1:]).view(b, 1, -1, d)
-        k = (attn.k_proj(x) if keys is None else keys).view(b, n, -1, d)
         if hasattr(attn, "q_norm"):                       # Qwen3-style per-head norms before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q = attn.q_norm(q)
         q = apply_rope(q.transpose(1, 2), cos[:, -1:], sin[:, -1:])
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        k = self.rotated_keys(layer, attn.k_proj(x) if keys is None else keys, cos, sin)
         return attention_rows(q, k, attn.scaling, key_mask)[:, 0]
+
+    def rotated_keys(self, layer: nn.Module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The layer's keys as its attention uses them: the k projection (B, L, Hkv * d) through the per-head norm
+        (Qwen3) and RoPE: (B, Hkv, L, d)."""
+        attn = layer.self_attn
+        k = keys.view(*keys.shape[:2], -1, attn.head_dim)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        return apply_rope(k.transpose(1, 2), cos, sin)

@@ -1,0 +1,68 @@
+"""DART: "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More" (Wen et al.,
+EMNLP 2025). Acts once, at decoder layer K = 2, on the hidden states entering it; needs no attention weights.
+
+Rule: pivots are the tokens whose layer-(K-1) keys (after RoPE, heads joined) have the largest L1 norm: 4 image
+tokens of the image and 4 text tokens after it. For each pivot in turn, the image tokens least cosine-similar to it
+(on the hidden states through the model's final norm) are picked and leave the pool; the image pivots are kept, the
+text pivots are not. Survivors keep their original positions. Paper default: 128 tokens kept on LLaVA-1.5
+(max_num_trunction = 128, i.e. 16 per pivot).
+Differences: the official code keeps 4 + 8 x 16 = 132 (budget + image pivots); vtr spends exactly the budget: the
+budget minus the image pivots is split evenly over the pivots (the first ones take the remainder). The official code
+walks the pivots in a Python set's order; vtr walks them image pivots first, each group by decreasing key norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import LLMPlugin, Signals
+
+
+@dataclass
+class DART(LLMPlugin):
+    layer: int = 2
+    image_pivots: int = 4
+    text_pivots: int = 4
+
+    name = "dart"
+    summary = "pivots by key L1 norm (layer K-1), keep the tokens least similar to them, at layer K=2"
+    default_retain = 128 / 576
+    needs = ("keys", "final_norm")
+
+    def layers(self, num_layers: int) -> list[int]:
+        if not 1 <= self.layer < num_layers:
+            raise ValueError(f"DART: layer must be in 1..{num_layers - 1} (it uses layer K-1's keys), "
+                             f"got {self.layer!r}")
+        return [self.layer]
+
+    def score_layer(self, layer: int) -> int:
+        return layer - 1
+
+    def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
+        where = s.visual.nonzero()                           # (V, 2): sample and position of each visual entry
+        norms = s.keys.float().abs().sum(-1)
+        feats = F.normalize(s.normed.float(), dim=-1)
+        keep = torch.zeros(len(where), dtype=torch.bool, device=where.device)
+        for image in range(len(k)):
+            entries = (s.image == image).nonzero()[:, 0]
+            if len(entries) == 0:
+                continue
+            b, cols = int(where[entries[0], 0]), where[entries, 1]
+            after = torch.arange(s.text.shape[1], device=cols.device) > cols.max()
+            text = (s.text[b] & after).nonzero()[:, 0]
+            own = norms[b, cols].argsort(descending=True)
+            n_img = min(self.image_pivots, len(cols), int(k[image]))
+            pivots = list(cols[own[:n_img]]) + list(text[norms[b, text].argsort(descending=True)][:self.text_pivots])
+            picked, pool = own[:n_img].tolist(), own[n_img:]          # indices into ``cols``
+            budget = int(k[image]) - n_img
+            for j, pivot in enumerate(pivots):
+                take = min(budget // len(pivots) + (j < budget % len(pivots)), len(pool))
+                if take > 0:
+                    similarity = feats[b, cols[pool]] @ feats[b, pivot]
+                    chosen = similarity.topk(take, largest=False).indices
+                    picked += pool[chosen].tolist()
+                    pool = pool[~torch.isin(torch.arange(len(pool), device=pool.device), chosen)]
+            keep[entries[picked]] = True
+        return keep
