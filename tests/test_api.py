@@ -88,6 +88,17 @@ def test_pipeline_runs_in_order_and_reports_each_stage(llava, llava_single):
     assert stats["layer_avg_retention"] == pytest.approx((2 * 25 + 6 * 13) / (8 * 49))
 
 
+def test_pipeline_retain_is_split_evenly_over_its_stages(llava, llava_single):
+    with vtr.patch(llava, ["divprune", "fastv"], retain=0.25) as handle, torch.no_grad():
+        llava(**llava_single)
+    assert [p.retain for p in handle.plugins] == [0.5, 0.5]
+    assert [s["tokens_out"] for s in handle.stats()[0]["stages"]] == [25, 13]      # 24.5 and 12.5 round up
+    with pytest.raises(ValueError, match="retain"):
+        vtr.patch(llava, ["divprune", "fastv"], retain=1.5)
+    with pytest.raises(ValueError, match="plugin objects carry their own"):
+        vtr.patch(llava, [DivPrune(), "fastv"], retain=0.25)
+
+
 def test_pipeline_order_is_checked(llava):
     with pytest.raises(ValueError, match="before every in-LLM method"):
         vtr.patch(llava, [FastV(), DivPrune()])

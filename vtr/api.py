@@ -22,11 +22,17 @@ def resolve(method, retain=None, budget=None, options=None) -> list[Plugin]:
     """The plugins ``patch`` would install for these arguments, validated; no model is needed."""
     options = options or {}
     if isinstance(method, (list, tuple)):
-        if retain is not None or budget is not None or options:
-            raise ValueError("for a pipeline, give each plugin object its own retain/budget and options")
         if not method:
             raise ValueError("an empty pipeline reduces nothing")
-        return [p for m in method for p in resolve(m)]
+        if budget is not None or options:
+            raise ValueError("for a pipeline give retain= (split over its stages) or configure each plugin object")
+        if retain is None:
+            return [p for m in method for p in resolve(m)]
+        if not all(isinstance(m, str) for m in method):
+            raise ValueError("a pipeline retain= is split over method names; plugin objects carry their own")
+        Plugin(retain=retain)                                   # validates the fraction
+        # the documented split: every stage keeps the same fraction of what reaches it
+        return [p for m in method for p in resolve(m, retain ** (1 / len(method)))]
     if isinstance(method, Plugin):
         if retain is not None or budget is not None or options:
             raise ValueError(f"{type(method).__name__} is already configured; set retain/budget on the object")
@@ -46,7 +52,8 @@ def patch(model: torch.nn.Module, method, retain: float | None = None, budget: i
     """Reduce the visual tokens ``model`` processes, by forward hooks on its stock modules, until ``remove()``.
 
     ``method``: a registered name (see :func:`methods`), a plugin object, or a list of them run in order (vision
-    encoder -> projector output -> LLM layers). ``retain``: fraction of each image's visual tokens kept; ``budget``:
+    encoder -> projector output -> LLM layers); a ``retain`` given to a list of names is split evenly: each stage
+    keeps ``retain ** (1 / stages)`` of what reaches it. ``retain``: fraction of each image's visual tokens kept; ``budget``:
     visual tokens kept per image. ``model`` is a supported VLM or an encoder-only ViT (timm, open_clip; encoder
     methods such as ``tome``). Everything is validated before the model is touched.
     """
