@@ -79,12 +79,12 @@ def reference_encoder(kind, model, pixels, method, steps):
             if kind == "timm":
                 attn, norm1, norm2, mlp, ls1, ls2 = block.attn, block.norm1, block.norm2, block.mlp, block.ls1, block.ls2
                 q, k, v = attn.qkv(norm1(h)).view(n, 3, attn.num_heads, -1).unbind(1)
-                heads, scale, proj = attn.num_heads, attn.scale, attn.proj
+                scale, proj = attn.scale, attn.proj
             else:
                 attn, norm1, norm2, mlp, ls1, ls2 = block.attn, block.ln_1, block.ln_2, block.mlp, block.ls_1, block.ls_2
                 q, k, v = F.linear(norm1(h), attn.in_proj_weight, attn.in_proj_bias).view(n, 3, attn.num_heads,
                                                                                           -1).unbind(1)
-                heads, scale, proj = attn.num_heads, q.shape[-1] ** -0.5, attn.out_proj
+                scale, proj = q.shape[-1] ** -0.5, attn.out_proj
             logits = torch.einsum("qhd,khd->hqk", q, k) * scale
             if method == "tome":
                 logits = logits + size.log()[None, None, :]

@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import DART, DivPrune, FastV, FasterVLM, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisPruner
+from vtr.plugins import DART, DivPrune, FastV, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisPruner
 
 from conftest import SINGLE, _model
 from tiny_models import anyres_newlines, make_inputs

@@ -115,6 +115,6 @@ class EncoderEngine(HookSet):
             raise RuntimeError("no forward pass has run through the patched encoder yet")
         tokens_in = self.tokens_in
         per_block = [n - self.adapter.prefix for n in self.counts]
-        return [{"tokens_in": tokens_in, "tokens_out": per_block[-1], "retention": per_block[-1] / tokens_in,
+        stats = {"tokens_in": tokens_in, "tokens_out": per_block[-1], "retention": per_block[-1] / tokens_in,
                  "tokens_per_block": per_block, "block_avg_retention": sum(per_block) / (len(per_block) * tokens_in)}
-                ] * int(self.sizes.shape[0])
+        return [dict(stats) for _ in range(int(self.sizes.shape[0]))]      # the same for every image

@@ -145,7 +145,7 @@ class LlavaNextAdapter(LlavaAdapter):
         model does not pass ``image_sizes`` on under generate(), so they are read back, and verified)."""
         if self._cache is not None and self._cache[0] is features:
             return self._cache[1]
-        crops, side = self.crop_features.to(features.dtype), self.side
+        crops = self.crop_features.to(features.dtype)
         patches, probe = crops.shape[1], min(8, crops.shape[-1])
         bases, start = [], 0
         for n in sizes:                               # an image's packed features start with its base crop
@@ -212,7 +212,7 @@ class LlavaNextAdapter(LlavaAdapter):
             patch = torch.arange(g["patches"], device=device)
             c, r, q = [torch.zeros_like(patch)], [patch // side], [patch % side]
             if g["crops"] > 1:
-                (top, left, h, w), (rows, cols), (n_h, n_w) = g["window"], g["packed"], g["grid"]
+                (top, left, h, w), (rows, cols), n_w = g["window"], g["packed"], g["grid"][1]
                 rr, cc = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols + 1, device=device),
                                         indexing="ij")
                 src_r = ((rr + 0.5) * h / rows - 0.5).round().clamp(0, h - 1).long() + top
