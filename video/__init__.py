@@ -1,1 +1,4 @@
-"""Video loading and temporal token reduction. Not implemented yet: the image engine lands first."""
+"""Video support: frame sampling (``load_video``); temporal reduction methods come next."""
+from .io import Video, load_video
+
+__all__ = ["Video", "load_video"]
