@@ -83,6 +83,7 @@ class Record:
     positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
     protected: torch.Tensor | None = None   # (B, L) bool: visual tokens never dropped (newline tokens)
     injections: list[torch.Tensor] | None = None   # per early layer: (visual tokens, D) features added to its output
+    feature_row: torch.Tensor | None = None        # (B, L) row of each image token in ``injections``
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     _image_of: torch.Tensor | None = None
 
@@ -345,9 +346,9 @@ class Engine(HookSet):
 
         cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features,
                                                                                     rec.image_sizes)
-        layout = None
+        anyres = None
         if any("anyres_layout" in s.plugin.needs for s in self.stages if s.layer is None):
-            layout = self.adapter.anyres_layout(features, rec.image_sizes)
+            anyres = self.adapter.anyres_layout(features, rec.image_sizes)
         self.cls_attention = None
         for stage in (s for s in self.stages if s.layer is None):
             if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
@@ -361,10 +362,10 @@ class Engine(HookSet):
                     tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
                     signals = Signals(tokens=tokens, image_index=rec.image_local[ids],
                                       cls_attention=None if cls is None else cls[rows])
-                    if layout is not None:
-                        signals.layout = {"crop": layout["crop"][rows], "row": layout["row"][rows],
-                                          "col": layout["col"][rows], "grid": layout["grid"][ids],
-                                          "side": layout["side"]}
+                    if anyres is not None:
+                        signals.layout = {"crop": anyres["crop"][rows], "row": anyres["row"][rows],
+                                          "col": anyres["col"][rows], "grid": anyres["grid"][ids],
+                                          "side": anyres["side"]}
                     alive[n] = alive[n].gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
                     rows = rows_of(ids, alive[n])
                 survivors[rows.flatten()] = True
@@ -387,6 +388,8 @@ class Engine(HookSet):
             if any(s.layer is None for s in self.stages):
                 self._select_before_llm(rec, kwargs["inputs_embeds"])
             rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place
+            if rec.injections is not None:                             # each image token's row in them
+                rec.feature_row = (rec.visual.flatten().cumsum(0) - 1).view_as(rec.visual)
         layout = rec.layouts[0]
         if layout.src is None:            # nothing dropped before the LLM
             return args, kwargs
@@ -417,8 +420,7 @@ class Engine(HookSet):
             layout = rec.layouts[self._layout_index(i, True)]
             orig = layout.orig.clamp(min=0)
             visual = layout.mask & rec.visual.gather(1, orig)
-            rank = (rec.visual.flatten().cumsum(0) - 1).view_as(rec.visual)    # row of each token's features
-            rows = rank.gather(1, orig)[visual]
+            rows = rec.feature_row.gather(1, orig)[visual]
             out = output.clone()
             out[visual] = out[visual] + rec.injections[i][rows].to(out.dtype)
             return out
