@@ -11,11 +11,13 @@ from .random import Random
 from .tome import ToMe
 from .uniform import Uniform
 from .vispruner import VisPruner
+from .visionzip import VisionZip
 
-METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (Random, Uniform, FasterVLM, VisPruner, DivPrune,
-                                                             GlobalCom2, FastV, DART, PyramidDrop, ToMe, EViT)}
+METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
+    Random, Uniform, FasterVLM, VisionZip, VisPruner, DivPrune, GlobalCom2, FastV, DART, PyramidDrop, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
-           "Uniform", "FasterVLM", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "DART", "PyramidDrop", "ToMe", "EViT"]
+           "Uniform", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "DART", "PyramidDrop",
+           "ToMe", "EViT"]

@@ -23,11 +23,12 @@ def arch(request):
     return request.param
 
 
-ANYRES_ONLY = {"globalcom2"}        # methods that need a thumbnail plus crops
+ONLY_FOR = {"globalcom2": ("llava_next", "llava_onevision"),    # needs a thumbnail plus crops
+            "visionzip": ("llava",)}                            # merges where the projector sees one image
 
 
 def applies(model, method: str) -> bool:
-    return method not in ANYRES_ONLY or model.config.model_type in ("llava_next", "llava_onevision")
+    return model.config.model_type in ONLY_FOR.get(method, (model.config.model_type,))
 
 
 @pytest.fixture

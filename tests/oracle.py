@@ -39,12 +39,35 @@ def stock_positions(model, inputs: dict) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
+def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
+    """LLaVA-1.5 features when ``plugin`` (VisionZip) merges the feature layer's outputs before the projector: the
+    [CLS] row and keys of that layer written out from its own weights, the merge by the plugin's rule (pinned by its
+    own test), then the stock projector. (images * P, D)."""
+    tower = model.model.vision_tower
+    out = tower(inputs["pixel_values"], output_hidden_states=True)
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    index = len(layers) + model.config.vision_feature_layer
+    layer, attn = layers[index], layers[index].self_attn
+    x = layer.layer_norm1(out.hidden_states[index])
+    n, length = x.shape[:2]
+    q = attn.q_proj(x).view(n, length, attn.num_heads, -1)
+    k = attn.k_proj(x).view(n, length, attn.num_heads, -1)
+    cls = (torch.einsum("nhd,nlhd->nhl", q[:, 0], k) * attn.scale).softmax(-1).sum(1)[:, 1:]
+    features = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    from vtr.plugins import Signals
+
+    _, merged = plugin.zip(Signals(tokens=features, cls_attention=cls, keys=k.mean(2)[:, 1:]),
+                           plugin.stage_counts(features.shape[1])[0])
+    return model.model.multi_modal_projector(merged).flatten(0, 1)
+
+
+@torch.no_grad()
 def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor],
-                    steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    steps: int, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens (steps,) and logits (steps, V).
 
     pre_llm: original positions entering the LLM (None: all); llm_stages: layer -> original positions kept from that
-    layer on."""
+    layer on; features: the image features to place (default: the stock model's)."""
     core = model.model
     lm = core.language_model
     input_ids = inputs["input_ids"]
@@ -53,7 +76,8 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images") if k in inputs}
     encoded = core.get_image_features(**vision)
     visual = visual_positions(model, input_ids)
-    embeds[0, visual] = torch.cat(list(encoded.pooler_output)).to(embeds.dtype)
+    features = torch.cat(list(encoded.pooler_output)) if features is None else features
+    embeds[0, visual] = features.to(embeds.dtype)
     # Qwen3-VL DeepStack: features added to the visual tokens after the first layers, by the stock helper
     deepstack = [torch.cat(list(f)) for f in getattr(encoded, "deepstack_features", None) or []]
 

@@ -6,7 +6,7 @@ import torch
 import vtr
 from vtr.plugins import VLM_METHODS
 
-from conftest import BATCH, SINGLE, _model
+from conftest import BATCH, SINGLE, _model, applies
 from tiny_models import IMAGE, anyres_newlines, make_inputs, tiny_llava_next
 
 ANYRES = ["llava_next", "llava_onevision"]
@@ -16,6 +16,8 @@ ANYRES = ["llava_next", "llava_onevision"]
 @pytest.mark.parametrize("method", VLM_METHODS)
 def test_newline_tokens_are_never_dropped_and_the_budget_is_per_image(arch, method):
     model = _model(arch, "sdpa")
+    if not applies(model, method):
+        pytest.skip(f"{method} does not apply to {type(model).__name__}")
     batch = make_inputs(model, BATCH, seed=2)
     newlines = anyres_newlines(model, batch)
     with vtr.patch(model, method, budget=3) as handle, torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import DART, DivPrune, FastV, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisPruner
+from vtr.plugins import DART, DivPrune, FastV, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisionZip, VisPruner
 
 from conftest import SINGLE, _model
 from tiny_models import anyres_newlines, make_inputs
@@ -222,3 +222,23 @@ def test_dart_keys_are_the_layers_rotated_keys():
     with vtr.patch(model, Spy(retain=0.5)), torch.no_grad():
         model(**inputs)
     torch.testing.assert_close(seen["keys"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_visionzip_dominant_then_contextual_merge_by_hand():
+    """8 tokens, budget 5 with 2 contextual: dominant = the 3 most [CLS]-attended (0, 2, 4). The rest 1, 3, 5, 6, 7
+    with stride 5 // 2 = 2 gives targets 1 and 5; by key, 3 joins 1 and 6, 7 join 5; each target becomes the mean."""
+    attention = torch.tensor([[0.5, 0.1, 0.4, 0.05, 0.3, 0.02, 0.01, 0.03]])
+    keys = torch.tensor([[unit(0), unit(10), unit(0), unit(20), unit(0), unit(100), unit(95), unit(110)]])
+    tokens = torch.arange(8.0).view(1, 8, 1).repeat(1, 1, 2)
+    kept, merged = VisionZip(contextual_ratio=0.4).zip(
+        Signals(tokens=tokens, cls_attention=attention, keys=keys), 5)
+    assert kept.tolist() == [[0, 1, 2, 4, 5]]
+    assert merged[0, :, 0].tolist() == [0, (1 + 3) / 2, 2, 3, 4, (5 + 6 + 7) / 3, 6, 7]
+
+
+def test_visionzip_refuses_models_whose_projector_does_not_see_one_image():
+    model = _model("qwen2_vl", "sdpa")
+    with pytest.raises(ValueError, match="visionzip merges features before the projector"):
+        vtr.patch(model, "visionzip", retain=0.25)
+    with pytest.raises(ValueError, match="must be the first stage"):
+        vtr.patch(_model("llava", "sdpa"), [DivPrune(retain=0.5), VisionZip(retain=0.5)])

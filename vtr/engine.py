@@ -148,6 +148,11 @@ class Engine(HookSet):
             if "anyres_layout" in plugin.needs and not hasattr(adapter, "anyres_layout"):
                 raise ValueError(f"{plugin.name} needs an anyres model (a thumbnail plus crops: LLaVA-NeXT, "
                                  f"LLaVA-OneVision), not {type(adapter.model).__name__}")
+            if "before_projector" in plugin.needs and (self.stages or not getattr(adapter, "merges_before_projector",
+                                                                                      False)):
+                raise ValueError(f"{plugin.name} merges features before the projector: it must be the first stage, on "
+                                 "a model whose projector sees each image's patches in feature order (LLaVA-1.5), "
+                                 f"not {type(adapter.model).__name__}")
             if isinstance(plugin, LLMPlugin):
                 layers = plugin.layers(self.num_layers)
                 for step, layer in enumerate(layers):
@@ -163,8 +168,10 @@ class Engine(HookSet):
                 self.stages.append(Stage(plugin, 0, 1))
         self.llm_stages = [s for s in self.stages if s.layer is not None]
         self.rec: Record | None = None
-        # generate() runs the vision tower before the model's forward: the [CLS] attention waits here until then
+        # generate() runs the vision tower before the model's forward: its signals wait here until then
         self.cls_attention: torch.Tensor | None = None
+        self.vision_keys: torch.Tensor | None = None
+        self.zipped: torch.Tensor | None = None      # (I, k) kept by a stage that merged before the projector
 
     # ------------------------------------------------------------------ installation
     def install(self):
@@ -176,6 +183,8 @@ class Engine(HookSet):
                 self._add(a.feature_layer, self._vision_layer)
                 for module, hook in a.vision_output_hooks:
                     self._add(module, hook, post=True)
+            if any("before_projector" in s.plugin.needs for s in self.stages):
+                self._add(a.projector, self._before_projector, with_kwargs=False)
             self._add(a.language_model, self._enter_llm)
             for i in range(min(a.injection_layers, self.num_layers)):
                 self._add(a.decoder_layers[i], self._inject_hook(i), post=True)
@@ -191,7 +200,7 @@ class Engine(HookSet):
 
     def remove(self):
         super().remove()
-        self.cls_attention = None       # the last record stays readable through the handle
+        self.cls_attention = self.vision_keys = self.zipped = None     # the record stays readable
 
     # ------------------------------------------------------------------ results (read through the Handle)
     def _record(self) -> Record:
@@ -300,6 +309,20 @@ class Engine(HookSet):
 
     def _vision_layer(self, module, args, kwargs):
         self.cls_attention = self.adapter.cls_attention(module, args, kwargs)
+        if any("vision_keys" in s.plugin.needs for s in self.stages):
+            self.vision_keys = self.adapter.feature_keys(module, args, kwargs)
+
+    def _before_projector(self, module, args):
+        """A first stage that merges feature-layer outputs (VisionZip) selects and merges here; the kept indices
+        are applied with the other pre-LLM stages."""
+        plugin, x = self.stages[0].plugin, args[0]
+        k = plugin.stage_counts(x.shape[1])[0]
+        self.zipped = None
+        if k >= x.shape[1]:
+            return None
+        signals = Signals(tokens=x, cls_attention=self.cls_attention.view(x.shape[0], -1), keys=self.vision_keys)
+        self.zipped, merged = plugin.zip(signals, k)
+        return (merged, *args[1:])
 
     @staticmethod
     def _assign_images(rec: Record, sizes: list[int]):
@@ -357,7 +380,11 @@ class Engine(HookSet):
             for n, ids in groups.items():
                 rows = rows_of(ids, alive[n])
                 k = stage.plugin.stage_counts(rows.shape[1])[0]
-                if k < rows.shape[1]:
+                if "before_projector" in stage.plugin.needs:          # selected (and merged) already
+                    if self.zipped is not None:
+                        alive[n] = self.zipped[ids]
+                        rows = rows_of(ids, alive[n])
+                elif k < rows.shape[1]:
                     whole = candidates is None and len(groups) == 1 and rows.shape[1] == n
                     tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
                     signals = Signals(tokens=tokens, image_index=rec.image_local[ids],

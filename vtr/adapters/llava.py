@@ -28,6 +28,9 @@ from .base import Adapter
 
 class LlavaAdapter(Adapter):
     name = "llava"
+    #: the projector sees each image's feature-layer patches as one sequence, in feature order (VisionZip-style
+    #: methods merge there)
+    merges_before_projector = True
 
     @staticmethod
     def model_classes():
@@ -70,7 +73,7 @@ class LlavaAdapter(Adapter):
         attn = layer.self_attn
         x = layer.layer_norm1(args[0] if args else kwargs["hidden_states"])
         n, heads, d = x.shape[0], attn.num_heads, attn.head_dim
-        k = attn.k_proj(x).view(n, x.shape[1], heads, d).transpose(1, 2)
+        k = self._keys(layer, x).transpose(1, 2)
         if self.has_cls:
             q = attn.q_proj(x[:, :1]).view(n, 1, heads, d).transpose(1, 2)
             rows = attention_rows(q, k, attn.scale)[:, 0]
@@ -80,10 +83,21 @@ class LlavaAdapter(Adapter):
             rows = attention_received(q, k, attn.scale)
         return rows.flatten()
 
+    @staticmethod
+    def _keys(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        return attn.k_proj(x).view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
+
+    def feature_keys(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The feature layer's keys, head mean, of the patches that become features: (I, P, d)."""
+        keys = self._keys(layer, layer.layer_norm1(args[0] if args else kwargs["hidden_states"])).mean(dim=2)
+        return keys if self.features_keep_cls or not self.has_cls else keys[:, 1:]
+
 
 class LlavaNextAdapter(LlavaAdapter):
     name = "llava_next"
     newline_tokens = True
+    merges_before_projector = False              # crops are packed after the projector
 
     @staticmethod
     def model_classes():
