@@ -73,7 +73,8 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1 and bool(inputs["attention_mask"].all()), "the oracle takes one unpadded sample"
     embeds = lm.embed_tokens(input_ids)
-    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images") if k in inputs}
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
+              if k in inputs}
     encoded = core.get_image_features(**vision)
     visual = visual_positions(model, input_ids)
     features = torch.cat(list(encoded.pooler_output)) if features is None else features

@@ -53,9 +53,9 @@ def patch(model: torch.nn.Module, method, retain: float | None = None, budget: i
 
     ``method``: a registered name (see :func:`methods`), a plugin object, or a list of them run in order (vision
     encoder -> projector output -> LLM layers); a ``retain`` given to a list of names is split evenly: each stage
-    keeps ``retain ** (1 / stages)`` of what reaches it. ``retain``: fraction of each image's visual tokens kept; ``budget``:
-    visual tokens kept per image. ``model`` is a supported VLM or an encoder-only ViT (timm, open_clip; encoder
-    methods such as ``tome``). Everything is validated before the model is touched.
+    keeps ``retain ** (1 / stages)`` of what reaches it. ``retain``: fraction of each image's visual tokens kept;
+    ``budget``: visual tokens kept per image. ``model`` is a supported VLM or an encoder-only ViT (timm, open_clip;
+    encoder methods such as ``tome``). Everything is validated before the model is touched.
     """
     adapter = adapter_for(model)
     plugins = resolve(method, retain, budget, options)
