@@ -7,6 +7,7 @@ from .fastervlm import FasterVLM
 from .fastv import FastV
 from .globalcom2 import GlobalCom2
 from .pdrop import PyramidDrop
+from .pool import Pool
 from .random import Random
 from .tome import ToMe
 from .uniform import Uniform
@@ -14,10 +15,10 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, FasterVLM, VisionZip, VisPruner, DivPrune, GlobalCom2, FastV, DART, PyramidDrop, ToMe, EViT)}
+    Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, GlobalCom2, FastV, DART, PyramidDrop, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
-           "Uniform", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "DART", "PyramidDrop",
+           "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "DART", "PyramidDrop",
            "ToMe", "EViT"]

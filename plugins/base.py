@@ -29,6 +29,8 @@ class Signals:
     normed: ``(B, L, D)`` ``tokens`` through the language model's final norm (methods that need "final_norm").
     image: ``(V,)`` image index of each entry of ``tokens[visual]`` (LLM stage).
     positions: ``(B, L)`` original sequence index of each position, -1 for padding (LLM stage).
+    token_grid: ``(images, 2)`` rows and columns of each image's token grid (projector stage, methods that need
+        "grid").
     layout: anyres models (LLaVA-NeXT/OneVision), projector stage, for methods that need "anyres_layout": ``crop``
         ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
         token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
@@ -45,6 +47,7 @@ class Signals:
     normed: torch.Tensor | None = None
     image: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    token_grid: torch.Tensor | None = None
     layout: dict | None = None
 
 
@@ -97,6 +100,10 @@ class Plugin:
     def select(self, s: Signals, k: int) -> torch.Tensor:
         """Projector stage: ``(images, k)`` indices of the kept tokens of each image. Default: top-k of score()."""
         return self.score(s).topk(k, dim=-1).indices
+
+    #: projector stage, optional: ``merge(s, k) -> (images, k, D)``, new values for the kept tokens (in ascending
+    #: index order) for methods that merge rather than only select
+    merge = None
 
 
 @dataclass

@@ -23,12 +23,14 @@ def arch(request):
     return request.param
 
 
-ONLY_FOR = {"globalcom2": ("llava_next", "llava_onevision"),    # needs a thumbnail plus crops
-            "visionzip": ("llava",)}                            # merges where the projector sees one image
+ANYRES = ("llava_next", "llava_onevision")
+APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thumbnail plus crops
+           "visionzip": lambda arch: arch == "llava",             # merges where the projector sees one image
+           "pool": lambda arch: arch not in ANYRES}               # needs one 2-D token grid per image
 
 
 def applies(model, method: str) -> bool:
-    return model.config.model_type in ONLY_FOR.get(method, (model.config.model_type,))
+    return APPLIES.get(method, lambda arch: True)(model.config.model_type)
 
 
 @pytest.fixture

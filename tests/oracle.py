@@ -62,6 +62,32 @@ def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
 
 
 @torch.no_grad()
+def merged_after_projector(model, inputs: dict, plugin) -> torch.Tensor:
+    """One image's stock features with a merging plugin's values (pooling) at the tokens it keeps; the image's token
+    grid is read from the inputs: square (LLaVA-1.5), merged h x w (Qwen-VL), tiles stacked (InternVL)."""
+    from vtr.plugins import Signals
+
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    features = torch.cat(list(model.model.get_image_features(**vision).pooler_output)).reshape(
+        -1, model.config.text_config.hidden_size)
+    n = features.shape[0]
+    if "image_grid_thw" in inputs:
+        t, h, w = inputs["image_grid_thw"][0].tolist()
+        merge = model.config.vision_config.spatial_merge_size
+        grid = (t * h // merge, w // merge)
+    elif model.config.model_type == "internvl":
+        side = int(model.config.image_seq_length ** 0.5)
+        grid = (n // side, side)
+    else:
+        grid = (int(n ** 0.5), int(n ** 0.5))
+    k = plugin.stage_counts(n)[0]
+    signals = Signals(tokens=features[None], token_grid=torch.tensor([grid]))
+    out = features.clone()
+    out[plugin.select(signals, k)[0]] = plugin.merge(signals, k)[0]
+    return out
+
+
+@torch.no_grad()
 def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor],
                     steps: int, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens (steps,) and logits (steps, V).

@@ -6,7 +6,7 @@ import vtr
 from vtr.plugins import VLM_METHODS
 
 from conftest import split_batch
-from oracle import merged_before_projector, oracle_generate, sequence_after
+from oracle import merged_after_projector, merged_before_projector, oracle_generate, sequence_after
 
 ALL = VLM_METHODS
 STEPS = 6
@@ -56,9 +56,11 @@ def test_generation_equals_oracle(model, single, method, retain):
     llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
     visual = int((single["input_ids"] == model.config.image_token_id).sum())
     assert len(handle.kept()[0]) < visual, "the method must actually drop tokens here"
-    features = None
-    if "before_projector" in handle.plugins[0].needs:             # VisionZip: merged features enter the LLM
-        features = merged_before_projector(model, single, handle.plugins[0])
+    features, plugin = None, handle.plugins[0]
+    if "before_projector" in plugin.needs:                        # VisionZip: merged features enter the LLM
+        features = merged_before_projector(model, single, plugin)
+    elif plugin.merge is not None:                                 # pooling: the cells' means enter the LLM
+        features = merged_after_projector(model, single, plugin)
     want_tokens, want_logits = oracle_generate(model, single, pre[-1] if pre else None, llm, tokens.shape[1],
                                                features)
     assert torch.equal(tokens[0], want_tokens)

@@ -7,7 +7,8 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import DART, DivPrune, FastV, GlobalCom2, PyramidDrop, Random, Signals, Uniform, VisionZip, VisPruner
+from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, Random, Signals, Uniform, VisionZip,
+                         VisPruner)
 
 from conftest import SINGLE, _model
 from tiny_models import anyres_newlines, make_inputs
@@ -242,3 +243,20 @@ def test_visionzip_refuses_models_whose_projector_does_not_see_one_image():
         vtr.patch(model, "visionzip", retain=0.25)
     with pytest.raises(ValueError, match="must be the first stage"):
         vtr.patch(_model("llava", "sdpa"), [DivPrune(retain=0.5), VisionZip(retain=0.5)])
+
+
+def test_pool_cells_by_hand():
+    from vtr.plugins.pool import cells
+
+    # 4 x 4 grid to 4 tokens: 2 x 2 cells; the first token of each cell is kept and takes the cell's mean
+    assert [c.tolist() for c in cells(4, 4, 4)] == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    # 4 x 6 grid to 6: 2 x 3 cells of 2 x 2 (the aspect ratio is kept)
+    assert [len(c) for c in cells(4, 6, 6)] == [4] * 6 and cells(4, 6, 6)[1].tolist() == [2, 3, 8, 9]
+    # 7 x 7 to 12: 3 x 4 adaptive cells overlap (rows 0-3, 2-5, 4-7 ...)
+    assert cells(7, 7, 12)[0].tolist() == [0, 1, 7, 8, 14, 15]
+    # a 2 x 3 grid to 5: no a x b = 5 fits, so runs of consecutive tokens
+    assert [c.tolist() for c in cells(2, 3, 5)] == [[0], [1], [2], [3], [4, 5]]
+    tokens = torch.arange(16.0).view(1, 16, 1)
+    s = Signals(tokens=tokens, token_grid=torch.tensor([[4, 4]]))
+    assert Pool().select(s, 4).tolist() == [[0, 2, 8, 10]]
+    assert Pool().merge(s, 4)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]

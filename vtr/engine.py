@@ -153,6 +153,9 @@ class Engine(HookSet):
                 raise ValueError(f"{plugin.name} merges features before the projector: it must be the first stage, on "
                                  "a model whose projector sees each image's patches in feature order (LLaVA-1.5), "
                                  f"not {type(adapter.model).__name__}")
+            if "grid" in plugin.needs and not adapter.has_token_grid:
+                raise ValueError(f"{plugin.name} needs each image's 2-D token grid, which vtr does not read from "
+                                 f"{type(adapter.model).__name__}")
             if isinstance(plugin, LLMPlugin):
                 layers = plugin.layers(self.num_layers)
                 for step, layer in enumerate(layers):
@@ -178,8 +181,10 @@ class Engine(HookSet):
         a = self.adapter
         try:
             self._add(a.vlm, self._begin)
-            if any("cls_attention" in s.plugin.needs for s in self.stages):
+            needs = {need for s in self.stages for need in s.plugin.needs}
+            if needs & {"cls_attention", "grid"}:
                 self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
+            if "cls_attention" in needs:
                 self._add(a.feature_layer, self._vision_layer)
                 for module, hook in a.vision_output_hooks:
                     self._add(module, hook, post=True)
@@ -342,10 +347,11 @@ class Engine(HookSet):
         rec.image_sizes = sizes
         rec.image_local = torch.tensor(local, device=rec.visual.device)
 
-    def _select_before_llm(self, rec: Record, embeds: torch.Tensor):
+    def _select_before_llm(self, rec: Record, embeds: torch.Tensor) -> torch.Tensor:
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
         (this works whether the forward pass or ``generate()`` ran the vision tower). Images with the same number of
-        features are selected together, one (images, P, D) batch per size."""
+        features are selected together, one (images, P, D) batch per size. Returns ``embeds``, with the values of
+        merging methods (pooling) written in."""
         placeholders = rec.visual.flatten().nonzero()[:, 0]           # image after image
         features = embeds.reshape(-1, embeds.shape[-1]).index_select(0, placeholders)      # (total, D)
         total, device = features.shape[0], embeds.device
@@ -369,11 +375,15 @@ class Engine(HookSet):
 
         cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features,
                                                                                     rec.image_sizes)
-        anyres = None
-        if any("anyres_layout" in s.plugin.needs for s in self.stages if s.layer is None):
+        pre_llm = [s for s in self.stages if s.layer is None]
+        anyres = grids = None
+        if any("anyres_layout" in s.plugin.needs for s in pre_llm):
             anyres = self.adapter.anyres_layout(features, rec.image_sizes)
+        if any("grid" in s.plugin.needs for s in pre_llm):
+            grids = torch.tensor(self.adapter.token_grids(rec.image_sizes), device=device)
+        merged = False
         self.cls_attention = None
-        for stage in (s for s in self.stages if s.layer is None):
+        for stage in pre_llm:
             if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
                 raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
             survivors = torch.zeros(total, dtype=torch.bool, device=device) if protected is None else protected.clone()
@@ -393,14 +403,23 @@ class Engine(HookSet):
                         signals.layout = {"crop": anyres["crop"][rows], "row": anyres["row"][rows],
                                           "col": anyres["col"][rows], "grid": anyres["grid"][ids],
                                           "side": anyres["side"]}
+                    if grids is not None:
+                        signals.token_grid = grids[ids]
                     alive[n] = alive[n].gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
                     rows = rows_of(ids, alive[n])
+                    if stage.plugin.merge is not None:                # the kept tokens take the merged values
+                        values = stage.plugin.merge(signals, k)
+                        features[rows.flatten()] = values.reshape(-1, features.shape[-1]).to(features.dtype)
+                        merged = True
                 survivors[rows.flatten()] = True
             rec.alive.append(torch.zeros_like(rec.visual).masked_scatter(rec.visual, survivors))
         if rec.alive and not bool(rec.alive[-1].sum() == total):
             layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]))
             layout.slot0 = torch.arange(layout.orig.shape[1], device=device).expand_as(layout.orig)
             rec.layouts[0] = layout
+        if merged:
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, placeholders, features).view_as(embeds)
+        return embeds
 
     def _enter_llm(self, module, args, kwargs):
         rec = self.rec
@@ -413,7 +432,7 @@ class Engine(HookSet):
                 protected = self.adapter.protected(kwargs["inputs_embeds"][rec.visual])
                 rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
             if any(s.layer is None for s in self.stages):
-                self._select_before_llm(rec, kwargs["inputs_embeds"])
+                kwargs["inputs_embeds"] = self._select_before_llm(rec, kwargs["inputs_embeds"])
             rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place
             if rec.injections is not None:                             # each image token's row in them
                 rec.feature_row = (rec.visual.flatten().cumsum(0) - 1).view_as(rec.visual)

@@ -18,6 +18,8 @@ class Adapter:
     kind = "vlm"
     #: (module, forward hook) pairs to install with the vision hooks of CLS-attention methods
     vision_output_hooks: list = []
+    #: whether ``token_grids`` knows each image's 2-D token grid
+    has_token_grid = False
     #: whether some image placeholders hold tokens that are never dropped (``protected``)
     newline_tokens = False
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
@@ -42,6 +44,10 @@ class Adapter:
         """``cls_attention``'s output laid out like ``features`` (one score per feature; ``sizes``: features per
         image)."""
         return scores
+
+    def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """Rows and columns of each image's token grid (valid after the vision tower ran)."""
+        raise NotImplementedError
 
     def begin_vision(self, args: tuple, kwargs: dict):
         """Called before the vision model runs (only for methods that need the [CLS] attention)."""

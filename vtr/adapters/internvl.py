@@ -10,6 +10,8 @@ folds into each token.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from .base import Adapter
 
 class InternVLAdapter(Adapter):
     name = "internvl"
+    has_token_grid = True
 
     @staticmethod
     def model_classes():
@@ -53,6 +56,12 @@ class InternVLAdapter(Adapter):
         edges = torch.diff(torch.cat([zero, flags, zero], dim=1), dim=1)        # +1 at a run's start, -1 after it
         starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()         # row-major: runs in sequence order
         return (ends[:, 1] - starts[:, 1]).tolist()
+
+    def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """Each tile's square grid, tiles stacked top to bottom (cells never straddle two tiles when they divide
+        the tile's side)."""
+        side = math.isqrt(self.config.image_seq_length)
+        return [(n // side, side) for n in sizes]
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         if self.features_keep_cls:

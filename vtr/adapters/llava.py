@@ -31,6 +31,7 @@ class LlavaAdapter(Adapter):
     #: the projector sees each image's feature-layer patches as one sequence, in feature order (VisionZip-style
     #: methods merge there)
     merges_before_projector = True
+    has_token_grid = True
 
     @staticmethod
     def model_classes():
@@ -67,6 +68,12 @@ class LlavaAdapter(Adapter):
         images = kwargs["pixel_values"].shape[0]
         return [int(visual.sum()) // images] * images
 
+    def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
+        side = [math.isqrt(n) for n in sizes]
+        if any(s * s != n for s, n in zip(side, sizes)):
+            raise ValueError("vtr: the image features do not form a square grid")
+        return [(s, s) for s in side]
+
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """Per crop: [CLS]->patch attention of the feature layer (head mean) over the patches that become features;
         without a [CLS] token, the mean attention each patch receives. Flat, crop after crop."""
@@ -98,6 +105,7 @@ class LlavaNextAdapter(LlavaAdapter):
     name = "llava_next"
     newline_tokens = True
     merges_before_projector = False              # crops are packed after the projector
+    has_token_grid = False                       # a thumbnail plus an unpadded crop grid, with newlines
 
     @staticmethod
     def model_classes():

@@ -26,6 +26,7 @@ from .base import Adapter
 
 class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
+    has_token_grid = True
 
     @staticmethod
     def model_classes():
@@ -46,6 +47,7 @@ class Qwen2VLAdapter(Adapter):
         self.feature_layer = core.visual.blocks[-1]
         self.merge = config.vision_config.spatial_merge_size
         self.merged_order: torch.Tensor | None = None      # block order -> merger output order (Qwen2.5-VL windows)
+        self.grid_thw: torch.Tensor | None = None          # (images, 3) patches per image, from the vision pass
 
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
@@ -53,6 +55,13 @@ class Qwen2VLAdapter(Adapter):
         if encoded is not None:
             return encoded
         return (kwargs["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+
+    def begin_vision(self, args: tuple, kwargs: dict):
+        self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+    def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
+        """The merged grid: frames stacked, (t * h / merge, w / merge)."""
+        return [(t * h // self.merge, w // self.merge) for t, h, w in self.grid_thw.tolist()]
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -82,8 +91,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         """The blocks see the patches in window order; the merger output is put back in image order."""
         from transformers.vision_utils import get_vision_window_index
 
-        visual = self.vision_model
-        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        super().begin_vision(args, kwargs)
+        visual, grid = self.vision_model, self.grid_thw
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
         self.merged_order = torch.argsort(window_index.to(grid.device))

@@ -1,0 +1,54 @@
+"""Average pooling: the visual tokens of each image averaged over a regular 2-D grid of cells, before the LLM (the
+baseline of LLaVolta, "Efficient Multi-modal Models via Stage-wise Visual Context Compression": pooling away 70 % of
+the tokens costs about 3 % on GQA; UniPruneBench's ``pool_pre_llm``).
+
+Rule: the image's token grid (24 x 24 on LLaVA-1.5, the merged h x w grid on Qwen-VL, tiles stacked on InternVL) is
+cut into a x b cells with a * b = k and a / b closest to the grid's aspect ratio (adaptive pooling: cell i spans rows
+floor(i R / a) to ceil((i + 1) R / a)); each cell becomes the mean of its tokens, placed at the position of its
+first (top-left) token. 2 x 2 pooling of 576 tokens is k = 144, 3 x 3 is k = 64. When k has no factor pair that fits
+the grid, cells are runs of consecutive tokens in raster order instead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Plugin, Signals
+
+
+def _shape(rows: int, cols: int, k: int) -> tuple[int, int] | None:
+    pairs = [(a, k // a) for a in range(1, k + 1) if k % a == 0 and a <= rows and k // a <= cols]
+    if not pairs:
+        return None
+    # the aspect ratio closest to the grid's; on a tie, fewer rows of cells
+    return min(pairs, key=lambda p: (round(abs(math.log(p[0] / p[1]) - math.log(rows / cols)), 9), p[0]))
+
+
+def cells(rows: int, cols: int, k: int) -> list[torch.Tensor]:
+    """The k cells of a rows x cols grid (raster order), each as the token indices it averages."""
+    shape = _shape(rows, cols, k)
+    if shape is None:
+        n = rows * cols
+        return [torch.arange(i * n // k, (i + 1) * n // k) for i in range(k)]
+    a, b = shape
+    spans = lambda size, parts: [(i * size // parts, -(-(i + 1) * size // parts)) for i in range(parts)]  # noqa: E731
+    grid = torch.arange(rows * cols).view(rows, cols)
+    return [grid[r0:r1, c0:c1].flatten() for r0, r1 in spans(rows, a) for c0, c1 in spans(cols, b)]
+
+
+@dataclass
+class Pool(Plugin):
+    name = "pool"
+    summary = "2-D average pooling of each image's token grid down to the budget, before the LLM"
+    needs = ("grid",)
+
+    def select(self, s: Signals, k: int) -> torch.Tensor:
+        return torch.stack([torch.stack([c[0] for c in cells(*map(int, s.token_grid[i]), k)])
+                            for i in range(s.tokens.shape[0])]).to(s.tokens.device)
+
+    def merge(self, s: Signals, k: int) -> torch.Tensor:
+        """(images, k, D): the mean of each cell, in the order ``select`` returns the cells' first tokens."""
+        return torch.stack([torch.stack([s.tokens[i, c.to(s.tokens.device)].mean(dim=0)
+                                         for c in cells(*map(int, s.token_grid[i]), k)]) for i in range(s.tokens.shape[0])])
