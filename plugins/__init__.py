@@ -6,6 +6,7 @@ from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .globalcom2 import GlobalCom2
+from .kcenter import KCenter
 from .pdrop import PyramidDrop
 from .pool import Pool
 from .random import Random
@@ -15,10 +16,11 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, GlobalCom2, FastV, DART, PyramidDrop, ToMe, EViT)}
+    Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
+    ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
-           "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "GlobalCom2", "FastV", "DART", "PyramidDrop",
-           "ToMe", "EViT"]
+           "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
+           "DART", "PyramidDrop", "ToMe", "EViT"]

@@ -51,4 +51,5 @@ class Pool(Plugin):
     def merge(self, s: Signals, k: int) -> torch.Tensor:
         """(images, k, D): the mean of each cell, in the order ``select`` returns the cells' first tokens."""
         return torch.stack([torch.stack([s.tokens[i, c.to(s.tokens.device)].mean(dim=0)
-                                         for c in cells(*map(int, s.token_grid[i]), k)]) for i in range(s.tokens.shape[0])])
+                                         for c in cells(*map(int, s.token_grid[i]), k)])
+                            for i in range(s.tokens.shape[0])])

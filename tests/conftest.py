@@ -25,7 +25,8 @@ def arch(request):
 
 ANYRES = ("llava_next", "llava_onevision")
 APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thumbnail plus crops
-           "visionzip": lambda arch: arch == "llava",             # merges where the projector sees one image
+           "visionzip": lambda arch: arch == "llava",             # where the projector sees one image's patches
+           "kcenter": lambda arch: arch == "llava",
            "pool": lambda arch: arch not in ANYRES}               # needs one 2-D token grid per image
 
 

@@ -57,7 +57,7 @@ def test_generation_equals_oracle(model, single, method, retain):
     visual = int((single["input_ids"] == model.config.image_token_id).sum())
     assert len(handle.kept()[0]) < visual, "the method must actually drop tokens here"
     features, plugin = None, handle.plugins[0]
-    if "before_projector" in plugin.needs:                        # VisionZip: merged features enter the LLM
+    if plugin.name == "visionzip":                                 # merged features enter the LLM
         features = merged_before_projector(model, single, plugin)
     elif plugin.merge is not None:                                 # pooling: the cells' means enter the LLM
         features = merged_after_projector(model, single, plugin)

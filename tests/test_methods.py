@@ -239,7 +239,7 @@ def test_visionzip_dominant_then_contextual_merge_by_hand():
 
 def test_visionzip_refuses_models_whose_projector_does_not_see_one_image():
     model = _model("qwen2_vl", "sdpa")
-    with pytest.raises(ValueError, match="visionzip merges features before the projector"):
+    with pytest.raises(ValueError, match="visionzip works before the projector"):
         vtr.patch(model, "visionzip", retain=0.25)
     with pytest.raises(ValueError, match="must be the first stage"):
         vtr.patch(_model("llava", "sdpa"), [DivPrune(retain=0.5), VisionZip(retain=0.5)])
@@ -260,3 +260,12 @@ def test_pool_cells_by_hand():
     s = Signals(tokens=tokens, token_grid=torch.tensor([[4, 4]]))
     assert Pool().select(s, 4).tolist() == [[0, 2, 8, 10]]
     assert Pool().merge(s, 4)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_kcenter_runs_the_max_min_routine_on_the_encoder_output():
+    from vtr.plugins import KCenter
+
+    x = torch.tensor([[unit(0), unit(5), unit(90), unit(180), unit(185)]])
+    kept, same = KCenter().zip(Signals(tokens=x), 3)
+    assert kept.tolist() == max_min_diversity(x, 3).sort(dim=1).values.tolist() and same is x
+    assert set(kept[0].tolist()) >= {2}          # the lone token at 90 degrees is the first, most isolated pick

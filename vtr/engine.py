@@ -150,7 +150,7 @@ class Engine(HookSet):
                                  f"LLaVA-OneVision), not {type(adapter.model).__name__}")
             if "before_projector" in plugin.needs and (self.stages or not getattr(adapter, "merges_before_projector",
                                                                                       False)):
-                raise ValueError(f"{plugin.name} merges features before the projector: it must be the first stage, on "
+                raise ValueError(f"{plugin.name} works before the projector: it must be the first stage, on "
                                  "a model whose projector sees each image's patches in feature order (LLaVA-1.5), "
                                  f"not {type(adapter.model).__name__}")
             if "grid" in plugin.needs and not adapter.has_token_grid:
@@ -318,14 +318,15 @@ class Engine(HookSet):
             self.vision_keys = self.adapter.feature_keys(module, args, kwargs)
 
     def _before_projector(self, module, args):
-        """A first stage that merges feature-layer outputs (VisionZip) selects and merges here; the kept indices
-        are applied with the other pre-LLM stages."""
+        """A first stage that works on the feature layer's outputs (VisionZip, k-center) selects (and merges) here;
+        the kept indices are applied with the other pre-LLM stages."""
         plugin, x = self.stages[0].plugin, args[0]
         k = plugin.stage_counts(x.shape[1])[0]
         self.zipped = None
         if k >= x.shape[1]:
             return None
-        signals = Signals(tokens=x, cls_attention=self.cls_attention.view(x.shape[0], -1), keys=self.vision_keys)
+        cls = None if self.cls_attention is None else self.cls_attention.view(x.shape[0], -1)
+        signals = Signals(tokens=x, cls_attention=cls, keys=self.vision_keys)
         self.zipped, merged = plugin.zip(signals, k)
         return (merged, *args[1:])
 
