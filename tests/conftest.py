@@ -3,7 +3,7 @@ import functools
 import pytest
 import torch
 
-from tiny_models import BUILDERS, IMAGE, make_inputs
+from tiny_models import BUILDERS, IMAGE, VIDEO_ARCHS, make_inputs
 from tiny_models import split_batch as _split
 
 I = IMAGE
@@ -15,10 +15,10 @@ torch.set_num_threads(2)
 
 @functools.lru_cache(maxsize=None)
 def _model(arch: str, attn: str):
-    return BUILDERS[arch](attn)
+    return BUILDERS[VIDEO_ARCHS.get(arch, arch)](attn)
 
 
-@pytest.fixture(params=sorted(BUILDERS))
+@pytest.fixture(params=sorted(BUILDERS) + sorted(VIDEO_ARCHS))
 def arch(request):
     return request.param
 
@@ -60,13 +60,13 @@ def llava_single(llava):
 
 
 @pytest.fixture
-def single(model):
-    return make_inputs(model, [SINGLE], seed=1)
+def single(model, arch):
+    return make_inputs(model, [SINGLE], seed=1, video=arch in VIDEO_ARCHS)
 
 
 @pytest.fixture
-def batch(model):
-    return make_inputs(model, BATCH, seed=2)
+def batch(model, arch):
+    return make_inputs(model, BATCH, seed=2, video=arch in VIDEO_ARCHS)
 
 
 def split_batch(model, batch) -> list[dict]:

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 
 def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    ids = [i for i in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if i is not None]
+    return torch.isin(input_ids[0], torch.tensor(ids)).nonzero()[:, 0]
 
 
 def sequence_after(model, input_ids, kept_visual: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,11 @@ def _causal(q: int, kv: int, dtype) -> torch.Tensor:
 def stock_positions(model, inputs: dict) -> tuple[torch.Tensor, int]:
     """(positions of the full prompt, (..., 1, L); offset of a new token's position from its index in the sequence)."""
     length = inputs["input_ids"].shape[1]
-    if "image_grid_thw" not in inputs:
+    if "mm_token_type_ids" not in inputs:
         return torch.arange(length)[None], 0
     positions, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                   image_grid_thw=inputs["image_grid_thw"])
+                                                   image_grid_thw=inputs.get("image_grid_thw"),
+                                                   video_grid_thw=inputs.get("video_grid_thw"))
     return positions, int(deltas[0])
 
 
@@ -67,12 +69,16 @@ def merged_after_projector(model, inputs: dict, plugin) -> torch.Tensor:
     grid is read from the inputs: square (LLaVA-1.5), merged h x w (Qwen-VL), tiles stacked (InternVL)."""
     from vtr.plugins import Signals
 
-    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-    features = torch.cat(list(model.model.get_image_features(**vision).pooler_output)).reshape(
-        -1, model.config.text_config.hidden_size)
+    if "pixel_values_videos" in inputs:
+        encoded = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    else:
+        encoded = model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw")
+                                                    if k in inputs})
+    features = torch.cat(list(encoded.pooler_output)).reshape(-1, model.config.text_config.hidden_size)
     n = features.shape[0]
-    if "image_grid_thw" in inputs:
-        t, h, w = inputs["image_grid_thw"][0].tolist()
+    grid_key = "video_grid_thw" if "video_grid_thw" in inputs else "image_grid_thw"
+    if grid_key in inputs:
+        t, h, w = inputs[grid_key][0].tolist()
         merge = model.config.vision_config.spatial_merge_size
         grid = (t * h // merge, w // merge)
     elif model.config.model_type == "internvl":
@@ -99,9 +105,11 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1 and bool(inputs["attention_mask"].all()), "the oracle takes one unpadded sample"
     embeds = lm.embed_tokens(input_ids)
-    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
-              if k in inputs}
-    encoded = core.get_image_features(**vision)
+    if "pixel_values_videos" in inputs:
+        encoded = core.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    else:
+        encoded = core.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes",
+                                                                      "batch_num_images") if k in inputs})
     visual = visual_positions(model, input_ids)
     features = torch.cat(list(encoded.pooler_output)) if features is None else features
     embeds[0, visual] = features.to(embeds.dtype)

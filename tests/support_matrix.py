@@ -47,21 +47,22 @@ def table(outcomes, classes: dict[str, str], methods: list[str]) -> str:
                 cells.append("n/a")          # skipped: the method refuses this class (it needs what it lacks)
             else:
                 cells.append(f"✓ {passed}/{len(runs)}" if passed == len(runs) else f"✗ {passed}/{len(runs)}")
-        lines.append(f"| `{cls}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> int:
     sys.path.insert(0, str(HERE))
-    from tiny_models import BUILDERS
+    from tiny_models import BUILDERS, VIDEO_ARCHS
 
     from vtr.plugins import ENCODER_METHODS, VLM_METHODS
 
     collect = Collect()
     code = pytest.main([str(HERE / "test_contract.py"), str(HERE / "test_encoders.py"), "-q", "-p",
                         "no:cacheprovider"], plugins=[collect])
-    classes = {arch: type(build("sdpa")).__name__ for arch, build in sorted(BUILDERS.items())}
-    encoders = {"timm": "timm.VisionTransformer", "open_clip": "open_clip.VisionTransformer"}
+    classes = {arch: f"`{type(build('sdpa')).__name__}`" for arch, build in sorted(BUILDERS.items())}
+    classes.update({arch: f"{classes[base]} (video)" for arch, base in sorted(VIDEO_ARCHS.items())})
+    encoders = {"timm": "`timm.VisionTransformer`", "open_clip": "`open_clip.VisionTransformer`"}
     text = README.read_text()
     start, end = text.index(START) + len(START), text.index(END)
     matrix = table(collect.outcomes, classes, VLM_METHODS) + "\n\nEncoder-only ViTs (encoder methods):\n\n" + \

@@ -11,6 +11,7 @@ from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, R
                          VisPruner)
 
 from conftest import SINGLE, _model
+from oracle import visual_positions
 from tiny_models import anyres_newlines, make_inputs
 
 
@@ -145,7 +146,8 @@ def test_last_token_attention_equals_decoder_attention_weights(eager_model, sing
     pick the same tokens as the eager model's real attention weights (last query, head mean)."""
     with torch.no_grad():
         out = eager_model(**single, output_attentions=True)
-    visual = (single["input_ids"][0] == eager_model.config.image_token_id)
+    visual = torch.zeros(single["input_ids"].shape[1], dtype=torch.bool)
+    visual[visual_positions(eager_model, single["input_ids"])] = True
     row = out.attentions[score_layer][0, :, -1, :].mean(0)[visual]
     newline = torch.cat(anyres_newlines(eager_model, single)) if "image_sizes" in single else torch.zeros_like(row).bool()
     row[newline] = float("inf")                       # LLaVA-NeXT/OneVision newline tokens are always kept

@@ -109,21 +109,22 @@ BUILDERS = {
     "llava_onevision": lambda attn: tiny_llava_next(attn, onevision=True),
     "internvl": tiny_internvl,
 }
+VIDEO_ARCHS = {f"{arch}_video": arch for arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}   # the same models, on videos
 
 # grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch
 QWEN_GRIDS = [(1, 8, 12), (1, 12, 8), (1, 16, 16), (1, 8, 8)]
 
 
-def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int = 0) -> dict:
+def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int = 0, video: bool = False) -> dict:
     """Left-padded batch inputs with random images (Qwen: of the sizes in ``QWEN_GRIDS``, in turn from
-    ``first_image``)."""
+    ``first_image``; with ``video``, videos instead)."""
     if model.config.model_type == "llava":
         return llava_inputs(model, prompts, seed=seed)
     if model.config.model_type in ("llava_next", "llava_onevision"):
         return _anyres_inputs(model, prompts, seed, first_image)
     if model.config.model_type == "internvl":
         return _internvl_inputs(model, prompts, seed, first_image)
-    return _qwen_inputs(model, prompts, seed, first_image)
+    return _qwen_inputs(model, prompts, seed, first_image, video)
 
 
 def _pad(rows: list[list[int]]) -> dict:
@@ -167,9 +168,10 @@ def _anyres_inputs(model, prompts, seed, first_image):
 def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
     """Each sample of a ``make_inputs`` batch on its own, unpadded, with its own images."""
     out, first = [], 0
+    video = "video_grid_thw" in batch
     for prompt in prompts:
         n = prompt.count(IMAGE)
-        single = make_inputs(model, [prompt], first_image=first)
+        single = make_inputs(model, [prompt], first_image=first, video=video)
         if model.config.model_type == "internvl":
             tiles = _internvl_tiles(0, sum(p.count(IMAGE) for p in prompts))
             start = sum(tiles[:first])
@@ -181,11 +183,12 @@ def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
             single["pixel_values"] = batch["pixel_values"][start:start + sum(crops[first:first + n])]
             single["image_sizes"] = batch["image_sizes"][first:first + n]
             assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
-        elif "image_grid_thw" in batch:
-            patches = batch["image_grid_thw"].prod(-1)
+        elif "image_grid_thw" in batch or video:
+            grid, pixels = ("video_grid_thw", "pixel_values_videos") if video else ("image_grid_thw", "pixel_values")
+            patches = batch[grid].prod(-1)
             start = int(patches[:first].sum())
-            single["image_grid_thw"] = batch["image_grid_thw"][first:first + n]
-            single["pixel_values"] = batch["pixel_values"][start:start + int(patches[first:first + n].sum())]
+            single[grid] = batch[grid][first:first + n]
+            single[pixels] = batch[pixels][start:start + int(patches[first:first + n].sum())]
             assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
         else:
             single["pixel_values"] = batch["pixel_values"][first:first + n]
@@ -210,8 +213,10 @@ def _internvl_inputs(model, prompts, seed, first_image):
     return {**_pad(rows), "pixel_values": torch.randn(total, 3, side, side, generator=g).to(model.dtype)}
 
 
-def _qwen_inputs(model, prompts, seed, first_image):
+def _qwen_inputs(model, prompts, seed, first_image, video=False):
+    """Images, or with ``video`` videos of 2 temporal patches (4 frames), of the sizes in ``QWEN_GRIDS``."""
     config = model.config
+    token = config.video_token_id if video else config.image_token_id
     merge = config.vision_config.spatial_merge_size
     vision = config.vision_config
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
@@ -221,9 +226,14 @@ def _qwen_inputs(model, prompts, seed, first_image):
         for tok in prompt:
             if tok == IMAGE:
                 grid = QWEN_GRIDS[(first_image + len(grids)) % len(QWEN_GRIDS)]
+                grid = (2, *grid[1:]) if video else grid
                 grids.append(grid)
-                row += [VISION_START] + [config.image_token_id] * (grid[0] * grid[1] * grid[2] // merge ** 2) + \
-                    [VISION_END]
+                per_frame = grid[1] * grid[2] // merge ** 2
+                if video and config.model_type == "qwen3_vl":         # Qwen3-VL: one run per temporal patch
+                    for _ in range(grid[0]):
+                        row += [VISION_START] + [token] * per_frame + [VISION_END]
+                else:
+                    row += [VISION_START] + [token] * (grid[0] * per_frame) + [VISION_END]
             else:
                 row.append(tok)
         rows.append(row)
@@ -231,10 +241,12 @@ def _qwen_inputs(model, prompts, seed, first_image):
     input_ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     g = torch.Generator().manual_seed(seed)
     pixel_values = torch.cat([torch.randn(t * h * w, patch_dim, generator=g) for t, h, w in grids])
+    kind = "videos" if video else ""
     return {"input_ids": input_ids,
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
-            "mm_token_type_ids": (input_ids == config.image_token_id).int(),
-            "pixel_values": pixel_values.to(model.dtype), "image_grid_thw": torch.tensor(grids)}
+            "mm_token_type_ids": (input_ids == token).int() * (2 if video else 1),
+            f"pixel_values{'_' + kind if video else ''}": pixel_values.to(model.dtype),
+            f"{'video' if video else 'image'}_grid_thw": torch.tensor(grids)}
 
 
 def anyres_newlines(model, inputs: dict) -> list[torch.Tensor]:

@@ -266,16 +266,15 @@ class Engine(HookSet):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if past is not None else 0
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is not None or encoded is not None:
+        encoded = {m: [int(f.shape[0]) for f in out.pooler_output]
+                   for m, out in (kwargs.get("mm_encoder_outputs") or {}).items() if out is not None}
+        if encoded or kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
             if past_len:
                 raise NotImplementedError("vtr: images arriving after a filled KV cache (multi-turn) are not supported")
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
-            encoded_sizes = None if encoded is None else [int(f.shape[0]) for f in encoded.pooler_output]
-            sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded_sizes)
+            sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded)
             self._assign_images(rec, sizes)
             self.rec = rec
         elif self.rec is not None and past_len:
@@ -298,10 +297,10 @@ class Engine(HookSet):
     def _new_record(self, input_ids, attention_mask) -> Record:
         b, length = input_ids.shape
         device = input_ids.device
-        visual = input_ids == self.adapter.image_token_id
+        ids = self.adapter.visual_token_ids
+        visual = input_ids == ids[0] if len(ids) == 1 else torch.isin(input_ids, torch.tensor(ids, device=device))
         if not visual.any():
-            raise ValueError("vtr: pixel_values were given but input_ids hold no image tokens "
-                             f"(image_token_id={self.adapter.image_token_id})")
+            raise ValueError(f"vtr: pixel values were given but input_ids hold no image or video tokens (ids {ids})")
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         if mask.dim() != 2:
             raise ValueError("vtr: attention_mask must be the 2-D padding mask")

@@ -29,10 +29,15 @@ class Adapter:
     def model_classes() -> tuple[type, ...]:
         raise NotImplementedError
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
-        """Tokens of each image of the batch, in placeholder order, from the forward kwargs of ``vlm``;
-        ``visual``: (B, L) bool, the image placeholders of input_ids; ``encoded``: the feature counts of a vision pass
-        that ran before the forward (generate()), if any."""
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids whose tokens the engine reduces."""
+        return (self.image_token_id,)
+
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
+        """Tokens of each image (or video) of the batch, in placeholder order, from the forward kwargs of ``vlm``;
+        ``visual``: (B, L) bool, the placeholders of input_ids; ``encoded``: modality -> feature counts of a vision
+        pass that ran before the forward (generate()); empty when none did."""
         raise NotImplementedError
 
     def protected(self, features: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class InternVLAdapter(Adapter):
         self.feature_layer = encoder_layers[len(encoder_layers) + layer if layer < 0 else layer - 1]
         self.features_keep_cls = config.vision_feature_select_strategy == "full"
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """One run of placeholders per image (``<img>`` and ``</img>`` separate them)."""
         flags = visual.int()
         zero = flags.new_zeros(flags.shape[0], 1)

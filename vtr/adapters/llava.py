@@ -61,10 +61,10 @@ class LlavaAdapter(Adapter):
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
         self.features_keep_cls = config.vision_feature_select_strategy == "full"
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """Every image of a LLaVA-1.5 batch has the same number of features."""
-        if encoded is not None:
-            return encoded
+        if "image" in encoded:
+            return encoded["image"]
         images = kwargs["pixel_values"].shape[0]
         return [int(visual.sum()) // images] * images
 
@@ -133,10 +133,10 @@ class LlavaNextAdapter(LlavaAdapter):
         return self.vlm.pack_image_features(values, image_sizes, self.config.vision_feature_select_strategy,
                                             image_newline=newline)[0]
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """From the pre-encoded features under generate(); else the model's own packing of the crops."""
-        if encoded is not None:
-            return encoded
+        if "image" in encoded:
+            return encoded["image"]
         sizes = kwargs["image_sizes"]
         crops = self._crops(sizes, kwargs)
         patches = self.side * self.side + int(self.has_cls and self.features_keep_cls)      # features per crop
@@ -268,8 +268,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         single = [n == 1 for n in per_sample.tolist() for _ in range(n)]   # multi-image samples: base image only
         return [c if s else 1 for c, s in zip(crops, single)]
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
-        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
+        if kwargs.get("pixel_values_videos") is not None or "video" in encoded:
             raise NotImplementedError("vtr: video input to LlavaOnevisionForConditionalGeneration is not reduced yet")
         return super().image_token_counts(kwargs, visual, encoded)
 

@@ -43,18 +43,28 @@ class Qwen2VLAdapter(Adapter):
         self.decoder_layers = list(self.language_model.layers)
         self.text_config = self.language_model.config
         self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
         self.vision_model = core.visual
         self.feature_layer = core.visual.blocks[-1]
         self.merge = config.vision_config.spatial_merge_size
         self.merged_order: torch.Tensor | None = None      # block order -> merger output order (Qwen2.5-VL windows)
         self.grid_thw: torch.Tensor | None = None          # (images, 3) patches per image, from the vision pass
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: list[int] | None) -> list[int]:
-        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
-            raise NotImplementedError(f"vtr: video input to {type(self.model).__name__} is not reduced yet")
-        if encoded is not None:
-            return encoded
-        return (kwargs["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
+        """Images and videos: t * h * w / merge**2 tokens each (a video is one unit, its budget covers its frames)."""
+        counts = {}
+        for modality, grid in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            if modality in encoded:
+                counts[modality] = encoded[modality]
+            elif kwargs.get(grid) is not None:
+                counts[modality] = (kwargs[grid].prod(-1) // self.merge ** 2).tolist()
+        if len(counts) > 1:
+            raise NotImplementedError("vtr: images and videos in one batch are not reduced yet; send them apart")
+        return next(iter(counts.values()))
 
     def begin_vision(self, args: tuple, kwargs: dict):
         self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
