@@ -139,3 +139,13 @@ def test_globalcom2_on_a_resized_onevision_grid_keeps_the_budget():
     with vtr.patch(model, "globalcom2", budget=5) as handle:
         model.generate(**inputs, max_new_tokens=2)
     assert len(handle.kept()[0]) == 5 + newlines
+
+
+def test_qwen_images_and_videos_in_one_batch_are_refused_clearly():
+    from vtr.adapters import adapter_for
+
+    adapter = adapter_for(_model("qwen2_vl", "sdpa"))
+    grids = {"image_grid_thw": torch.tensor([[1, 4, 4]]), "video_grid_thw": torch.tensor([[2, 4, 4]])}
+    with pytest.raises(NotImplementedError, match="images and videos in one batch"):
+        adapter.image_token_counts(grids, None, {})
+    assert adapter.image_token_counts({"video_grid_thw": grids["video_grid_thw"]}, None, {}) == [8]
