@@ -40,6 +40,14 @@ def stock_positions(model, inputs: dict) -> tuple[torch.Tensor, int]:
     return positions, int(deltas[0])
 
 
+def encode(model, inputs: dict):
+    """The stock vision pass of the inputs' images or videos."""
+    if "pixel_values_videos" in inputs:
+        return model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    return model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes",
+                                                                     "batch_num_images") if k in inputs})
+
+
 @torch.no_grad()
 def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
     """LLaVA-1.5 features when ``plugin`` (VisionZip) merges the feature layer's outputs before the projector: the
@@ -69,12 +77,7 @@ def merged_after_projector(model, inputs: dict, plugin) -> torch.Tensor:
     grid is read from the inputs: square (LLaVA-1.5), merged h x w (Qwen-VL), tiles stacked (InternVL)."""
     from vtr.plugins import Signals
 
-    if "pixel_values_videos" in inputs:
-        encoded = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    else:
-        encoded = model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw")
-                                                    if k in inputs})
-    features = torch.cat(list(encoded.pooler_output)).reshape(-1, model.config.text_config.hidden_size)
+    features = torch.cat(list(encode(model, inputs).pooler_output)).reshape(-1, model.config.text_config.hidden_size)
     n = features.shape[0]
     grid_key = "video_grid_thw" if "video_grid_thw" in inputs else "image_grid_thw"
     if grid_key in inputs:
@@ -105,11 +108,7 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1 and bool(inputs["attention_mask"].all()), "the oracle takes one unpadded sample"
     embeds = lm.embed_tokens(input_ids)
-    if "pixel_values_videos" in inputs:
-        encoded = core.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    else:
-        encoded = core.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes",
-                                                                      "batch_num_images") if k in inputs})
+    encoded = encode(model, inputs)
     visual = visual_positions(model, input_ids)
     features = torch.cat(list(encoded.pooler_output)) if features is None else features
     embeds[0, visual] = features.to(embeds.dtype)
