@@ -24,13 +24,15 @@ def arch(request):
 
 
 ANYRES = ("llava_next", "llava_onevision")
-APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thumbnail plus crops
+APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thumbnail plus crops (images)
            "visionzip": lambda arch: arch == "llava",             # where the projector sees one image's patches
            "kcenter": lambda arch: arch == "llava",
            "pool": lambda arch: arch not in ANYRES}               # needs one 2-D token grid per image
 
 
-def applies(model, method: str) -> bool:
+def applies(model, method: str, video: bool = False) -> bool:
+    if video and method == "globalcom2":
+        return False
     return APPLIES.get(method, lambda arch: True)(model.config.model_type)
 
 
@@ -38,7 +40,7 @@ def applies(model, method: str) -> bool:
 def model(arch, request):
     model = _model(arch, "sdpa")
     method = request.node.callspec.params.get("method") if hasattr(request.node, "callspec") else None
-    if method is not None and not applies(model, method):
+    if method is not None and not applies(model, method, video=arch in VIDEO_ARCHS):
         pytest.skip(f"{method} does not apply to {type(model).__name__} (refused: test_api.py)")
     return model
 

@@ -42,8 +42,10 @@ def stock_positions(model, inputs: dict) -> tuple[torch.Tensor, int]:
 
 def encode(model, inputs: dict):
     """The stock vision pass of the inputs' images or videos."""
-    if "pixel_values_videos" in inputs:
+    if "video_grid_thw" in inputs:
         return model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    if "pixel_values_videos" in inputs:
+        return model.model.get_video_features(inputs["pixel_values_videos"])
     return model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes",
                                                                      "batch_num_images") if k in inputs})
 

@@ -7,6 +7,7 @@ import vtr
 from vtr.plugins import VLM_METHODS
 
 from conftest import BATCH, SINGLE, _model, applies
+from oracle import visual_positions
 from tiny_models import IMAGE, anyres_newlines, make_inputs, tiny_llava_next
 
 ANYRES = ["llava_next", "llava_onevision"]
@@ -149,3 +150,19 @@ def test_qwen_images_and_videos_in_one_batch_are_refused_clearly():
     with pytest.raises(NotImplementedError, match="images and videos in one batch"):
         adapter.image_token_counts(grids, None, {})
     assert adapter.image_token_counts({"video_grid_thw": grids["video_grid_thw"]}, None, {}) == [8]
+
+
+def test_onevision_video_scores_are_pooled_per_frame_like_the_features():
+    """SigLIP frames: the mean attention each patch receives (eager weights), pooled 2x2 by the model's own
+    apply_pooling, frames in a row; the video's closing newline is kept on top of the budget."""
+    model = _model("llava_onevision", "eager")
+    inputs = make_inputs(model, [SINGLE], seed=1, video=True)
+    frames = inputs["pixel_values_videos"].shape[1]
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values_videos"].flatten(0, 1), output_attentions=True)
+    received = out.attentions[-1].mean(dim=(1, 2))                                      # (frames, P)
+    pooled = model.model.apply_pooling(received[..., None])[..., 0].flatten()
+    assert len(pooled) + 1 == len(visual_positions(model, inputs["input_ids"])) and frames == 4
+    with vtr.patch(model, "fastervlm", budget=5) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.kept()[0].tolist() == sorted(pooled.topk(5).indices.tolist() + [len(pooled)])

@@ -150,6 +150,8 @@ def test_last_token_attention_equals_decoder_attention_weights(eager_model, sing
     visual[visual_positions(eager_model, single["input_ids"])] = True
     row = out.attentions[score_layer][0, :, -1, :].mean(0)[visual]
     newline = torch.cat(anyres_newlines(eager_model, single)) if "image_sizes" in single else torch.zeros_like(row).bool()
+    if eager_model.config.model_type == "llava_onevision" and "pixel_values_videos" in single:
+        newline[-1] = True                                # a OneVision video ends with its newline
     row[newline] = float("inf")                       # LLaVA-NeXT/OneVision newline tokens are always kept
     with vtr.patch(eager_model, method, budget=7) as handle:
         with torch.no_grad():

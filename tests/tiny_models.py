@@ -76,7 +76,7 @@ def tiny_llava_next(attn: str, onevision: bool = False):
                 eos_token_id=2)
     if onevision:      # SigLIP (no [CLS]), Qwen2
         config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
-                                      image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS,
+                                      image_token_id=IMAGE, video_token_id=VIDEO, image_grid_pinpoints=PINPOINTS,
                                       vision_aspect_ratio="anyres_max_9")
         return _finish(LlavaOnevisionForConditionalGeneration, config, attn)
     config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision, projection_dim=32),
@@ -109,7 +109,7 @@ BUILDERS = {
     "llava_onevision": lambda attn: tiny_llava_next(attn, onevision=True),
     "internvl": tiny_internvl,
 }
-VIDEO_ARCHS = {f"{arch}_video": arch for arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}   # the same models, on videos
+VIDEO_ARCHS = {f"{arch}_video": arch for arch in ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")}  # on videos
 
 # grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch
 QWEN_GRIDS = [(1, 8, 12), (1, 12, 8), (1, 16, 16), (1, 8, 8)]
@@ -120,6 +120,8 @@ def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int
     ``first_image``; with ``video``, videos instead)."""
     if model.config.model_type == "llava":
         return llava_inputs(model, prompts, seed=seed)
+    if model.config.model_type == "llava_onevision" and video:
+        return _onevision_video_inputs(model, prompts, seed)
     if model.config.model_type in ("llava_next", "llava_onevision"):
         return _anyres_inputs(model, prompts, seed, first_image)
     if model.config.model_type == "internvl":
@@ -131,6 +133,18 @@ def _pad(rows: list[list[int]]) -> dict:
     width = max(map(len, rows))
     return {"input_ids": torch.tensor([[PAD] * (width - len(r)) + r for r in rows]),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+
+def _onevision_video_inputs(model, prompts, seed, frames: int = 4):
+    """Videos of ``frames`` frames: each frame's features pooled 2x2, frames in a row, one newline at the end."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    tokens = frames * (-(-side // 2)) ** 2 + 1
+    rows = [[t for tok in p for t in ([config.video_token_id] * tokens if tok == IMAGE else [tok])] for p in prompts]
+    videos = sum(p.count(IMAGE) for p in prompts)
+    size = config.vision_config.image_size
+    g = torch.Generator().manual_seed(seed)
+    return {**_pad(rows), "pixel_values_videos": torch.randn(videos, frames, 3, size, size, generator=g)}
 
 
 def _anyres_crops(model, sizes: torch.Tensor, counts: list[int]) -> list[int]:
@@ -168,11 +182,14 @@ def _anyres_inputs(model, prompts, seed, first_image):
 def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
     """Each sample of a ``make_inputs`` batch on its own, unpadded, with its own images."""
     out, first = [], 0
-    video = "video_grid_thw" in batch
+    video = "pixel_values_videos" in batch
     for prompt in prompts:
         n = prompt.count(IMAGE)
         single = make_inputs(model, [prompt], first_image=first, video=video)
-        if model.config.model_type == "internvl":
+        if "pixel_values_videos" in batch and "video_grid_thw" not in batch:       # OneVision: one row per video
+            single["pixel_values_videos"] = batch["pixel_values_videos"][first:first + n]
+            assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
+        elif model.config.model_type == "internvl":
             tiles = _internvl_tiles(0, sum(p.count(IMAGE) for p in prompts))
             start = sum(tiles[:first])
             single["pixel_values"] = batch["pixel_values"][start:start + sum(tiles[first:first + n])]

@@ -268,10 +268,47 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         single = [n == 1 for n in per_sample.tolist() for _ in range(n)]   # multi-image samples: base image only
         return [c if s else 1 for c, s in zip(crops, single)]
 
+    def __init__(self, model):
+        super().__init__(model)
+        self.video_token_id = model.config.video_token_id
+        self.video = False                          # whether the current batch holds videos (not images)
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
-        if kwargs.get("pixel_values_videos") is not None or "video" in encoded:
-            raise NotImplementedError("vtr: video input to LlavaOnevisionForConditionalGeneration is not reduced yet")
-        return super().image_token_counts(kwargs, visual, encoded)
+        """Videos: each frame pooled 2x2 (bilinear) by the model, frames in a row, one newline at the end; a video is
+        one unit of the budget."""
+        images = kwargs.get("pixel_values") is not None or "image" in encoded
+        videos = kwargs.get("pixel_values_videos")
+        self.video = videos is not None or "video" in encoded
+        if images and self.video:
+            raise NotImplementedError("vtr: images and videos in one batch are not reduced yet; send them apart")
+        if not self.video:
+            return super().image_token_counts(kwargs, visual, encoded)
+        if "video" in encoded:
+            return encoded["video"]
+        pooled = math.ceil(self.side / 2) ** 2
+        return [videos.shape[1] * pooled + 1] * videos.shape[0]
+
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Videos: each frame's patch scores pooled like its features (the model's own ``apply_pooling``), frames in
+        a row, 0 for the closing newline."""
+        if not self.video:
+            return super().arrange_scores(scores, features, sizes)
+        pooled = self.vlm.apply_pooling(scores.view(-1, self.side * self.side, 1).float())[..., 0]   # (frames, p)
+        out, start = [], 0
+        for n in sizes:
+            frames = (n - 1) // pooled.shape[1]
+            out += [pooled[start:start + frames].flatten(), pooled.new_zeros(1)]
+            start += frames
+        return torch.cat(out)
+
+    def anyres_layout(self, features: torch.Tensor, sizes: list[int]) -> dict:
+        if self.video:
+            raise NotImplementedError("vtr: a video has no thumbnail and crops for an anyres-layout method")
+        return super().anyres_layout(features, sizes)
 
     def _pack(self, values: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         return self.vlm.pack_image_features(values, image_sizes, image_newline=newline,
