@@ -1,9 +1,9 @@
 """What every adapter shares: the decoder side of a Llama/Qwen-family language model (pre-norm layers with
 ``self_attn.{q,k}_proj``, optional per-head q/k norms, RoPE cos/sin handed to each layer).
 
-An adapter sets: ``vlm`` (the module whose forward receives input_ids, pixel values, masks and the cache),
-``language_model``, ``decoder_layers``, ``text_config``, ``image_token_id``, ``vision_model`` and ``feature_layer``
-(hooked for [CLS]-attention methods), and implements ``image_token_counts`` and ``cls_attention``.
+``Adapter.__init__`` finds ``vlm`` (the module whose forward receives input_ids, pixel values, masks and the cache),
+``language_model``, ``decoder_layers``, ``text_config`` and ``image_token_id``; each adapter adds ``vision_model`` and
+``feature_layer`` (hooked for [CLS]-attention methods) and implements ``image_token_counts`` and ``cls_attention``.
 """
 from __future__ import annotations
 
@@ -33,6 +33,25 @@ class Adapter:
     def visual_token_ids(self) -> tuple[int, ...]:
         """The placeholder ids whose tokens the engine reduces."""
         return (self.image_token_id,)
+
+    def __init__(self, model):
+        """The language-model side every ``*ForConditionalGeneration`` VLM shares: ``model.model`` receives the
+        inputs and holds ``language_model``."""
+        self.model = model
+        self.config = model.config
+        self.vlm = model.model                        # receives input_ids, pixel values, masks, cache
+        self.language_model: nn.Module = self.vlm.language_model
+        self.decoder_layers = list(self.language_model.layers)
+        self.text_config = self.language_model.config
+        self.image_token_id = self.config.image_token_id
+
+    def _feature_layer(self, encoder_layers) -> nn.Module:
+        """The encoder layer whose output is ``hidden_states[vision_feature_layer]`` (hidden_states[0] is the
+        embedding output, hidden_states[i] the output of layer i - 1)."""
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise TypeError("vtr supports one vision_feature_layer, not a list of them")
+        return encoder_layers[len(encoder_layers) + layer if layer < 0 else layer - 1]
 
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """Tokens of each image (or video) of the batch, in placeholder order, from the forward kwargs of ``vlm``;

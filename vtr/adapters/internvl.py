@@ -31,23 +31,11 @@ class InternVLAdapter(Adapter):
         return (InternVLForConditionalGeneration,)
 
     def __init__(self, model):
-        config = model.config
-        core = model.model
-        self.model = model
-        self.config = config
-        self.vlm = core
-        self.projector: nn.Module = core.multi_modal_projector
-        self.language_model: nn.Module = core.language_model
-        self.decoder_layers = list(self.language_model.layers)
-        self.text_config = self.language_model.config
-        self.image_token_id = config.image_token_id
-        layer = config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise TypeError("vtr supports one vision_feature_layer, not a list of them")
-        self.vision_model = core.vision_tower
-        encoder_layers = self.vision_model.encoder.layer
-        self.feature_layer = encoder_layers[len(encoder_layers) + layer if layer < 0 else layer - 1]
-        self.features_keep_cls = config.vision_feature_select_strategy == "full"
+        super().__init__(model)
+        self.projector: nn.Module = self.vlm.multi_modal_projector
+        self.vision_model = self.vlm.vision_tower
+        self.feature_layer = self._feature_layer(self.vision_model.encoder.layer)
+        self.features_keep_cls = self.config.vision_feature_select_strategy == "full"
 
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """One run of placeholders per image (``<img>`` and ``</img>`` separate them)."""

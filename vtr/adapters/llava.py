@@ -40,24 +40,12 @@ class LlavaAdapter(Adapter):
         return (LlavaForConditionalGeneration,)
 
     def __init__(self, model):
-        config = model.config
-        core = model.model
-        self.model = model
-        self.config = config
-        self.vlm = core                                   # receives input_ids, pixel_values, masks, cache
-        self.projector: nn.Module = core.multi_modal_projector    # one (tokens, D) output per crop
-        self.language_model: nn.Module = core.language_model
-        self.decoder_layers = list(self.language_model.layers)
-        self.text_config = self.language_model.config
-        self.image_token_id = config.image_token_id
-
-        layer = config.vision_feature_layer
-        if not isinstance(layer, int):
-            raise TypeError("vtr supports one vision_feature_layer, not a list of them")
-        self.vision_model = core.vision_tower
-        encoder_layers = getattr(self.vision_model, "vision_model", self.vision_model).encoder.layers
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of encoder layer i - 1
-        self.feature_layer = encoder_layers[len(encoder_layers) + layer if layer < 0 else layer - 1]
+        super().__init__(model)
+        config = self.config
+        self.projector: nn.Module = self.vlm.multi_modal_projector    # one (tokens, D) output per crop
+        self.vision_model = self.vlm.vision_tower
+        self.feature_layer = self._feature_layer(getattr(self.vision_model, "vision_model",
+                                                         self.vision_model).encoder.layers)
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
         self.features_keep_cls = config.vision_feature_select_strategy == "full"
 

@@ -35,14 +35,8 @@ class Qwen2VLAdapter(Adapter):
         return (Qwen2VLForConditionalGeneration,)
 
     def __init__(self, model):
-        config = model.config
-        core = model.model
-        self.model = model
-        self.vlm = core
-        self.language_model: nn.Module = core.language_model
-        self.decoder_layers = list(self.language_model.layers)
-        self.text_config = self.language_model.config
-        self.image_token_id = config.image_token_id
+        super().__init__(model)
+        config, core = self.config, self.vlm
         self.video_token_id = config.video_token_id
         self.vision_model = core.visual
         self.feature_layer = core.visual.blocks[-1]

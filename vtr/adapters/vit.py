@@ -4,9 +4,19 @@ where the block's keys/queries, MLP input and MLP output are, and how to pass an
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _optional(module: str, name: str) -> tuple[type, ...]:
+    """(the class,) when its package is installed, else () (timm and open_clip are optional extras)."""
+    try:
+        return (getattr(importlib.import_module(module), name),)
+    except ImportError:
+        return ()
 
 
 class TimmViTAdapter:
@@ -15,11 +25,7 @@ class TimmViTAdapter:
 
     @staticmethod
     def model_classes():
-        try:
-            from timm.models.vision_transformer import VisionTransformer
-        except ImportError:
-            return ()
-        return (VisionTransformer,)
+        return _optional("timm.models.vision_transformer", "VisionTransformer")
 
     def __init__(self, model):
         self.model = model
@@ -62,11 +68,7 @@ class OpenClipViTAdapter(TimmViTAdapter):
 
     @staticmethod
     def model_classes():
-        try:
-            from open_clip.transformer import VisionTransformer
-        except ImportError:
-            return ()
-        return (VisionTransformer,)
+        return _optional("open_clip.transformer", "VisionTransformer")
 
     def __init__(self, model):
         if not model.transformer.batch_first:
@@ -106,6 +108,3 @@ class OpenClipViTAdapter(TimmViTAdapter):
         """nn.MultiheadAttention takes a float mask of (B * heads, N, N)."""
         b, n = log_size.shape
         return log_size[:, None, None, :].expand(b, heads, n, n).reshape(b * heads, n, n)
-
-    def heads(self, block) -> int:
-        return block.attn.num_heads
