@@ -5,6 +5,7 @@ from .divprune import DivPrune
 from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .framesample import FrameSample
 from .globalcom2 import GlobalCom2
 from .kcenter import KCenter
 from .pdrop import PyramidDrop
@@ -16,11 +17,11 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
+    Random, Uniform, Pool, FrameSample, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
     ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
            "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
-           "DART", "PyramidDrop", "ToMe", "EViT"]
+           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample"]

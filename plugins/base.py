@@ -35,6 +35,8 @@ class Signals:
         ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
         token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
         crops per column and per row, ``side`` patches per crop side.
+    frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
+        raster order; an image is one frame), projector stage, where the adapter knows them.
     """
 
     tokens: torch.Tensor
@@ -49,17 +51,20 @@ class Signals:
     positions: torch.Tensor | None = None
     token_grid: torch.Tensor | None = None
     layout: dict | None = None
+    frames: torch.Tensor | None = None
 
 
 @dataclass
 class Plugin:
     """A token-reduction method. ``retain`` is the fraction of an image's visual tokens kept after the method's last
     stage; ``budget`` is the number kept per image instead (capped at what the image has). Give at most one; with
-    neither, the paper's default applies.
+    neither, the paper's default applies. A video counts as one image, unless ``per_frame``.
     """
 
     retain: float | None = None
     budget: int | None = None
+    #: videos: each frame is reduced on its own, ``retain``/``budget`` apply per frame (images are one frame)
+    per_frame: bool = False
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -75,6 +80,10 @@ class Plugin:
         if self.retain is not None:
             if isinstance(self.retain, bool) or not isinstance(self.retain, (int, float)) or not 0 < self.retain <= 1:
                 raise ValueError(f"{type(self).__name__}: retain must be a fraction in (0, 1], got {self.retain!r}")
+        if not isinstance(self.per_frame, bool):
+            raise ValueError(f"{type(self).__name__}: per_frame must be True or False, got {self.per_frame!r}")
+        if self.per_frame and self.where == "encoder":
+            raise ValueError(f"{type(self).__name__}: per_frame applies to VLM methods, not encoder-only ones")
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
                 raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {self.budget!r}")

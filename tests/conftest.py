@@ -3,6 +3,7 @@ import functools
 import pytest
 import torch
 
+from vtr.plugins import METHODS
 from tiny_models import BUILDERS, IMAGE, VIDEO_ARCHS, make_inputs
 from tiny_models import split_batch as _split
 
@@ -33,6 +34,9 @@ APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thum
 def applies(model, method: str, video: bool = False) -> bool:
     if video and method == "globalcom2":
         return False
+    if "frames" in METHODS[method].needs:                          # frames: LLaVA images, Qwen images and videos,
+        arch = model.config.model_type                             # LLaVA-OneVision videos
+        return arch in ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") or (arch == "llava_onevision" and video)
     return APPLIES.get(method, lambda arch: True)(model.config.model_type)
 
 

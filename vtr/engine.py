@@ -86,8 +86,12 @@ class Record:
     feature_row: torch.Tensor | None = None        # (B, L) row of each image token in ``injections``
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     _image_of: torch.Tensor | None = None
+    _frame_of: torch.Tensor | None = None
 
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
+    frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
+    frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts
+                                               # in its video's last frame)
     entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
     prefill: bool = True
     # per forward pass
@@ -96,16 +100,25 @@ class Record:
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
 
+    def _numbered(self, sizes: list[int]) -> torch.Tensor:
+        """(B, L) long: which run of ``sizes`` visual tokens each visual token is in, -1 elsewhere."""
+        device = self.visual.device
+        numbers = torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device))
+        return torch.full(self.visual.shape, -1, dtype=torch.long, device=device).masked_scatter(self.visual, numbers)
+
     @property
     def image_of(self) -> torch.Tensor:
         """(B, L) long: global image index of each image token, -1 elsewhere (made when an in-LLM stage needs it)."""
         if self._image_of is None:
-            device = self.visual.device
-            numbers = torch.arange(len(self.image_sizes), device=device).repeat_interleave(
-                torch.tensor(self.image_sizes, device=device))
-            self._image_of = torch.full(self.visual.shape, -1, dtype=torch.long, device=device).masked_scatter(
-                self.visual, numbers)
+            self._image_of = self._numbered(self.image_sizes)
         return self._image_of
+
+    @property
+    def frame_of(self) -> torch.Tensor:
+        """(B, L) long: global frame index of each image token, -1 elsewhere (per-frame in-LLM stages)."""
+        if self._frame_of is None:
+            self._frame_of = self._numbered(self.frame_sizes)
+        return self._frame_of
 
 
 class HookSet:
@@ -156,6 +169,13 @@ class Engine(HookSet):
             if "grid" in plugin.needs and not adapter.has_token_grid:
                 raise ValueError(f"{plugin.name} needs each image's 2-D token grid, which vtr does not read from "
                                  f"{type(adapter.model).__name__}")
+            by_frame = "frames" in plugin.needs or plugin.per_frame
+            if by_frame and not adapter.has_frames:
+                raise ValueError(f"{plugin.name}{' per_frame' if plugin.per_frame else ''} needs the frames of each "
+                                 f"video, which vtr does not read from {type(adapter.model).__name__}")
+            if by_frame and not isinstance(plugin, LLMPlugin) and self.stages:
+                raise ValueError(f"{plugin.name}{' per_frame' if plugin.per_frame else ''} works on whole frames: it "
+                                 "must be the first stage of the pipeline")
             if isinstance(plugin, LLMPlugin):
                 layers = plugin.layers(self.num_layers)
                 for step, layer in enumerate(layers):
@@ -170,6 +190,7 @@ class Engine(HookSet):
                     raise ValueError(f"{plugin.name} acts before the LLM, so it must come before every in-LLM method")
                 self.stages.append(Stage(plugin, 0, 1))
         self.llm_stages = [s for s in self.stages if s.layer is not None]
+        self.by_frame = any("frames" in p.needs or p.per_frame for p in plugins)
         self.rec: Record | None = None
         # generate() runs the vision tower before the model's forward: its signals wait here until then
         self.cls_attention: torch.Tensor | None = None
@@ -182,7 +203,7 @@ class Engine(HookSet):
         try:
             self._add(a.vlm, self._begin)
             needs = {need for s in self.stages for need in s.plugin.needs}
-            if needs & {"cls_attention", "grid"}:
+            if needs & {"cls_attention", "grid"} or a.has_frames:
                 self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
             if "cls_attention" in needs:
                 self._add(a.feature_layer, self._vision_layer)
@@ -237,6 +258,7 @@ class Engine(HookSet):
         rec = self._record()
         depth = self.num_layers
         out = []
+        videos = rec.frame_grids is not None and bool((rec.frame_grids[:, 0] > 1).any())
         for b in range(rec.visual.shape[0]):
             total = int(rec.per_sample_visual[b])
             counts = [int(a[b].sum()) for a in rec.alive]
@@ -259,6 +281,12 @@ class Engine(HookSet):
                 "tokens_per_layer": per_layer,
                 "stages": stages,
             })
+            if videos:                       # tokens in and out of each frame of the sample's videos
+                frame = rec.frame_of[b][rec.visual[b]]
+                frame = frame - frame.min()
+                kept = rec.alive[-1][b][rec.visual[b]] if rec.alive else torch.ones_like(frame, dtype=torch.bool)
+                tokens_in = frame.bincount()
+                out[-1]["frames"] = torch.stack([tokens_in, frame[kept].bincount(minlength=len(tokens_in))], 1).tolist()
         return out
 
     # ------------------------------------------------------------------ hooks
@@ -347,6 +375,22 @@ class Engine(HookSet):
         rec.image_sizes = sizes
         rec.image_local = torch.tensor(local, device=rec.visual.device)
 
+    def _read_frames(self, rec: Record):
+        """Each image's frame grid and each frame's token count (videos; an image is one frame)."""
+        try:
+            grids = self.adapter.frame_grids(rec.image_sizes)
+        except ValueError:
+            if self.by_frame:
+                raise
+            return                                     # no frames in these inputs (LLaVA-OneVision images)
+        sizes = []
+        for n, (t, h, w) in zip(rec.image_sizes, grids):
+            if not 0 <= n - t * h * w <= 1:
+                raise RuntimeError(f"vtr: {n} tokens do not make {t} frames of {h} x {w}")
+            sizes += [h * w] * (t - 1) + [n - (t - 1) * h * w]
+        rec.frame_grids = torch.tensor(grids, device=rec.visual.device)
+        rec.frame_sizes = sizes
+
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor) -> torch.Tensor:
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
         (this works whether the forward pass or ``generate()`` ran the vision tower). Images with the same number of
@@ -363,11 +407,12 @@ class Engine(HookSet):
             counts = [n - int(p.sum()) for n, p in zip(rec.image_sizes, protected.split(rec.image_sizes))]
         sizes = torch.tensor(counts, device=device)
         offsets = torch.cumsum(sizes, 0) - sizes
-        groups = {}                                                   # candidates per image -> [image indices]
+        frames = rec.frame_grids
+        groups = {}            # (candidates per image, its frame grid if known) -> [image indices]
         for i, n in enumerate(counts):
-            groups.setdefault(n, []).append(i)
-        groups = {n: torch.tensor(ids, device=device) for n, ids in groups.items()}
-        alive = {n: torch.arange(n, device=device).expand(len(ids), n) for n, ids in groups.items()}
+            groups.setdefault((n, *(() if frames is None else frames[i].tolist())), []).append(i)
+        groups = {key: torch.tensor(ids, device=device) for key, ids in groups.items()}
+        alive = {key: torch.arange(key[0], device=device).expand(len(ids), -1) for key, ids in groups.items()}
 
         def rows_of(ids, survivors):               # (G, alive) rows of ``features`` of these images' survivors
             rows = offsets[ids][:, None] + survivors
@@ -387,28 +432,38 @@ class Engine(HookSet):
             if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
                 raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
             survivors = torch.zeros(total, dtype=torch.bool, device=device) if protected is None else protected.clone()
-            for n, ids in groups.items():
-                rows = rows_of(ids, alive[n])
-                k = stage.plugin.stage_counts(rows.shape[1])[0]
-                if "before_projector" in stage.plugin.needs:          # selected (and merged) already
+            plugin = stage.plugin
+            for key, ids in groups.items():
+                n = key[0]
+                rows = rows_of(ids, alive[key])
+                # per_frame: every frame is an image of its own, with its own budget
+                t, per = (key[1], n // key[1]) if plugin.per_frame else (1, rows.shape[1])
+                k = plugin.stage_counts(per)[0]
+                if "before_projector" in plugin.needs:                # selected (and merged) already
                     if self.zipped is not None:
-                        alive[n] = self.zipped[ids]
-                        rows = rows_of(ids, alive[n])
-                elif k < rows.shape[1]:
+                        alive[key] = self.zipped[ids]
+                        rows = rows_of(ids, alive[key])
+                elif k < per:
                     whole = candidates is None and len(groups) == 1 and rows.shape[1] == n
                     tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
-                    signals = Signals(tokens=tokens, image_index=rec.image_local[ids],
-                                      cls_attention=None if cls is None else cls[rows])
+                    signals = Signals(tokens=tokens.reshape(-1, per, tokens.shape[-1]),
+                                      image_index=rec.image_local[ids].repeat_interleave(t),
+                                      cls_attention=None if cls is None else cls[rows].view(-1, per))
                     if anyres is not None:
                         signals.layout = {"crop": anyres["crop"][rows], "row": anyres["row"][rows],
                                           "col": anyres["col"][rows], "grid": anyres["grid"][ids],
                                           "side": anyres["side"]}
+                    if frames is not None:
+                        signals.frames = frames[ids] if t == 1 else frames[ids][:, None].repeat(1, t, 1).view(-1, 3)
+                        signals.frames[:, 0] //= t
                     if grids is not None:
-                        signals.token_grid = grids[ids]
-                    alive[n] = alive[n].gather(1, stage.plugin.select(signals, k).sort(dim=1).values)
-                    rows = rows_of(ids, alive[n])
-                    if stage.plugin.merge is not None:                # the kept tokens take the merged values
-                        values = stage.plugin.merge(signals, k)
+                        signals.token_grid = grids[ids] if t == 1 else signals.frames[:, 1:]
+                    picks = plugin.select(signals, k).sort(dim=1).values             # (images * t, k)
+                    picks = (picks.view(len(ids), t, k) + torch.arange(t, device=device)[:, None] * per).flatten(1)
+                    alive[key] = alive[key].gather(1, picks)
+                    rows = rows_of(ids, alive[key])
+                    if plugin.merge is not None:                      # the kept tokens take the merged values
+                        values = plugin.merge(signals, k)
                         features[rows.flatten()] = values.reshape(-1, features.shape[-1]).to(features.dtype)
                         merged = True
                 survivors[rows.flatten()] = True
@@ -431,6 +486,8 @@ class Engine(HookSet):
             if self.adapter.newline_tokens:
                 protected = self.adapter.protected(kwargs["inputs_embeds"][rec.visual])
                 rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
+            if self.adapter.has_frames:
+                self._read_frames(rec)
             if any(s.layer is None for s in self.stages):
                 kwargs["inputs_embeds"] = self._select_before_llm(rec, kwargs["inputs_embeds"])
             rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place
@@ -563,9 +620,9 @@ class Engine(HookSet):
         visual = layout.mask & rec.visual.gather(1, orig)               # the visual tokens this stage may drop
         if rec.protected is not None:
             visual &= ~rec.protected.gather(1, orig)
-        image = rec.image_of.gather(1, orig)[visual]
-        images = len(rec.image_sizes)
         plugin = stage.plugin
+        image = (rec.frame_of if plugin.per_frame else rec.image_of).gather(1, orig)[visual]
+        images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
         if stage.step == 0:
             rec.entry_counts[id(plugin)] = torch.bincount(image, minlength=images)
         entry = rec.entry_counts[id(plugin)]

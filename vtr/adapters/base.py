@@ -20,6 +20,8 @@ class Adapter:
     vision_output_hooks: list = []
     #: whether ``token_grids`` knows each image's 2-D token grid
     has_token_grid = False
+    #: whether ``frame_grids`` knows each image's or video's frames (per-frame and temporal methods)
+    has_frames = False
     #: whether some image placeholders hold tokens that are never dropped (``protected``)
     newline_tokens = False
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
@@ -73,8 +75,13 @@ class Adapter:
         """Rows and columns of each image's token grid (valid after the vision tower ran)."""
         raise NotImplementedError
 
+    def frame_grids(self, sizes: list[int]) -> list[tuple[int, int, int]]:
+        """Frames, rows and columns of each image's or video's tokens, which come frame after frame in raster order
+        (an image is one frame); tokens beyond ``t * h * w`` are protected ones (a closing newline)."""
+        return [(1, h, w) for h, w in self.token_grids(sizes)]
+
     def begin_vision(self, args: tuple, kwargs: dict):
-        """Called before the vision model runs (only for methods that need the [CLS] attention)."""
+        """Called before the vision model runs (for methods that need [CLS] attention, grids or frames)."""
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         """Importance scores from ``feature_layer``'s attention, computed from its inputs, flat; ``arrange_scores``

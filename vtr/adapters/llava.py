@@ -32,6 +32,7 @@ class LlavaAdapter(Adapter):
     #: methods merge there)
     merges_before_projector = True
     has_token_grid = True
+    has_frames = True
 
     @staticmethod
     def model_classes():
@@ -94,6 +95,7 @@ class LlavaNextAdapter(LlavaAdapter):
     newline_tokens = True
     merges_before_projector = False              # crops are packed after the projector
     has_token_grid = False                       # a thumbnail plus an unpadded crop grid, with newlines
+    has_frames = False
 
     @staticmethod
     def model_classes():
@@ -241,6 +243,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     name = "llava_onevision"
+    has_frames = True                            # videos only
 
     @staticmethod
     def model_classes():
@@ -292,6 +295,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             out += [pooled[start:start + frames].flatten(), pooled.new_zeros(1)]
             start += frames
         return torch.cat(out)
+
+    def frame_grids(self, sizes: list[int]) -> list[tuple[int, int, int]]:
+        """Videos: each frame pooled to ceil(side / 2) squared tokens, then the closing newline."""
+        if not self.video:
+            raise ValueError("vtr: per-frame and temporal methods need videos on LLaVA-OneVision (its images are a "
+                             "thumbnail plus crops, not frames)")
+        side = math.ceil(self.side / 2)
+        return [((n - 1) // side ** 2, side, side) for n in sizes]
 
     def anyres_layout(self, features: torch.Tensor, sizes: list[int]) -> dict:
         if self.video:

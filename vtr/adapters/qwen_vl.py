@@ -27,6 +27,7 @@ from .base import Adapter
 class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     has_token_grid = True
+    has_frames = True
 
     @staticmethod
     def model_classes():
@@ -66,6 +67,10 @@ class Qwen2VLAdapter(Adapter):
     def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
         """The merged grid: frames stacked, (t * h / merge, w / merge)."""
         return [(t * h // self.merge, w // self.merge) for t, h, w in self.grid_thw.tolist()]
+
+    def frame_grids(self, sizes: list[int]) -> list[tuple[int, int, int]]:
+        """A frame is a temporal patch (2 video frames), of (h / merge, w / merge) merged tokens."""
+        return [(t, h // self.merge, w // self.merge) for t, h, w in self.grid_thw.tolist()]
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden = args[0] if args else kwargs["hidden_states"]

@@ -1,0 +1,38 @@
+"""Frame sampling: the video baseline that spends the same token budget on fewer frames, kept whole ("uniform
+sampling ... equidistant frames for video", the baseline F2C and VTC-Bench compare with).
+
+Rule: a budget of k tokens on a video of T frames of h x w tokens keeps f = ceil(k / (h w)) frames, the centres of f
+equal segments of the video (frame floor((i + 1/2) T / f)); when k is not a multiple of h w, each of them keeps k / f
+tokens (the first k mod f keep one more), evenly spaced in raster order. An image is a one-frame video. Acts before
+the LLM; needs nothing from the model but its frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Plugin, Signals
+
+
+def evenly(n: int, k: int, device=None) -> torch.Tensor:
+    """k of range(n), the centres of k equal segments."""
+    return ((torch.arange(k, device=device) + 0.5) * n / k).long()
+
+
+@dataclass
+class FrameSample(Plugin):
+    name = "framesample"
+    summary = "video baseline: the token budget spent on fewer, equidistant frames kept whole, before the LLM"
+    needs = ("frames",)
+
+    def select(self, s: Signals, k: int) -> torch.Tensor:
+        device = s.tokens.device
+        picks = []
+        for t, h, w in s.frames.tolist():                 # one row per video; all alike within a call
+            per = h * w
+            f = min(t, -(-k // per))
+            counts = [k // f + (i < k % f) for i in range(f)]
+            picks.append(torch.cat([frame * per + evenly(per, c, device)
+                                    for frame, c in zip(evenly(t, f).tolist(), counts)]))
+        return torch.stack(picks)

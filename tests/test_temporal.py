@@ -1,0 +1,75 @@
+"""Videos: per-frame budgets for any method, and the temporal methods' rules pinned on small examples."""
+import pytest
+import torch
+
+import vtr
+from vtr.plugins import FrameSample, Signals
+
+from conftest import _model
+from tiny_models import IMAGE, make_inputs
+
+VIDEO_MODELS = ["llava_onevision", "qwen2_vl", "qwen3_vl"]
+
+
+def frames_of(t, h, w, d=4, seed=0):
+    """(1, t*h*w, d) random frame-major tokens and their Signals."""
+    x = torch.randn(1, t * h * w, d, generator=torch.Generator().manual_seed(seed))
+    return Signals(tokens=x, frames=torch.tensor([[t, h, w]]), token_grid=torch.tensor([[t * h, w]]))
+
+
+def test_framesample_keeps_equidistant_whole_frames_by_hand():
+    s = frames_of(8, 2, 2)                              # 8 frames of 4 tokens
+    # 8 tokens -> 2 frames, the centres of [0, 4) and [4, 8): frames 2 and 6, whole
+    assert FrameSample().select(s, 8).tolist() == [[8, 9, 10, 11, 24, 25, 26, 27]]
+    # 6 tokens -> ceil(6 / 4) = 2 frames (2 and 6), 3 tokens each, evenly spaced: floor((i + 1/2) 4 / 3) = 0, 2, 3
+    assert FrameSample().select(s, 6).tolist() == [[8, 10, 11, 24, 26, 27]]
+    # 5 tokens -> 2 frames, 3 + 2 tokens; 2 of 4: floor((i + 1/2) 4 / 2) = 1, 3
+    assert FrameSample().select(s, 5).tolist() == [[8, 10, 11, 25, 27]]
+
+
+@pytest.mark.parametrize("arch", VIDEO_MODELS)
+def test_per_frame_budget_applies_to_every_frame(arch):
+    model = _model(arch, "sdpa")
+    inputs = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1, video=True)
+    for method in ("random", "divprune", "fastv"):
+        with vtr.patch(model, method, budget=2, per_frame=True) as handle, torch.no_grad():
+            model(**inputs)
+        frames = handle.stats()[0]["frames"]
+        newline = int(arch == "llava_onevision")          # OneVision's closing newline: kept, in the last frame
+        assert len(frames) > 1 and [out for _, out in frames] == [2] * (len(frames) - 1) + [2 + newline], method
+        with vtr.patch(model, method, budget=2) as handle, torch.no_grad():
+            model(**inputs)
+        assert handle.stats()[0]["visual_tokens_out"] == 2 + newline              # without: one budget per video
+
+
+def test_per_frame_splits_an_image_method_into_frames():
+    """A per-frame run of a pre-LLM method keeps, in each frame, what the method keeps on that frame alone."""
+    model = _model("qwen2_vl", "sdpa")
+    inputs = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1, video=True)
+    with vtr.patch(model, "divprune", retain=0.5, per_frame=True) as handle, torch.no_grad():
+        model(**inputs)
+    kept = handle.kept()[0]
+    with torch.no_grad():
+        embeds = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    embeds = torch.cat(list(embeds.pooler_output if hasattr(embeds, "pooler_output") else embeds))
+    t, h, w = (inputs["video_grid_thw"][0] // torch.tensor([1, 2, 2])).tolist()
+    per = h * w
+    for frame in range(t):
+        alone = vtr.plugins.DivPrune().select(Signals(tokens=embeds[None, frame * per:(frame + 1) * per]), per // 2)
+        assert sorted((alone[0] + frame * per).tolist()) == kept[(kept >= frame * per) & (kept < (frame + 1) * per)]\
+            .tolist()
+
+
+def test_frame_methods_refuse_models_and_inputs_without_frames():
+    with pytest.raises(ValueError, match="framesample needs the frames of each video.*LlavaNext"):
+        vtr.patch(_model("llava_next", "sdpa"), "framesample")
+    with pytest.raises(ValueError, match="random per_frame needs the frames"):
+        vtr.patch(_model("internvl", "sdpa"), "random", per_frame=True)
+    with pytest.raises(ValueError, match="per_frame must be True or False"):
+        vtr.patch(_model("llava", "sdpa"), "random", per_frame="yes")
+    with pytest.raises(ValueError, match="must be the first stage"):
+        vtr.patch(_model("llava", "sdpa"), ["random", vtr.plugins.Uniform(per_frame=True)])
+    model = _model("llava_onevision", "sdpa")
+    images = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1)
+    with vtr.patch(model, "framesample"), pytest.raises(ValueError, match="need videos on LLaVA-OneVision"):
+        model(**images)
