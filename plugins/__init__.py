@@ -2,6 +2,7 @@
 from .base import EncoderPlugin, LLMPlugin, Plugin, Signals
 from .dart import DART
 from .divprune import DivPrune
+from .dycoke import DyCoke
 from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
@@ -17,11 +18,11 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, Pool, FrameSample, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
+    Random, Uniform, Pool, FrameSample, DyCoke, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
     ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
            "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
-           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample"]
+           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke"]

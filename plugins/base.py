@@ -73,6 +73,9 @@ class Plugin:
     default_retain: ClassVar[float] = 0.25
     #: signals the engine must compute for this method: "cls_attention", "last_attention".
     needs: ClassVar[tuple[str, ...]] = ()
+    #: with neither retain nor budget, the paper's own rule sets how many tokens are kept: ``select`` may return
+    #: any number of them (the same for every image of a call)
+    adaptive: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.retain is not None and self.budget is not None:
@@ -87,6 +90,10 @@ class Plugin:
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
                 raise ValueError(f"{type(self).__name__}: budget must be an integer >= 1, got {self.budget!r}")
+
+    @property
+    def counts_itself(self) -> bool:
+        return self.adaptive and self.retain is None and self.budget is None
 
     @property
     def target_retain(self) -> float:

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import vtr
-from vtr.plugins import FrameSample, Signals
+from vtr.plugins import DyCoke, FrameSample, Signals
 
 from conftest import _model
+from test_methods import unit
 from tiny_models import IMAGE, make_inputs
 
 VIDEO_MODELS = ["llava_onevision", "qwen2_vl", "qwen3_vl"]
@@ -73,3 +74,34 @@ def test_frame_methods_refuse_models_and_inputs_without_frames():
     images = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1)
     with vtr.patch(model, "framesample"), pytest.raises(ValueError, match="need videos on LLaVA-OneVision"):
         model(**images)
+
+
+def test_dycoke_ttm_pairs_then_windows_of_four_by_hand():
+    """8 frames of 2 tokens (token p of frame f is index 2f + p). Pairs: frame 1 vs 0, 3 vs 2, 5 vs 4, 7 vs 6;
+    windows of 4 (i < T - 4: only i = 0): frame 2 vs 0. Frames 0, 4 and 6 stay whole."""
+    a, b = unit(0), unit(90)
+    frames = [[a, b]] * 8
+    frames[1] = [a, unit(80)]           # vs frame 0: similarities 1, 0.98 -> keeps token 1 (index 3)
+    frames[2] = [unit(60), b]           # vs frame 0: 0.5, 1 -> token 0 (4)
+    frames[3] = [unit(60), unit(-90)]   # vs frame 2: 1, -1 -> token 1 (7)
+    frames[5] = [unit(30), b]           # vs frame 4: 0.87, 1 -> token 0 (10)
+    frames[7] = [a, unit(0)]            # vs frame 6: 1, 0 -> token 1 (15)
+    s = Signals(tokens=torch.tensor([sum(frames, [])]), frames=torch.tensor([[8, 1, 2]]))
+
+    def kept(plugin, k=0):
+        return sorted(plugin.select(s, k)[0].tolist())
+
+    assert kept(DyCoke(k=0.5)) == [0, 1, 3, 4, 7, 8, 9, 10, 12, 13, 15]       # int((1 - 0.5) 2) = 1 per pruned frame
+    assert kept(DyCoke(budget=11), 11) == kept(DyCoke(k=0.5))                 # 6 whole + 5 shared by 5 frames
+    assert kept(DyCoke(budget=8), 8) == [0, 1, 3, 4, 8, 9, 12, 13]            # 2 left: frames 1 and 2 keep one
+    # below the whole frames (vtr's extension): frames 0, 4, 6 keep their token least similar to the next frame
+    assert kept(DyCoke(budget=3), 3) == [1, 8, 13]
+
+
+def test_dycoke_default_keeps_the_papers_share_of_a_32_frame_video():
+    t = 32
+    s = frames_of(t, 14, 14, seed=3)
+    kept = DyCoke().select(s, 0)
+    # 7 full windows of 196 + 3 x 58, and the last window (i = 28 is not < 28) as pairs: 196 + 58 + 196 + 58
+    assert kept.shape[1] == 7 * (196 + 3 * 58) + 2 * (196 + 58) == 3098
+    assert len(set(kept[0].tolist())) == kept.shape[1]

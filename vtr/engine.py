@@ -443,7 +443,7 @@ class Engine(HookSet):
                     if self.zipped is not None:
                         alive[key] = self.zipped[ids]
                         rows = rows_of(ids, alive[key])
-                elif k < per:
+                elif k < per or plugin.counts_itself:
                     whole = candidates is None and len(groups) == 1 and rows.shape[1] == n
                     tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
                     signals = Signals(tokens=tokens.reshape(-1, per, tokens.shape[-1]),
@@ -459,6 +459,10 @@ class Engine(HookSet):
                     if grids is not None:
                         signals.token_grid = grids[ids] if t == 1 else signals.frames[:, 1:]
                     picks = plugin.select(signals, k).sort(dim=1).values             # (images * t, k)
+                    if plugin.counts_itself:
+                        k = picks.shape[1]
+                    elif picks.shape[1] != k:
+                        raise RuntimeError(f"{plugin.name} selected {picks.shape[1]} tokens of {per}, not {k}")
                     picks = (picks.view(len(ids), t, k) + torch.arange(t, device=device)[:, None] * per).flatten(1)
                     alive[key] = alive[key].gather(1, picks)
                     rows = rows_of(ids, alive[key])
