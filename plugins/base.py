@@ -117,9 +117,10 @@ class Plugin:
         """Projector stage: ``(images, k)`` indices of the kept tokens of each image. Default: top-k of score()."""
         return self.score(s).topk(k, dim=-1).indices
 
-    #: projector stage, optional: ``merge(s, k) -> (images, k, D)``, new values for the kept tokens (in ascending
-    #: index order) for methods that merge rather than only select
-    merge = None
+    def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projector stage: the kept indices ``(images, k)`` and, for methods that merge rather than only select,
+        the kept tokens' new values ``(images, k, D)`` in the same order (None: unchanged). Default: ``select``."""
+        return self.select(s, k), None
 
 
 @dataclass

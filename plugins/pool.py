@@ -44,12 +44,11 @@ class Pool(Plugin):
     summary = "2-D average pooling of each image's token grid down to the budget, before the LLM"
     needs = ("grid",)
 
-    def select(self, s: Signals, k: int) -> torch.Tensor:
-        return torch.stack([torch.stack([c[0] for c in cells(*map(int, s.token_grid[i]), k)])
-                            for i in range(s.tokens.shape[0])]).to(s.tokens.device)
-
-    def merge(self, s: Signals, k: int) -> torch.Tensor:
-        """(images, k, D): the mean of each cell, in the order ``select`` returns the cells' first tokens."""
-        return torch.stack([torch.stack([s.tokens[i, c.to(s.tokens.device)].mean(dim=0)
-                                         for c in cells(*map(int, s.token_grid[i]), k)])
-                            for i in range(s.tokens.shape[0])])
+    def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each cell's first token, which takes the mean of the cell."""
+        picks, values = [], []
+        for i in range(s.tokens.shape[0]):
+            grid = cells(*map(int, s.token_grid[i]), k)
+            picks.append(torch.stack([c[0] for c in grid]))
+            values.append(torch.stack([s.tokens[i, c.to(s.tokens.device)].mean(dim=0) for c in grid]))
+        return torch.stack(picks).to(s.tokens.device), torch.stack(values)

@@ -7,6 +7,8 @@ One sample, no padding. Kept embeddings keep the position ids the stock model gi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import DynamicCache
 
@@ -74,27 +76,35 @@ def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merged_after_projector(model, inputs: dict, plugin) -> torch.Tensor:
-    """One image's stock features with a merging plugin's values (pooling) at the tokens it keeps; the image's token
-    grid is read from the inputs: square (LLaVA-1.5), merged h x w (Qwen-VL), tiles stacked (InternVL)."""
+def merged_after_projector(model, inputs: dict, plugin, cls_attention: torch.Tensor | None = None) -> torch.Tensor:
+    """One image's (or video's) stock features with a merging plugin's values at the tokens it keeps (pooling,
+    FastVID); its token grid and frames are read from the inputs: square (LLaVA-1.5), merged t x h x w (Qwen-VL),
+    tiles stacked (InternVL), pooled frames plus a closing newline (LLaVA-OneVision video). ``cls_attention``: the
+    vision scores the engine handed the plugin (checked against the eager towers in test_methods.py)."""
     from vtr.plugins import Signals
 
     features = torch.cat(list(encode(model, inputs).pooler_output)).reshape(-1, model.config.text_config.hidden_size)
     n = features.shape[0]
     grid_key = "video_grid_thw" if "video_grid_thw" in inputs else "image_grid_thw"
     if grid_key in inputs:
-        t, h, w = inputs[grid_key][0].tolist()
         merge = model.config.vision_config.spatial_merge_size
-        grid = (t * h // merge, w // merge)
+        t, h, w = inputs[grid_key][0].tolist()
+        frames = (t, h // merge, w // merge)
+    elif "pixel_values_videos" in inputs:           # frames of side x side, then the newline (never reduced)
+        t = inputs["pixel_values_videos"].shape[1]
+        n -= 1
+        side = math.isqrt(n // t)
+        frames = (t, side, side)
     elif model.config.model_type == "internvl":
-        side = int(model.config.image_seq_length ** 0.5)
-        grid = (n // side, side)
+        side = math.isqrt(model.config.image_seq_length)
+        frames = (1, n // side, side)
     else:
-        grid = (int(n ** 0.5), int(n ** 0.5))
-    k = plugin.stage_counts(n)[0]
-    signals = Signals(tokens=features[None], token_grid=torch.tensor([grid]))
+        frames = (1, math.isqrt(n), math.isqrt(n))
+    signals = Signals(tokens=features[None, :n], token_grid=torch.tensor([[frames[0] * frames[1], frames[2]]]),
+                      frames=torch.tensor([frames]), cls_attention=cls_attention)
+    picks, values = plugin.reduce(signals, plugin.stage_counts(n)[0])
     out = features.clone()
-    out[plugin.select(signals, k)[0]] = plugin.merge(signals, k)[0]
+    out[picks[0]] = values[0]
     return out
 
 

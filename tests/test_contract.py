@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vtr
-from vtr.plugins import VLM_METHODS
+from vtr.plugins import VLM_METHODS, Plugin
 
 from conftest import split_batch
 from oracle import (merged_after_projector, merged_before_projector, oracle_generate, sequence_after,
@@ -45,10 +45,18 @@ def test_retain_one_is_bit_identical_and_remove_restores(model, single, method):
         assert torch.equal(model(**single).logits, reference)
 
 
+def spy(plugin) -> list:
+    """The Signals the engine hands ``plugin.reduce``, call after call."""
+    seen, reduce = [], plugin.reduce
+    plugin.reduce = lambda s, k: (seen.append(s), reduce(s, k))[1]
+    return seen
+
+
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("retain", [0.25, 0.5])
 def test_generation_equals_oracle(model, single, method, retain):
     with vtr.patch(model, method, retain=retain) as handle:
+        seen = spy(handle.plugins[0])
         tokens, logits = generate(model, single)
         stages = handle._engine.stages
         kept = [sequence_after(model, single["input_ids"], k) for k in
@@ -60,8 +68,8 @@ def test_generation_equals_oracle(model, single, method, retain):
     features, plugin = None, handle.plugins[0]
     if plugin.name == "visionzip":                                 # merged features enter the LLM
         features = merged_before_projector(model, single, plugin)
-    elif plugin.merge is not None:                                 # pooling: the cells' means enter the LLM
-        features = merged_after_projector(model, single, plugin)
+    elif type(plugin).reduce is not Plugin.reduce:                 # pooling, FastVID: merged values enter the LLM
+        features = merged_after_projector(model, single, plugin, seen[0].cls_attention)
     want_tokens, want_logits = oracle_generate(model, single, pre[-1] if pre else None, llm, tokens.shape[1],
                                                features)
     assert torch.equal(tokens[0], want_tokens)

@@ -262,8 +262,8 @@ def test_pool_cells_by_hand():
     assert [c.tolist() for c in cells(2, 3, 5)] == [[0], [1], [2], [3], [4, 5]]
     tokens = torch.arange(16.0).view(1, 16, 1)
     s = Signals(tokens=tokens, token_grid=torch.tensor([[4, 4]]))
-    assert Pool().select(s, 4).tolist() == [[0, 2, 8, 10]]
-    assert Pool().merge(s, 4)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    picks, values = Pool().reduce(s, 4)
+    assert picks.tolist() == [[0, 2, 8, 10]] and values[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
 
 
 def test_kcenter_runs_the_max_min_routine_on_the_encoder_output():

@@ -458,16 +458,17 @@ class Engine(HookSet):
                         signals.frames[:, 0] //= t
                     if grids is not None:
                         signals.token_grid = grids[ids] if t == 1 else signals.frames[:, 1:]
-                    picks = plugin.select(signals, k).sort(dim=1).values             # (images * t, k)
+                    picks, values = plugin.reduce(signals, k)                         # (images * t, k)
                     if plugin.counts_itself:
                         k = picks.shape[1]
                     elif picks.shape[1] != k:
                         raise RuntimeError(f"{plugin.name} selected {picks.shape[1]} tokens of {per}, not {k}")
+                    picks, order = picks.sort(dim=1)
                     picks = (picks.view(len(ids), t, k) + torch.arange(t, device=device)[:, None] * per).flatten(1)
                     alive[key] = alive[key].gather(1, picks)
                     rows = rows_of(ids, alive[key])
-                    if plugin.merge is not None:                      # the kept tokens take the merged values
-                        values = plugin.merge(signals, k)
+                    if values is not None:                            # the kept tokens take the merged values
+                        values = values.gather(1, order[..., None].expand_as(values))
                         features[rows.flatten()] = values.reshape(-1, features.shape[-1]).to(features.dtype)
                         merged = True
                 survivors[rows.flatten()] = True
