@@ -6,6 +6,7 @@ from .dycoke import DyCoke
 from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .fastvid import FastVID
 from .framesample import FrameSample
 from .globalcom2 import GlobalCom2
 from .kcenter import KCenter
@@ -18,11 +19,11 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, Pool, FrameSample, DyCoke, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
+    Random, Uniform, Pool, FrameSample, DyCoke, FastVID, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
     ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
            "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
-           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke"]
+           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID"]

@@ -13,6 +13,16 @@ import torch
 from vtr.kernels import topk_per_group
 
 
+def evenly(n: int, k: int, device=None) -> torch.Tensor:
+    """k of range(n), evenly spaced: the centres of k equal segments, floor((i + 1/2) n / k)."""
+    return ((torch.arange(k, device=device) + 0.5) * n / k).long()
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal integers, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 @dataclass
 class Signals:
     """What one stage sees, for the whole batch.

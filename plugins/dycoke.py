@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Plugin, Signals
-from .framesample import evenly
+from .base import Plugin, Signals, evenly, shares
 
 
 def references(t: int) -> dict[int, int]:
@@ -33,11 +32,6 @@ def references(t: int) -> dict[int, int]:
     ref = {i + 1: i for i in range(0, t - 1, 2)}
     ref.update({i + 2: i for i in range(0, t - 4, 4)})
     return ref
-
-
-def shares(total: int, parts: int) -> list[int]:
-    """``total`` split into ``parts`` near-equal integers, the larger ones first."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 @dataclass

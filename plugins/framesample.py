@@ -12,12 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Plugin, Signals
-
-
-def evenly(n: int, k: int, device=None) -> torch.Tensor:
-    """k of range(n), the centres of k equal segments."""
-    return ((torch.arange(k, device=device) + 0.5) * n / k).long()
+from .base import Plugin, Signals, evenly, shares
 
 
 @dataclass
@@ -32,7 +27,6 @@ class FrameSample(Plugin):
         for t, h, w in s.frames.tolist():                 # one row per video; all alike within a call
             per = h * w
             f = min(t, -(-k // per))
-            counts = [k // f + (i < k % f) for i in range(f)]
             picks.append(torch.cat([frame * per + evenly(per, c, device)
-                                    for frame, c in zip(evenly(t, f).tolist(), counts)]))
+                                    for frame, c in zip(evenly(t, f).tolist(), shares(k, f))]))
         return torch.stack(picks)

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Plugin, Signals
-
-
-def _evenly(n: int, k: int) -> torch.Tensor:
-    return ((torch.arange(k) + 0.5) * n / k).long()
+from .base import Plugin, Signals, evenly
 
 
 @dataclass
@@ -29,8 +25,8 @@ class Uniform(Plugin):
         images, n = s.tokens.shape[:2]
         side, k_side = math.isqrt(n), math.isqrt(k)
         if side * side == n and k_side * k_side == k:
-            rows = _evenly(side, k_side)
+            rows = evenly(side, k_side)
             picks = (rows[:, None] * side + rows[None, :]).flatten()
         else:
-            picks = _evenly(n, k)
+            picks = evenly(n, k)
         return picks.to(s.tokens.device).expand(images, k)

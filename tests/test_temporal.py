@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import vtr
-from vtr.plugins import DyCoke, FrameSample, Signals
+from vtr.kernels import density_peaks
+from vtr.plugins import DyCoke, FastVID, FrameSample, Signals
+from vtr.plugins.fastvid import segments
 
 from conftest import _model
 from test_methods import unit
@@ -105,3 +107,39 @@ def test_dycoke_default_keeps_the_papers_share_of_a_32_frame_video():
     # 7 full windows of 196 + 3 x 58, and the last window (i = 28 is not < 28) as pairs: 196 + 58 + 196 + 58
     assert kept.shape[1] == 7 * (196 + 3 * 58) + 2 * (196 + 58) == 3098
     assert len(set(kept[0].tolist())) == kept.shape[1]
+
+
+def test_density_peaks_by_hand():
+    # points 0, 1, 2, 10 on a line, 3 nearest (self included): mean d^2 = 5/3, 2/3, 5/3, 145/3; point 1 is densest
+    # (delta = largest distance, 10), points 0 and 2 have point 1 at distance 1, point 10 has point 2 at 8
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    rho = torch.tensor([-5 / 3, -2 / 3, -5 / 3, -145 / 3]).exp()
+    torch.testing.assert_close(density_peaks(x, 3), rho * torch.tensor([1.0, 10.0, 1.0, 8.0]))
+
+
+def test_fastvid_segments_by_hand():
+    g = torch.tensor([unit(0), unit(10), unit(60), unit(65)])      # transitions: 0.985, 0.643, 0.996
+    assert segments(g, 2, 0.9) == [[0, 1], [2, 3]]                 # the lowest one (after frame 1)
+    assert segments(g, 2, 0.99) == [[0], [1], [2, 3]]              # and every one below tau
+    assert segments(g, 1, 0.0) == [[0, 1, 2, 3]]
+
+
+def test_fastvid_anchor_frames_share_the_segments_anchors():
+    plugin = FastVID(step=4)
+    # 6 frames, 2 anchors each: the last frame (5) and 5 - 4 = 1 hold 6 each
+    assert plugin._anchor_counts(list(range(6)), [2] * 6, [10] * 6) == [0, 6, 0, 0, 0, 6]
+    # frame 5 has room for 4: the other 2 go to the segment's other frames, last first
+    assert plugin._anchor_counts(list(range(6)), [2] * 6, [10] * 5 + [4]) == [0, 6, 0, 0, 2, 4]
+
+
+def test_fastvid_salient_then_density_anchors_merged_by_hand():
+    """2 frames of 4 tokens, budget 4: 2 per frame, 1 salient + 1 anchor each (anchors=0.5); one segment, whose last
+    frame (1) holds both anchors. Frame 1's non-salient tokens u1 = (0, 1), u2 = (0, 0.9), u3 = (-1, 0.1): u2 is the
+    densest (score 0.76 x 0.95), then u3 (0.56 x 0.91), then u1 (0.74 x 0.07). Members by cosine: t1, t2, u1, u2 ->
+    u2; t3, u3 -> u3. u2 = 0.6 u2 + 0.4 mean(0, 1.0) = (0, 0.94); u3 = 0.6 u3 + 0.4 (-1, 0.05) = (-1, 0.08)."""
+    tokens = torch.tensor([[[1, 0], [0, 1], [0, 1.1], [-1, 0], [1, 0.1], [0, 1], [0, 0.9], [-1, 0.1]]])
+    s = Signals(tokens=tokens, frames=torch.tensor([[2, 1, 4]]),
+                cls_attention=torch.tensor([[1.0, 0, 0, 0, 1.0, 0, 0, 0]]))
+    picks, values = FastVID(anchors=0.5, segments=1, tau=0.0).reduce(s, 4)
+    assert picks.tolist() == [[0, 4, 6, 7]]
+    torch.testing.assert_close(values[0], torch.tensor([[1, 0], [1, 0.1], [0, 0.94], [-1, 0.08]]))

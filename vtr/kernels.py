@@ -126,6 +126,20 @@ def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -
     return keep
 
 
+def density_peaks(x: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """DPC-kNN scores (density-peaks clustering, as FastVID, PruneVid and HoliTom use it): ``x`` (..., N, D) ->
+    (..., N) rho * delta, with d = ||x_i - x_j|| / sqrt(D), rho = exp(-mean of d^2 over the ``neighbours`` nearest
+    tokens, itself included) and delta = distance to the nearest denser token (the densest: the largest distance).
+    Ties in rho are not broken by noise (the papers' code adds 1e-6 noise): equal densities are not "denser"."""
+    x = x.float()
+    d = torch.cdist(x, x) / x.shape[-1] ** 0.5
+    rho = (-(d.topk(min(neighbours, d.shape[-1]), dim=-1, largest=False).values ** 2).mean(-1)).exp()
+    denser = rho[..., None, :] > rho[..., :, None]                   # [i, j]: j is denser than i
+    delta = d.masked_fill(~denser, float("inf")).amin(-1)
+    delta = torch.where(denser.any(-1), delta, d.flatten(-2).amax(-1)[..., None])
+    return rho * delta
+
+
 class Plan:
     """How a ViT block reduces its tokens: ``dest`` (B, N) is each token's slot in [0, width) (-1: dropped); a slot
     is the ``weight``-weighted average of its tokens (None: weighted by size) and its size the sum of theirs.

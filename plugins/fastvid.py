@@ -1,0 +1,117 @@
+"""FastVID: "FastVID: Dynamic Density Pruning for Fast Video Large Language Models" (Shen et al., arXiv 2503.11187),
+before the LLM, as its official code runs it on LLaVA-OneVision (LunarShen/FastVID).
+
+Rule:
+- DySeg: transition similarity s_t = cos(g_t, g_t+1) of consecutive frames' global features; a segment ends after
+  each of the c - 1 lowest transitions and after every transition below tau (c = 8, tau = 0.9).
+- Budget: each frame gets R of the retained tokens (retention 0.10 by default, the paper's scripts); int(d R) of them
+  are anchors, the rest salient tokens (d = 0.4).
+- Salient tokens: in every frame, the top tokens by vision attention, kept as they are.
+- STPrune: in each segment, the anchor frames are its last frame and every p-th frame before it (p = 4); they share
+  the segment's anchors. An anchor frame's anchors are its top non-salient tokens by density-peaks score rho * delta
+  (4 nearest neighbours, ``vtr.kernels.density_peaks``). Every non-salient token of the segment joins its most
+  cosine-similar anchor of that frame (each anchor frame absorbs the whole segment), and an anchor becomes
+  w x + (1 - w) mean(its members), w = max(1 / (members + 1), beta), beta = 0.6.
+Kept tokens keep their original positions, as in the official code.
+
+Differences, documented: the frame's global feature is the mean of its projected tokens and the vision attention is
+the engine's [CLS] attention (the mean attention received in the feature layer on SigLIP/Qwen towers): the official
+code reads both from SigLIP's attention-pooling head, which Hugging Face's LLaVA-OneVision tower does not keep. The
+budget is spent exactly (the official code floors it per frame): frame budgets differ by at most one, and anchors an
+anchor frame has no room for go to the segment's other frames, last first. An image is a one-frame video.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vtr.kernels import density_peaks
+
+from .base import Plugin, Signals, shares
+
+
+def segments(g: torch.Tensor, count: int, tau: float) -> list[list[int]]:
+    """DySeg: frames of ``g`` (T, D) global features cut after the ``count - 1`` lowest transitions and every one
+    below ``tau``."""
+    t = g.shape[0]
+    g = F.normalize(g.float(), dim=-1)
+    similarity = (g[:-1] * g[1:]).sum(-1)
+    cuts = set(similarity.topk(min(count - 1, t - 1), largest=False).indices.tolist())
+    cuts |= set((similarity < tau).nonzero()[:, 0].tolist())
+    bounds = [-1, *sorted(cuts), t - 1]
+    return [list(range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class FastVID(Plugin):
+    name = "fastvid"
+    summary = "FastVID: segments by frame similarity, salient tokens by attention + density-peak anchors merged"
+    needs = ("frames", "cls_attention")
+    default_retain = 0.10
+    neighbours: ClassVar[int] = 4
+    segments: int = 8           # c: at least this many segments
+    tau: float = 0.9            # a transition below this similarity always cuts
+    anchors: float = 0.4        # d: the anchors' share of a frame's budget
+    step: int = 4               # p: every p-th frame of a segment (from its last) holds anchors
+    beta: float = 0.6           # an anchor's least weight in its merge
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.segments < 1 or self.step < 1 or not 0 <= self.anchors <= 1 or not 0 <= self.beta <= 1:
+            raise ValueError("FastVID: segments and step must be >= 1, anchors and beta fractions in [0, 1]")
+
+    def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t, h, w = s.frames[0].tolist()
+        per, dim = h * w, s.tokens.shape[-1]
+        budget = shares(k, t)
+        anchors = [int(self.anchors * r) for r in budget]
+        salient = [r - a for r, a in zip(budget, anchors)]
+        picks, values = [], []
+        for x, attention in zip(s.tokens.view(-1, t, per, dim), s.cls_attention.view(-1, t, per)):
+            p, v = self._video(x, attention, salient, anchors)
+            picks.append(p)
+            values.append(v)
+        return torch.stack(picks), torch.stack(values)
+
+    def _video(self, x, attention, salient, anchors):
+        t, per, dim = x.shape
+        top = [attention[f].topk(salient[f]).indices for f in range(t)]
+        rest = []                                            # each frame's non-salient tokens
+        for f in range(t):
+            free = torch.ones(per, dtype=torch.bool, device=x.device)
+            free[top[f]] = False
+            rest.append(free.nonzero()[:, 0])
+        picks = [top[f] + f * per for f in range(t)]
+        values = [x[f, top[f]] for f in range(t)]
+        flat, unit = x.reshape(-1, dim), F.normalize(x.float(), dim=-1).reshape(-1, dim)
+        for segment in segments(x.mean(1), self.segments, self.tau):
+            members = torch.cat([rest[f] + f * per for f in segment])
+            for f, count in zip(segment, self._anchor_counts(segment, anchors, [len(rest[f]) for f in range(t)])):
+                if not count:
+                    continue
+                anchor = rest[f][density_peaks(x[f, rest[f]], self.neighbours).topk(count).indices] + f * per
+                owner = (unit[members] @ unit[anchor].T).argmax(1)
+                size = torch.bincount(owner, minlength=count)[:, None]
+                mean = torch.zeros(count, dim, device=x.device).index_add_(0, owner, flat[members].float())
+                weight = (1 / (size + 1)).clamp(min=self.beta)
+                picks.append(anchor)
+                values.append((weight * flat[anchor].float() + (1 - weight) * mean / size.clamp(min=1)).to(x.dtype))
+        return torch.cat(picks), torch.cat(values)
+
+    def _anchor_counts(self, segment: list[int], anchors: list[int], room: list[int]) -> list[int]:
+        """Anchors of each frame of a segment: the segment's total shared by its anchor frames (the last, then every
+        ``step``-th before it); what a frame has no room for goes to the others, last first."""
+        total, last = sum(anchors[f] for f in segment), segment[-1]
+        holders = [f for f in segment if (last - f) % self.step == 0]
+        counts = dict.fromkeys(segment, 0)
+        for f, c in zip(holders, shares(total, len(holders))):
+            counts[f] = min(c, room[f])
+        left = total - sum(counts.values())
+        for f in reversed(segment):
+            extra = min(left, room[f] - counts[f])
+            counts[f] += extra
+            left -= extra
+        return [counts[f] for f in segment]
