@@ -40,6 +40,31 @@ def test_demo_rejects_bad_input(capsys, monkeypatch):
         main(["demo", "image", "--retain", "1.5"])
 
 
+def test_demo_video_offline_with_frame_strip(tmp_path, capsys):
+    pytest.importorskip("decord")
+    strip = tmp_path / "frames.png"
+    assert main(["demo", "video", "--method", "framesample", "--budget", "32", "--max-new-tokens", "2",
+                 "--overlay", str(strip)]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED" in out and "8 frames" in out and "129 in, 33 out" in out       # 8 x 16 + the newline
+    # framesample: 2 equidistant frames (2 and 6) kept whole, the newline with the last frame
+    assert "16->0, 16->0, 16->16, 16->0, 16->0, 16->0, 16->16, 17->1" in out
+    from PIL import Image
+
+    assert Image.open(strip).size == (8 * 4 * 24, 4 * 24)
+
+
+def test_demo_video_rejects_bad_input_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    from vtr import builtin, demo
+
+    monkeypatch.setattr(demo, "load_model", lambda *a: pytest.fail("a model was loaded before the input was checked"))
+    monkeypatch.setattr(builtin, "tiny_video_model", lambda *a, **k: pytest.fail("a model was built first"))
+    assert main(["demo", "video", "--method", "nosuch"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+    assert main(["demo", "video", "--video", str(tmp_path / "missing.mp4")]) == 2
+    assert "no such video" in capsys.readouterr().err
+
+
 def test_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--methods", "divprune,fastv", "--retain", "0.25", "--repeats", "1",
@@ -69,10 +94,11 @@ def test_non_editable_install_imports(tmp_path):
                     "--target", str(target), str(ROOT)], check=True)
     code = ("import vtr, vtr.plugins, vtr.video, vtr.eval.bench, vtr.eval.evaluate, vtr.demo, vtr.builtin; "
             "assert vtr.__file__.startswith(%r), vtr.__file__; "
-            "assert {'random', 'fastervlm', 'divprune', 'globalcom2', 'fastv', 'pdrop', 'tome', 'evit'} <= "
+            "assert {'random', 'fastervlm', 'divprune', 'globalcom2', 'fastv', 'pdrop', 'tome', 'evit', 'dycoke', 'fastvid', 'framesample'} <= "
             "set(vtr.methods()); "
             "vtr.demo.default_example(); "
-            "import pathlib; assert (pathlib.Path(vtr.builtin.shipped_model_path()) / 'model.safetensors').is_file()"
+            "import pathlib; assert (pathlib.Path(vtr.builtin.shipped_model_path()) / 'model.safetensors').is_file(); "
+            "from importlib import resources; assert resources.files('vtr.assets').joinpath('clip.mp4').is_file()"
             % str(target))
     env = {**os.environ, "PYTHONPATH": str(target)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)

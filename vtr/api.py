@@ -88,6 +88,10 @@ class Handle:
         Visual tokens are numbered in sequence order over all images of the sample."""
         return self._engine.kept(stage)
 
+    def frame_grids(self) -> list[list[int]]:
+        """[frames, rows, columns] of each image or video of the last prefill, in order (an image is one frame)."""
+        return self._engine.frame_grids()
+
     def positions(self) -> torch.Tensor:
         """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
         return self._engine.positions()

@@ -61,6 +61,41 @@ def llava_inputs(model, prompts: list[list[int]], seed: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
+def tiny_video_model(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A randomly initialised LLaVA-OneVision (SigLIP 56 px / 8 px patches -> 4 x 4 pooled tokens per frame, Qwen2
+    language model) over the shipped tokenizer's vocabulary plus a video token: the offline video demo's model. It
+    runs every video path of the real checkpoints, but its answers are noise."""
+    from transformers import (AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shipped_model_path()))
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=56, patch_size=8)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tokenizer) + 1, max_position_embeddings=4096,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                                  video_token_id=len(tokenizer), vision_feature_layer=-1)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_video_inputs(model, tokenizer, frames, question: str) -> dict:
+    """The video (T, H, W, 3 uint8 frames, resized to the tower's size), then the question, as token ids."""
+    size = model.config.vision_config.image_size
+    video = torch.nn.functional.interpolate(torch.as_tensor(frames).permute(0, 3, 1, 2).float(), size=(size, size),
+                                            mode="bilinear", antialias=True)
+    side = -(-(size // model.config.vision_config.patch_size) // 2)         # the model pools each frame 2x2
+    placeholders = [model.config.video_token_id] * (len(frames) * side * side + 1)   # + the closing newline
+    ids = [tokenizer.bos_token_id, *placeholders, *tokenizer(question, add_special_tokens=False).input_ids]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values_videos": (video / 127.5 - 1)[None]}
+
+
 def shipped_model_path():
     """The tiny LLaVA trained on the synthetic shapes QA (``python -m vtr.eval.train_tiny``), shipped in assets."""
     return resources.files("vtr.assets").joinpath("tiny-llava")

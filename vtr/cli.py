@@ -1,4 +1,4 @@
-"""The ``vtr`` command: ``vtr methods``, ``vtr demo image``, ``vtr eval``, ``vtr bench``."""
+"""The ``vtr`` command: ``vtr methods``, ``vtr demo image|video``, ``vtr eval``, ``vtr bench``."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +17,12 @@ def _methods(args):
 def _demo(args):
     from vtr import demo
 
-    demo.run(model_id=args.model, image_path=args.image, question=args.question, method=args.method,
-             retain=args.retain, budget=args.budget, max_new_tokens=args.max_new_tokens,
-             attn_implementation=args.attn, overlay_path=args.overlay)
+    common = dict(model_id=args.model, question=args.question, retain=args.retain, budget=args.budget,
+                  max_new_tokens=args.max_new_tokens, attn_implementation=args.attn, overlay_path=args.overlay)
+    if args.kind == "video":
+        demo.run_video(video_path=args.video, method=args.method or "fastvid", num_frames=args.frames, **common)
+    else:
+        demo.run(image_path=args.image, method=args.method or "fastv", **common)
 
 
 def _bench(args):
@@ -96,16 +99,19 @@ def main(argv=None):
     sub.add_parser("methods", help="list the registered methods").set_defaults(func=_methods)
 
     demo = sub.add_parser("demo", help="answer a question with and without token reduction")
-    demo.add_argument("kind", choices=["image"], help="what to ask about")
+    demo.add_argument("kind", choices=["image", "video"], help="what to ask about")
     demo.add_argument("--model", help="Hugging Face id or path (default: the built-in offline model)")
     demo.add_argument("--image", help="image file (default: an example of the shipped shapes test split)")
+    demo.add_argument("--video", help="video file or directory of frames (default: the shipped clip)")
+    demo.add_argument("--frames", type=int, help="frames sampled from the video (default: 8 built-in, 16 otherwise)")
     demo.add_argument("--question", help="default: the example's question, or %r with --image" % DEFAULT_QUESTION)
-    demo.add_argument("--method", default="fastv")
+    demo.add_argument("--method", help="default: fastv (image), fastvid (video)")
     demo.add_argument("--retain", type=_fraction)
     demo.add_argument("--budget", type=int)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, eager or flash_attention_2")
-    demo.add_argument("--overlay", help="write the image with the kept patches highlighted to this PNG")
+    demo.add_argument("--overlay", help="write the image (a video: a strip of its frames) with the kept tokens "
+                      "highlighted to this PNG")
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="accuracy, retention, FLOPs, latency and KV cache per method and retention")

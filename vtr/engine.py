@@ -248,6 +248,13 @@ class Engine(HookSet):
         visual_index = rec.visual.long().cumsum(1) - 1            # each image token's number in its sample
         return [visual_index[b][alive[b] & rec.visual[b]] for b in range(alive.shape[0])]
 
+    def frame_grids(self) -> list[list[int]]:
+        """Frames, rows and columns of each image or video of the last prefill (an image is one frame)."""
+        rec = self._record()
+        if rec.frame_grids is None:
+            raise RuntimeError(f"vtr reads no frames from {type(self.adapter.model).__name__} or these inputs")
+        return rec.frame_grids.tolist()
+
     def positions(self) -> torch.Tensor:
         """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
         return self._record().layouts[-1].orig
