@@ -9,6 +9,7 @@ from .fastv import FastV
 from .fastvid import FastVID
 from .framesample import FrameSample
 from .globalcom2 import GlobalCom2
+from .holitom import HoliTom
 from .kcenter import KCenter
 from .pdrop import PyramidDrop
 from .pool import Pool
@@ -19,11 +20,11 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, Pool, FrameSample, DyCoke, FastVID, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
+    Random, Uniform, Pool, FrameSample, DyCoke, FastVID, HoliTom, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
     ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
            "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
-           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID"]
+           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID", "HoliTom"]

@@ -23,6 +23,16 @@ def shares(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
+def apportion(total: int, sizes: list[int]) -> list[int]:
+    """``total`` (at most ``sum(sizes)``) split in proportion to ``sizes`` by largest remainders (ties: the earlier
+    part), so the parts add up exactly and none exceeds its size."""
+    whole = max(1, sum(sizes))
+    parts = [total * n // whole for n in sizes]                    # integers: ties are exact
+    for i in sorted(range(len(sizes)), key=lambda i: -(total * sizes[i] % whole))[:total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
 @dataclass
 class Signals:
     """What one stage sees, for the whole batch.

@@ -4,8 +4,10 @@ import torch
 
 import vtr
 from vtr.kernels import density_peaks
-from vtr.plugins import DyCoke, FastVID, FrameSample, Signals
+from vtr.plugins import DyCoke, FastVID, FrameSample, HoliTom, Signals
+from vtr.plugins.base import apportion
 from vtr.plugins.fastvid import segments
+from vtr.plugins.holitom import static_windows
 
 from conftest import _model
 from test_methods import unit
@@ -143,3 +145,29 @@ def test_fastvid_salient_then_density_anchors_merged_by_hand():
     picks, values = FastVID(anchors=0.5, segments=1, tau=0.0).reduce(s, 4)
     assert picks.tolist() == [[0, 4, 6, 7]]
     torch.testing.assert_close(values[0], torch.tensor([[1, 0], [1, 0.1], [0, 0.94], [-1, 0.08]]))
+
+
+def test_holitom_segmentation_maximises_the_tokens_saved_by_hand():
+    # 4 frames, 3 positions; similar[t, p]: position p similar from frame t to t + 1
+    similar = torch.tensor([[True, True, False], [True, False, False], [False, False, True]])
+    # [0, 1] saves 1 x 2 (positions 0, 1); [0, 2] would save 2 x 1, no more: the shorter wins; then [2, 3] saves 1
+    got = [(a, b, static.tolist()) for a, b, static in static_windows(similar)]
+    assert got == [(0, 1, [True, True, False]), (2, 3, [False, False, True])]
+    assert apportion(4, [2, 1, 1, 1, 2, 2]) == [1, 1, 0, 0, 1, 1]      # largest remainders, ties to the earlier
+
+
+def test_holitom_static_clusters_and_dynamic_attention_by_hand():
+    """2 frames of 5 tokens: positions 0-3 equal in both (static, one segment saves 4), position 4 flips (dynamic).
+    Budget 4 over what is left (4 static, 1 + 1 dynamic): 3 static clusters, 1 dynamic token of frame 0.
+    Static tokens (0, 1), (1, 1), (2.5, 1), (10, 1): by density peaks (3 neighbours) the centres are positions 0, 1
+    and 2; (10, 1) joins (2.5, 1), which becomes 0.6 (2.5, 1) + 0.4 (10, 1) = (5.5, 1)."""
+    static = [[0, 1], [1, 1], [2.5, 1], [10, 1]]
+    tokens = torch.tensor([static + [[1, -1]] + static + [[-1, 1]]])
+    s = Signals(tokens=tokens, frames=torch.tensor([[2, 1, 5]]), cls_attention=torch.ones(1, 10))
+    picks, values = HoliTom(tau=0.8).reduce(s, 4)
+    assert picks.tolist() == [[0, 1, 2, 4]]
+    torch.testing.assert_close(values[0], torch.tensor([[0, 1], [1, 1], [5.5, 1], [1, -1]]))
+    # a budget above what the collapse leaves (8 > 6): the segment is not collapsed, 4 tokens per frame by attention
+    s.cls_attention = torch.tensor([[5.0, 4, 3, 2, 1] * 2])
+    picks, values = HoliTom(tau=0.8).reduce(s, 8)
+    assert picks.tolist() == [[0, 1, 2, 3, 5, 6, 7, 8]] and torch.equal(values[0], tokens[0, picks[0]])

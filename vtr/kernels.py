@@ -140,6 +140,16 @@ def density_peaks(x: torch.Tensor, neighbours: int) -> torch.Tensor:
     return rho * delta
 
 
+def dpc_clusters(x: torch.Tensor, centres: int, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of ``x`` (N, D): the ``centres`` tokens of highest ``density_peaks`` score, in ascending
+    index order, and each token's cluster (the nearest centre by distance; a centre is its own)."""
+    score = density_peaks(x, neighbours)
+    centre = score.topk(centres).indices.sort().values
+    owner = torch.cdist(x.float(), x[centre].float()).argmin(1)
+    owner[centre] = torch.arange(centres, device=x.device)
+    return centre, owner
+
+
 class Plan:
     """How a ViT block reduces its tokens: ``dest`` (B, N) is each token's slot in [0, width) (-1: dropped); a slot
     is the ``weight``-weighted average of its tokens (None: weighted by size) and its size the sum of theirs.

@@ -1,0 +1,111 @@
+"""HoliTom: "HoliTom: Holistic Token Merging for Fast Video Large Language Models" (Shao et al., NeurIPS 2025), its
+outer (pre-LLM) stage, as the official code runs it on LLaVA-OneVision (cokeshao/HoliTom).
+
+Rule:
+- s_t(p): cosine of frames t and t + 1 at token position p. A segment [a, b] collapses the positions similar (> tau)
+  across every consecutive pair inside it, saving (b - a) tokens each; the segmentation maximises the tokens saved
+  (dynamic programming; ties favour shorter segments). Each such static position becomes the mean over the segment.
+- The budget is spread over what is left: r' = r T N / (T N - saved) of every group.
+- Dynamic tokens (each frame's other positions): the top r' by vision attention (the default D = 0: no contextual
+  tokens).
+- Static tokens of a segment: r' of them become DPC-kNN cluster centres (``vtr.kernels.dpc_clusters``, min(7, centres)
+  neighbours); a centre takes beta x_c + (1 - beta) mean(its other members), beta = 0.6.
+Defaults: retain 0.10 with tau = 0.65, or tau = 0.80 for larger retains (the paper's scripts).
+
+In vtr a static token sits at its position in the segment's first frame and every token keeps its original position
+(the code lists static tokens first and renumbers). The budget is spent exactly: groups get r' of their size by
+largest remainders (the code rounds each group on its own); when the budget exceeds what is left after the collapse,
+the segments that save least are not collapsed (vtr's extension). Vision attention: the engine's [CLS] attention,
+the mean attention received in the feature layer on SigLIP/Qwen towers, as the code computes it. The inner stage
+(merging at LLM layer 18) is not implemented.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vtr.kernels import dpc_clusters
+
+from .base import Plugin, Signals, apportion
+
+
+def static_windows(similar: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """The segmentation saving most tokens: ``similar`` (T - 1, N) bool, positions similar from frame t to t + 1.
+    Returns (first, last, static positions) per segment."""
+    t = similar.shape[0] + 1
+    best, start = [0] * (t + 1), [0] * t                # best[i + 1]: most saved over frames 0..i
+    for i in range(t):
+        best[i + 1], start[i] = best[i], i              # frame i alone
+        chain = torch.ones(similar.shape[1], dtype=torch.bool, device=similar.device)
+        for a in range(i - 1, -1, -1):                  # the segment [a, i], longer and longer
+            chain = chain & similar[a]
+            gain = best[a] + (i - a) * int(chain.sum())
+            if gain > best[i + 1]:
+                best[i + 1], start[i] = gain, a
+    segments, i = [], t - 1
+    while i >= 0:
+        a = start[i]
+        segments.append((a, i, similar[a:i].all(0) if i > a else
+                         torch.zeros(similar.shape[1], dtype=torch.bool, device=similar.device)))
+        i = a - 1
+    return segments[::-1]
+
+
+@dataclass
+class HoliTom(Plugin):
+    name = "holitom"
+    summary = "HoliTom: segments that collapse static tokens, dynamic tokens by attention, static ones clustered"
+    needs = ("frames", "cls_attention")
+    default_retain = 0.10
+    max_neighbours: ClassVar[int] = 7
+    tau: float | None = None     # None: 0.65 at retain <= 0.10, else 0.80
+    beta: float = 0.6
+
+    def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t, h, w = s.frames[0].tolist()
+        per = h * w
+        tau = self.tau if self.tau is not None else (0.65 if self.target_retain <= 0.10 else 0.80)
+        picks, values = [], []
+        for x, attention in zip(s.tokens.view(-1, t, per, s.tokens.shape[-1]), s.cls_attention.view(-1, t, per)):
+            unit = F.normalize(x.float(), dim=-1)
+            similar = (unit[:-1] * unit[1:]).sum(-1) > tau                   # (T - 1, N)
+            p, v = self._video(x, attention, static_windows(similar), k)
+            picks.append(p)
+            values.append(v)
+        return torch.stack(picks), torch.stack(values)
+
+    def _video(self, x, attention, segments, k):
+        t, per, dim = x.shape
+        saved = [(b - a) * int(static.sum()) for a, b, static in segments]
+        for i in sorted(range(len(segments)), key=lambda i: saved[i]):      # over budget: collapse fewer segments
+            if t * per - sum(saved) >= k:
+                break
+            a, b, _ = segments[i]
+            segments[i], saved[i] = (a, b, torch.zeros_like(segments[i][2])), 0
+        groups = []             # (frame, positions, None) dynamic tokens; (first, positions, last) a segment's static
+        for a, b, static in segments:
+            if static.any():
+                groups.append((a, static.nonzero()[:, 0], b))
+            groups += [(f, (~static).nonzero()[:, 0], None) for f in range(a, b + 1)]
+        quotas = apportion(k, [len(g[1]) for g in groups])
+        picks, values = [], []
+        for (f, positions, last), quota in zip(groups, quotas):
+            if not quota:
+                continue
+            if last is None:                            # a frame's dynamic tokens: top attention
+                keep = positions[attention[f, positions].topk(quota).indices]
+                picks.append(keep + f * per)
+                values.append(x[f, keep])
+                continue
+            tokens = x[f:last + 1, positions].float().mean(0)        # static: the mean over the segment
+            centre, owner = dpc_clusters(tokens, quota, min(self.max_neighbours, quota))
+            size = torch.bincount(owner, minlength=quota)[:, None] - 1          # other members
+            others = torch.zeros(quota, dim, device=x.device).index_add_(0, owner, tokens) - tokens[centre]
+            merged = torch.where(size > 0, self.beta * tokens[centre] + (1 - self.beta) * others / size.clamp(min=1),
+                                 tokens[centre])
+            picks.append(positions[centre] + f * per)
+            values.append(merged.to(x.dtype))
+        return torch.cat(picks), torch.cat(values)
