@@ -76,6 +76,17 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert "analytic" in capsys.readouterr().out
 
 
+def test_video_bench_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench_video.json"
+    assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["visual_tokens"] == 4 * 16 + 1 and [r["method"] for r in result["rows"]] == ["fastvid", "dycoke"]
+    for row in result["rows"]:           # 25 % of the 64 frame tokens, plus the newline
+        assert row["visual_tokens_out"] == 17 and row["prefill_s"] > 0 and row["analytic_speedup"] > 1
+    assert "4 frames" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("encoder", ["timm", "open_clip"])
 def test_encoder_bench_quick_writes_json(tmp_path, capsys, encoder):
     pytest.importorskip(encoder)

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 DEFAULT_QUESTION = "What shapes are in the image?"
+BENCH_METHODS = "random,fastervlm,divprune,fastv,pdrop"
 
 
 def _methods(args):
@@ -26,9 +27,15 @@ def _demo(args):
 
 
 def _bench(args):
-    from vtr.eval import bench, bench_encoder
+    from vtr.eval import bench, bench_encoder, bench_video
 
-    if args.encoder:
+    if args.video:
+        module = bench_video
+        methods = args.methods if args.methods != BENCH_METHODS else "framesample,dycoke,fastvid,holitom,random,fastv"
+        result = bench_video.run(methods.split(","), [float(r) for r in args.retain.split(",")],
+                                 repeats=args.repeats, quick=args.quick, threads=args.threads,
+                                 out=args.out if args.out != "bench.json" else "bench_video.json")
+    elif args.encoder:
         module = bench_encoder
         result = bench_encoder.run(args.encoder, repeats=args.repeats, quick=args.quick, threads=args.threads,
                                    out=args.out)
@@ -136,7 +143,8 @@ def main(argv=None):
     ev.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="prefill time vs ideal and analytic speedup, per method and retention")
-    bench.add_argument("--methods", default="random,fastervlm,divprune,fastv,pdrop")
+    bench.add_argument("--methods", default=BENCH_METHODS, help="default: %(default)s; with --video: framesample,"
+                       "dycoke,fastvid,holitom,random,fastv")
     bench.add_argument("--retain", default="0.25,0.1111111111111111")
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--threads", type=int)
@@ -144,6 +152,8 @@ def main(argv=None):
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
     bench.add_argument("--encoder", choices=["timm", "open_clip"],
                        help="instead: images/s of an encoder-only ViT under tome and evit")
+    bench.add_argument("--video", action="store_true", help="instead: 32 frames on a LLaVA-OneVision-shaped model "
+                       "(output bench_video.json)")
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

@@ -1,0 +1,107 @@
+"""``vtr bench --video``: prefill time of video methods beside the unpatched model and the analytic speedup.
+
+The model is LLaVA-OneVision-shaped (SigLIP at 384 px with 14 px patches: 27 x 27 patches per frame, pooled 2x2 to
+14 x 14 = 196 tokens; 32 frames = 6,272 visual tokens plus the closing newline; Qwen2 language model) with
+scaled-down widths so it runs on a CPU; weights are random, which does not change the time. Analytic: prefill FLOPs
+unpatched over patched (vision tower, projector and decoder; ``vtr.eval.flops``), what a perfect implementation
+would gain; the vision tower runs on every frame either way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+
+import torch
+
+import vtr
+from vtr.eval.bench import _once, _timed
+from vtr.eval.flops import prefill_flops
+
+SHAPE = dict(frames=32, image_size=384, patch_size=14, vision_hidden=64, vision_layers=2, hidden=256, layers=8,
+             heads=4, kv_heads=2, intermediate=704, vocab=1024)
+QUICK_SHAPE = dict(SHAPE, frames=4, image_size=112)
+VIDEO_TOKEN = 5
+
+
+def video_model(shape: dict):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    vision = SiglipVisionConfig(hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_hidden"] * 4,
+                                num_hidden_layers=shape["vision_layers"], num_attention_heads=2,
+                                image_size=shape["image_size"], patch_size=shape["patch_size"])
+    text = Qwen2Config(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                       num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                       num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"], max_position_embeddings=32768,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=4,
+                                  video_token_id=VIDEO_TOKEN, vision_feature_layer=-1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool = False, threads: int | None = None,
+        out: str | None = "bench_video.json") -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    shape = QUICK_SHAPE if quick else SHAPE
+    model = video_model(shape)
+    config = model.config
+    patches = (shape["image_size"] // shape["patch_size"]) ** 2
+    per_frame = math.ceil(shape["image_size"] // shape["patch_size"] / 2) ** 2
+    visual = shape["frames"] * per_frame + 1                                       # + the closing newline
+    ids = [1] + list(range(10, 24)) + [VIDEO_TOKEN] * visual + list(range(30, 50))
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+              "pixel_values_videos": torch.randn(1, shape["frames"], 3, shape["image_size"], shape["image_size"],
+                                                 generator=g)}
+    prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)            # noqa: E731
+    with torch.no_grad():
+        unpatched = _timed(prefill, repeats)
+    text = len(ids) - visual
+
+    def flops(tokens_per_layer):
+        return prefill_flops(config, shape["frames"], patches, [text + n for n in tokens_per_layer])["total"]
+
+    base_flops = flops([visual] * shape["layers"])
+    rows = []
+    for method in methods:
+        for retain in retains:
+            base_times, patched_times, hook_times = [], [], []
+            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit both alike
+                with torch.no_grad():
+                    base_times.append(_once(prefill))
+                    with vtr.patch(model, method, retain=retain) as handle:
+                        patched_times.append(_once(prefill))
+                        hook_times.append(handle._engine.hook_seconds)
+                        stats = handle.stats()[0]
+            base, patched, hooks = (statistics.median(t[1:]) for t in (base_times, patched_times, hook_times))
+            rows.append({"method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
+                         "layer_avg_retention": stats["layer_avg_retention"], "unpatched_s": base,
+                         "prefill_s": patched, "speedup": base / patched,
+                         "analytic_speedup": base_flops / flops(stats["tokens_per_layer"]),
+                         "hook_s": hooks, "hook_share": hooks / patched})
+    result = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "shape": shape, "visual_tokens": visual, "prompt_tokens": len(ids),
+              "repeats": repeats, "unpatched_prefill_s": unpatched, "rows": rows}
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    shape = result["shape"]
+    lines = [f"device: {result['device']}, torch {result['torch']}; {shape['frames']} frames, "
+             f"{result['visual_tokens']} visual tokens, prompt {result['prompt_tokens']} tokens; unpatched prefill "
+             f"{result['unpatched_prefill_s'] * 1e3:.1f} ms (median of {result['repeats']})",
+             f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'analytic':>8} "
+             f"{'in hooks':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['method']:<12} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} "
+                     f"{r['prefill_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['analytic_speedup']:>7.2f}x "
+                     f"{r['hook_share']:>8.1%}")
+    return "\n".join(lines)
