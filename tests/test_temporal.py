@@ -171,3 +171,33 @@ def test_holitom_static_clusters_and_dynamic_attention_by_hand():
     s.cls_attention = torch.tensor([[5.0, 4, 3, 2, 1] * 2])
     picks, values = HoliTom(tau=0.8).reduce(s, 8)
     assert picks.tolist() == [[0, 1, 2, 3, 5, 6, 7, 8]] and torch.equal(values[0], tokens[0, picks[0]])
+
+
+def test_reuse_frames_skips_repeated_frames_in_the_tower_and_changes_nothing_else():
+    model = _model("llava_onevision", "sdpa")
+    inputs = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1, video=True)
+    inputs["pixel_values_videos"][0, 1] = inputs["pixel_values_videos"][0, 0]        # frame 1 repeats frame 0
+    seen = []
+    embeddings = model.model.vision_tower.embeddings                                   # inside the tower
+    spy = embeddings.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            stock = model(**inputs).logits
+            for method in ("fastvid", "dycoke"):         # vision attention and projected features, both expanded
+                with vtr.patch(model, method, retain=0.5) as plain:
+                    model(**inputs)
+                with vtr.patch(model, method, retain=0.5, reuse_frames=0.0) as reused:
+                    model(**inputs)
+                assert reused.encoder_inputs == (3, 4) and seen[-1] == 3 and seen[-2] == 4
+                assert torch.equal(reused.kept()[0], plain.kept()[0]), method
+            with vtr.patch(model, "random", retain=1.0, reuse_frames=0.0):
+                torch.testing.assert_close(model(**inputs).logits, stock, atol=1e-5, rtol=0)
+    finally:
+        spy.remove()
+
+
+def test_reuse_frames_bad_input():
+    with pytest.raises(ValueError, match="reuse_frames must be a threshold >= 0"):
+        vtr.patch(_model("llava_onevision", "sdpa"), "random", reuse_frames=-1)
+    with pytest.raises(ValueError, match="cannot skip frames in the vision tower of Qwen2VL"):
+        vtr.patch(_model("qwen2_vl", "sdpa"), "random", reuse_frames=0.1)

@@ -48,18 +48,26 @@ def resolve(method, retain=None, budget=None, options=None) -> list[Plugin]:
 
 
 def patch(model: torch.nn.Module, method, retain: float | None = None, budget: int | None = None,
-          **options) -> "Handle":
+          reuse_frames: float | None = None, **options) -> "Handle":
     """Reduce the visual tokens ``model`` processes, by forward hooks on its stock modules, until ``remove()``.
 
     ``method``: a registered name (see :func:`methods`), a plugin object, or a list of them run in order (vision
     encoder -> projector output -> LLM layers); a ``retain`` given to a list of names is split evenly: each stage
     keeps ``retain ** (1 / stages)`` of what reaches it. ``retain``: fraction of each image's visual tokens kept;
     ``budget``: visual tokens kept per image. ``model`` is a supported VLM or an encoder-only ViT (timm, open_clip;
-    encoder methods such as ``tome``). Everything is validated before the model is touched.
+    encoder methods such as ``tome``). ``reuse_frames``: a threshold; a video frame (or image crop) whose pixels
+    differ from the last encoded one by at most this mean absolute difference (in the processor's units) skips the
+    vision tower and reuses that one's features (LLaVA-family towers; 0 reuses exact repeats only). Everything is
+    validated before the model is touched.
     """
     adapter = adapter_for(model)
     plugins = resolve(method, retain, budget, options)
-    engine = (EncoderEngine if adapter.kind == "encoder" else Engine)(adapter, plugins)
+    if adapter.kind == "encoder":
+        if reuse_frames is not None:
+            raise ValueError("reuse_frames applies to VLMs, not encoder-only ViTs")
+        engine = EncoderEngine(adapter, plugins)
+    else:
+        engine = Engine(adapter, plugins, reuse_frames)
     if model in _ACTIVE:
         raise RuntimeError("this model is already patched by vtr; call remove() on its handle first")
     engine.install()
@@ -87,6 +95,11 @@ class Handle:
         """Per sample: indices (ascending) of its visual tokens that survive ``stage`` (default: the last stage).
         Visual tokens are numbered in sequence order over all images of the sample."""
         return self._engine.kept(stage)
+
+    @property
+    def encoder_inputs(self) -> tuple[int, int]:
+        """(inputs the vision tower encoded, inputs it was given) in the last vision pass, under ``reuse_frames``."""
+        return tuple(self._engine.encoder_inputs)
 
     def frame_grids(self) -> list[list[int]]:
         """[frames, rows, columns] of each image or video of the last prefill, in order (an image is one frame)."""

@@ -147,10 +147,19 @@ class HookSet:
 
 
 class Engine(HookSet):
-    def __init__(self, adapter, plugins: list[Plugin]):
+    def __init__(self, adapter, plugins: list[Plugin], reuse_frames: float | None = None):
         super().__init__()
         self.adapter = adapter
         self.plugins = plugins
+        if reuse_frames is not None:
+            if isinstance(reuse_frames, bool) or not isinstance(reuse_frames, (int, float)) or reuse_frames < 0:
+                raise ValueError(f"reuse_frames must be a threshold >= 0, got {reuse_frames!r}")
+            if not adapter.reuses_frames:
+                raise ValueError(f"reuse_frames: vtr cannot skip frames in the vision tower of "
+                                 f"{type(adapter.model).__name__} (it needs one pixel tensor per frame or crop)")
+        self.reuse_frames = reuse_frames
+        self.source: torch.Tensor | None = None     # the encoded input each vision input reuses (reuse_frames)
+        self.encoder_inputs = [0, 0]                # inputs encoded, inputs in all, of the last vision pass
         self.num_layers = len(adapter.decoder_layers)
         self.stages: list[Stage] = []
         last_layer = -1
@@ -205,12 +214,16 @@ class Engine(HookSet):
             needs = {need for s in self.stages for need in s.plugin.needs}
             if needs & {"cls_attention", "grid"} or a.has_frames:
                 self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
+            if self.reuse_frames is not None:
+                self._add(a.vision_model, self._skip_repeats)
             if "cls_attention" in needs:
                 self._add(a.feature_layer, self._vision_layer)
                 for module, hook in a.vision_output_hooks:
                     self._add(module, hook, post=True)
             if any("before_projector" in s.plugin.needs for s in self.stages):
                 self._add(a.projector, self._before_projector, with_kwargs=False)
+            if self.reuse_frames is not None:            # after the feature-layer hooks: their outputs expand too
+                self._add(a.vision_model, self._expand_repeats, post=True)
             self._add(a.language_model, self._enter_llm)
             for i in range(min(a.injection_layers, self.num_layers)):
                 self._add(a.decoder_layers[i], self._inject_hook(i), post=True)
@@ -363,6 +376,42 @@ class Engine(HookSet):
         signals = Signals(tokens=x, cls_attention=cls, keys=self.vision_keys)
         self.zipped, merged = plugin.zip(signals, k)
         return (merged, *args[1:])
+
+    def _skip_repeats(self, module, args, kwargs):
+        """reuse_frames: an input (frame or crop) whose pixels differ from the last encoded one by at most the
+        threshold (mean absolute difference, in the processor's units) is not encoded; it reuses that one's
+        outputs (the idea of STC's frame cacher)."""
+        pixels = args[0] if args else kwargs["pixel_values"]
+        source, last = [], 0
+        for i in range(pixels.shape[0]):
+            if i and float((pixels[i] - pixels[last]).abs().mean()) > self.reuse_frames:
+                last = i
+            source.append(last)
+        source = torch.tensor(source, device=pixels.device)
+        encoded = source.unique()
+        self.encoder_inputs = [len(encoded), len(source)]
+        self.source = torch.searchsorted(encoded, source)       # each input's row among the encoded ones
+        if len(encoded) == len(source):
+            return None
+        pixels = pixels.index_select(0, encoded)
+        return ((pixels, *args[1:]), kwargs) if args else (args, {**kwargs, "pixel_values": pixels})
+
+    def _expand_repeats(self, module, args, output):
+        """Every output of the vision pass (and the [CLS] scores taken inside it) back to one row per input."""
+        source, self.source = self.source, None
+        encoded = self.encoder_inputs[0]
+        if source is None or encoded == len(source):
+            return None
+
+        def expand(x):
+            return x.index_select(0, source) if torch.is_tensor(x) and x.shape[0] == encoded else x
+
+        for key, value in output.items():
+            output[key] = tuple(map(expand, value)) if isinstance(value, tuple) else expand(value)
+        if self.cls_attention is not None:
+            self.cls_attention = self.cls_attention.view(encoded, -1)[source].flatten()
+        self.vision_keys = None if self.vision_keys is None else expand(self.vision_keys)
+        return output
 
     @staticmethod
     def _assign_images(rec: Record, sizes: list[int]):

@@ -22,6 +22,8 @@ class Adapter:
     has_token_grid = False
     #: whether ``frame_grids`` knows each image's or video's frames (per-frame and temporal methods)
     has_frames = False
+    #: whether the vision tower takes one pixel tensor per frame or crop, so ``reuse_frames`` can skip repeats
+    reuses_frames = False
     #: whether some image placeholders hold tokens that are never dropped (``protected``)
     newline_tokens = False
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none

@@ -33,6 +33,7 @@ class LlavaAdapter(Adapter):
     merges_before_projector = True
     has_token_grid = True
     has_frames = True
+    reuses_frames = True
 
     @staticmethod
     def model_classes():
