@@ -13,6 +13,7 @@ from .holitom import HoliTom
 from .kcenter import KCenter
 from .pdrop import PyramidDrop
 from .pool import Pool
+from .prunevid import PruneVid, PruneVidMerge, PruneVidPrune
 from .random import Random
 from .tome import ToMe
 from .uniform import Uniform
@@ -20,11 +21,12 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
-    Random, Uniform, Pool, FrameSample, DyCoke, FastVID, HoliTom, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
-    ToMe, EViT)}
+    Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
+    FrameSample, DyCoke, FastVID, HoliTom, PruneVid, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
            "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
-           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID", "HoliTom"]
+           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID", "HoliTom", "PruneVid",
+           "PruneVidMerge", "PruneVidPrune"]

@@ -55,6 +55,8 @@ class Signals:
         ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
         token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
         crops per column and per row, ``side`` patches per crop side.
+    question_attention: ``(B, L)`` the attention the tokens after the video pay each token, without RoPE or causal
+        mask, max over heads and over those queries (LLM stage, methods that need "question_attention").
     frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
         raster order; an image is one frame), projector stage, where the adapter knows them.
     """
@@ -72,6 +74,7 @@ class Signals:
     token_grid: torch.Tensor | None = None
     layout: dict | None = None
     frames: torch.Tensor | None = None
+    question_attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -136,6 +139,11 @@ class Plugin:
     def select(self, s: Signals, k: int) -> torch.Tensor:
         """Projector stage: ``(images, k)`` indices of the kept tokens of each image. Default: top-k of score()."""
         return self.score(s).topk(k, dim=-1).indices
+
+    def pipeline(self) -> list["Plugin"]:
+        """The plugins this method runs as, in order: itself, or the stages of a method that acts both before and
+        inside the LLM (PruneVid), with the budget split between them."""
+        return [self]
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projector stage: the kept indices ``(images, k)`` and, for methods that merge rather than only select,

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_clusters
+from vtr.kernels import dpc_merge
 
 from .base import Plugin, Signals, apportion
 
@@ -78,7 +78,7 @@ class HoliTom(Plugin):
         return torch.stack(picks), torch.stack(values)
 
     def _video(self, x, attention, segments, k):
-        t, per, dim = x.shape
+        t, per = x.shape[:2]
         saved = [(b - a) * int(static.sum()) for a, b, static in segments]
         for i in sorted(range(len(segments)), key=lambda i: saved[i]):      # over budget: collapse fewer segments
             if t * per - sum(saved) >= k:
@@ -101,11 +101,7 @@ class HoliTom(Plugin):
                 values.append(x[f, keep])
                 continue
             tokens = x[f:last + 1, positions].float().mean(0)        # static: the mean over the segment
-            centre, owner = dpc_clusters(tokens, quota, min(self.max_neighbours, quota))
-            size = torch.bincount(owner, minlength=quota)[:, None] - 1          # other members
-            others = torch.zeros(quota, dim, device=x.device).index_add_(0, owner, tokens) - tokens[centre]
-            merged = torch.where(size > 0, self.beta * tokens[centre] + (1 - self.beta) * others / size.clamp(min=1),
-                                 tokens[centre])
+            centre, merged = dpc_merge(tokens, quota, min(self.max_neighbours, quota), self.beta)
             picks.append(positions[centre] + f * per)
             values.append(merged.to(x.dtype))
         return torch.cat(picks), torch.cat(values)

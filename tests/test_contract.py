@@ -68,7 +68,7 @@ def test_generation_equals_oracle(model, single, method, retain):
     features, plugin = None, handle.plugins[0]
     if plugin.name == "visionzip":                                 # merged features enter the LLM
         features = merged_before_projector(model, single, plugin)
-    elif type(plugin).reduce is not Plugin.reduce:                 # pooling, FastVID: merged values enter the LLM
+    elif seen and type(plugin).reduce is not Plugin.reduce:        # pooling, FastVID: merged values enter the LLM
         features = merged_after_projector(model, single, plugin, seen[0].cls_attention)
     want_tokens, want_logits = oracle_generate(model, single, pre[-1] if pre else None, llm, tokens.shape[1],
                                                features)

@@ -4,10 +4,12 @@ import torch
 
 import vtr
 from vtr.kernels import density_peaks
-from vtr.plugins import DyCoke, FastVID, FrameSample, HoliTom, Signals
+from vtr.adapters import adapter_for
+from vtr.plugins import DyCoke, FastVID, FrameSample, HoliTom, PruneVid, PruneVidMerge, PruneVidPrune, Signals
 from vtr.plugins.base import apportion
 from vtr.plugins.fastvid import segments
 from vtr.plugins.holitom import static_windows
+from vtr.plugins.prunevid import contiguous
 
 from conftest import _model
 from test_methods import unit
@@ -201,3 +203,53 @@ def test_reuse_frames_bad_input():
         vtr.patch(_model("llava_onevision", "sdpa"), "random", reuse_frames=-1)
     with pytest.raises(ValueError, match="cannot skip frames in the vision tower of Qwen2VL"):
         vtr.patch(_model("qwen2_vl", "sdpa"), "random", reuse_frames=0.1)
+
+
+def test_prunevid_segments_are_made_contiguous_by_hand():
+    # each label keeps its longest run (label 1's lone frame 2 is dropped); the gap 0-2 joins the run on its right
+    assert contiguous([0, 0, 1, 0, 0, 0, 2, 2, 1, 1]) == [[0, 1, 2, 3, 4, 5], [6, 7], [8, 9]]
+    # label 0's longest run is one frame: it goes; each end joins its only neighbour
+    assert contiguous([0, 1, 1, 2, 2, 2, 0]) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert contiguous([1, 1, 0, 2, 2]) == [[0, 1, 2], [3, 4]]                   # a tie goes left
+
+
+def test_prunevid_static_tokens_merge_over_time_by_hand():
+    """One segment of 2 frames: positions 0 and 1 keep their direction (cosine 0.995, 1 > tau), position 2 turns 90
+    degrees (cosine 0): 0 and 1 become their mean over the segment, placed in frame 0; groups this small (<= 14) are
+    not clustered by default."""
+    tokens = torch.tensor([[[1, 0], [0, 1], [1, 1], [1, 0.1], [0, 1], [-1, 1]]])
+    picks, values = PruneVidMerge().reduce(Signals(tokens=tokens, frames=torch.tensor([[2, 1, 3]])), 0)
+    assert picks.tolist() == [[0, 1, 2, 5]]
+    torch.testing.assert_close(values[0], torch.tensor([[1, 0.05], [0, 1], [1, 1], [-1, 1]]))
+
+
+def test_prunevid_splits_the_budget_between_its_stages():
+    merge, prune = PruneVid(retain=0.2).pipeline()
+    assert (merge.retain, prune.retain) == (0.5, 0.4)
+    merge, prune = PruneVid(retain=0.6).pipeline()                          # above alpha: stage 1 keeps everything
+    assert merge.retain == 1.0 and prune.retain == pytest.approx(0.6)
+    merge, prune = PruneVid(budget=8).pipeline()
+    assert (merge.budget, prune.budget) == (20, 8)
+    merge, prune = PruneVid().pipeline()
+    assert merge.counts_itself and prune.retain == 0.4
+    assert PruneVidPrune().layers(32) == [11] and PruneVidPrune().layers(8) == [3]      # scores with layer 10 of 32
+
+
+def test_question_attention_is_max_over_heads_and_questions_without_rope():
+    model = _model("qwen2_vl", "sdpa")
+    adapter = adapter_for(model)
+    layer = adapter.decoder_layers[2]
+    attn = layer.self_attn
+    x = torch.randn(2, 7, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    queries = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    keys = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool)                 # sample 0 padded
+    with torch.no_grad():
+        got = adapter.question_attention(layer, x, queries, keys)
+        heads, kv, d = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+        q = attn.q_proj(x).view(2, 7, heads, d)
+        k = attn.k_proj(x).view(2, 7, kv, d).repeat_interleave(heads // kv, dim=2)
+    for b in range(2):
+        logits = torch.einsum("qhd,khd->hqk", q[b], k[b]) * attn.scaling
+        probs = logits.masked_fill(~keys[b], float("-inf")).softmax(-1)                  # (heads, 7, 7)
+        want = probs[:, queries[b]].amax(0).amax(0)
+        torch.testing.assert_close(got[b], want)

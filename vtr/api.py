@@ -36,12 +36,12 @@ def resolve(method, retain=None, budget=None, options=None) -> list[Plugin]:
     if isinstance(method, Plugin):
         if retain is not None or budget is not None or options:
             raise ValueError(f"{type(method).__name__} is already configured; set retain/budget on the object")
-        return [method]
+        return method.pipeline()
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
         try:
-            return [METHODS[method](retain=retain, budget=budget, **options)]
+            return METHODS[method](retain=retain, budget=budget, **options).pipeline()
         except TypeError as err:
             raise ValueError(f"{method}: {err}") from None
     raise TypeError(f"method must be a name, a Plugin or a list of them, not {type(method).__name__}")

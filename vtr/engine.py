@@ -639,11 +639,21 @@ class Engine(HookSet):
                 needs, taken = self.llm_stages[index].plugin.needs, {}
                 if "last_attention" in needs:
                     taken["last_attention"] = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys)
+                if "question_attention" in needs:
+                    taken["question_attention"] = self.adapter.question_attention(
+                        layer, args[0], self._questions(self.rec.layouts[layout_index]), mask, keys)
                 if "keys" in needs:               # as the attention uses them: normed, rotated, heads joined
                     rotated = self.adapter.rotated_keys(layer, keys, cos, sin)
                     taken["keys"] = rotated.transpose(1, 2).flatten(2)
                 self.rec.pending[index] = (taken, layout_index)
         return hook
+
+    def _questions(self, layout: Layout) -> torch.Tensor:
+        """(B, L) bool: the tokens after each sample's last visual token (the question and what follows it)."""
+        visual = layout.mask & self.rec.visual.gather(1, layout.orig.clamp(min=0))
+        slots = torch.arange(visual.shape[1], device=visual.device)
+        last = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
+        return layout.mask & (slots > last)
 
     def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
         """Layer kwargs for a sequence in layout ``index``, computed once per forward pass and layout."""

@@ -21,8 +21,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-                   chunk: int = 8192) -> torch.Tensor:
-    """Softmax attention of a few query rows, averaged over heads.
+                   chunk: int = 8192, heads: str = "mean") -> torch.Tensor:
+    """Softmax attention of a few query rows, averaged over heads (``heads="max"``: their maximum).
 
     q: (B, H, Q, d) queries; k: (B, Hkv, L, d) keys, with H a multiple of Hkv (grouped-query attention);
     key_mask: (B, L) bool, False for keys the queries must not see. Returns (B, Q, L) in float32.
@@ -35,7 +35,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: tor
                         for s in range(0, n, chunk)], dim=-1) * scale
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).reshape(b, h, nq, n).mean(dim=1)
+    probs = logits.softmax(dim=-1).reshape(b, h, nq, n)
+    return probs.amax(dim=1) if heads == "max" else probs.mean(dim=1)
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
@@ -148,6 +149,21 @@ def dpc_clusters(x: torch.Tensor, centres: int, neighbours: int) -> tuple[torch.
     owner = torch.cdist(x.float(), x[centre].float()).argmin(1)
     owner[centre] = torch.arange(centres, device=x.device)
     return centre, owner
+
+
+def dpc_merge(x: torch.Tensor, centres: int, neighbours: int, beta: float | None = None):
+    """``dpc_clusters`` of ``x`` (N, D), each merged into its centre: (centre indices ascending, (centres, D) float
+    values): the mean of the cluster (beta None, PruneVid), or beta x_centre + (1 - beta) mean(its other members)
+    (HoliTom; a centre alone keeps its value)."""
+    centre, owner = dpc_clusters(x, centres, neighbours)
+    x = x.float()
+    size = torch.bincount(owner, minlength=centres)[:, None]
+    total = torch.zeros(centres, x.shape[-1], device=x.device).index_add_(0, owner, x)
+    if beta is None:
+        return centre, total / size
+    others = size - 1
+    mean = (total - x[centre]) / others.clamp(min=1)
+    return centre, torch.where(others > 0, beta * x[centre] + (1 - beta) * mean, x[centre])
 
 
 class Plan:

@@ -120,6 +120,23 @@ class Adapter:
         k = self.rotated_keys(layer, attn.k_proj(x) if keys is None else keys, cos, sin)
         return attention_rows(q, k, attn.scaling, key_mask)[:, 0]
 
+    def question_attention(self, layer: nn.Module, x: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor,
+                           keys: torch.Tensor | None = None) -> torch.Tensor:
+        """PruneVid's scores: the attention of the ``queries`` positions (B, L) bool, from the layer's q/k projections
+        (and q/k norms) without RoPE and without the causal mask, max over heads, then max over the queries: (B, L).
+        ``x`` is the attention input; ``keys`` the layer's own k projection when a hook caught it."""
+        attn = layer.self_attn
+        b, d = x.shape[0], attn.head_dim
+        count = queries.sum(1)
+        order = queries.long().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(count.max()))]
+        q = attn.q_proj(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))).view(b, order.shape[1], -1, d)
+        k = (attn.k_proj(x) if keys is None else keys).view(b, x.shape[1], -1, d)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rows = attention_rows(q.transpose(1, 2), k.transpose(1, 2), attn.scaling, key_mask, heads="max")
+        valid = torch.arange(order.shape[1], device=x.device) < count[:, None]          # (B, Q)
+        return rows.masked_fill(~valid[..., None], 0).amax(dim=1)
+
     def rotated_keys(self, layer: nn.Module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The layer's keys as its attention uses them: the k projection (B, L, Hkv * d) through the per-head norm
         (Qwen3) and RoPE: (B, Hkv, L, d)."""

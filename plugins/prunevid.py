@@ -1,0 +1,186 @@
+"""PruneVid: "PruneVid: Visual Token Pruning for Efficient Video Large Language Models" (Huang et al., ACL 2025
+Findings), as its official code runs it (Visual-AI/PruneVid, on PLLaVA). Two stages:
+
+1. Before the LLM (``PruneVidMerge``): frames are clustered by their mean token (DPC-kNN, int(0.25 T) centres, 7
+   neighbours) and the clusters made contiguous: each label keeps its longest run(s) (none if that is one frame),
+   and each gap joins the longer neighbouring run (ties: the left one). In a segment of W frames a position is
+   static when its mean cosine over all pairs of distinct frames is above tau = 0.8; static tokens become their mean
+   over the segment. Then the static set of each segment and the dynamic set of each frame are clustered (DPC-kNN,
+   int(0.5 n) centres, 7 neighbours; groups of 14 tokens or fewer are left as they are), a cluster becoming the mean
+   of its members.
+2. Inside the LLM (``PruneVidPrune``): at layer 10 of 32 (scaled to depth), the tokens after the video (the question
+   and what follows) score each visual token by attention computed from the layer's input without RoPE and without a
+   causal mask, max over heads, then max over those queries; alpha = 0.4 of each video's tokens are kept from the
+   next layer on.
+
+Budgets: by default stage 1 sets its own count as above and stage 2 keeps alpha. With ``retain`` r (or ``budget``),
+stage 1 keeps r / alpha (at most all) and stage 2 the rest of the way to r; stage 1 then spends its budget exactly,
+shared by its groups in proportion to their sizes (largest remainders).
+
+Differences, documented: merged tokens sit at their cluster centre's position (a static one in the segment's first
+frame) and keep their original positions (the code lists static tokens first); stage 2 keeps alpha of each video
+rather than of each segment's static set and each frame's dynamic set, and leaves the KV cache of the layers before
+it whole (the code prunes it too).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vtr.kernels import dpc_clusters, dpc_merge
+
+from .base import LLMPlugin, Plugin, Signals, apportion
+
+
+def _run(labels: list[int], i: int, step: int) -> int:
+    """Length of the run of ``labels[i]`` from i on, in direction ``step``."""
+    n, label = 0, labels[i]
+    while 0 <= i < len(labels) and labels[i] == label:
+        n, i = n + 1, i + step
+    return n
+
+
+def contiguous(labels: list[int]) -> list[list[int]]:
+    """PruneVid's refinement of frame cluster labels into segments (lists of frames)."""
+    runs = []                                                   # [label, start, length]
+    for f, label in enumerate(labels):
+        if runs and runs[-1][0] == label and runs[-1][1] + runs[-1][2] == f:
+            runs[-1][2] += 1
+        else:
+            runs.append([label, f, 1])
+    longest = {}
+    for label, _, n in runs:
+        longest[label] = max(longest.get(label, 0), n)
+    refined = [-1] * len(labels)
+    for label, start, n in runs:
+        if n == longest[label] > 1:
+            refined[start:start + n] = [label] * n
+    f = 0
+    while f < len(refined):                                     # each gap joins the longer neighbouring run
+        if refined[f] != -1:
+            f += 1
+            continue
+        end = f
+        while end < len(refined) and refined[end] == -1:
+            end += 1
+        left = _run(refined, f - 1, -1) if f else 0
+        right = _run(refined, end, 1) if end < len(refined) else 0
+        label = refined[f - 1] if left and left >= right else refined[end] if right else 0
+        refined[f:end] = [label] * (end - f)
+        f = end
+    segments = []
+    for f, label in enumerate(refined):
+        if segments and refined[segments[-1][-1]] == label:
+            segments[-1].append(f)
+        else:
+            segments.append([f])
+    return segments
+
+
+@dataclass
+class PruneVidMerge(Plugin):
+    name = "prunevid_merge"
+    summary = "PruneVid stage 1: static tokens merged over time in segments, then spatial DPC-kNN clusters"
+    needs = ("frames",)
+    adaptive = True
+    neighbours: ClassVar[int] = 7
+    smallest: ClassVar[int] = 14             # groups of at most this many tokens are not clustered (default count)
+    tau: float = 0.8
+    segment_ratio: float = 0.25
+    cluster_ratio: float = 0.5
+
+    def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t, h, w = s.frames[0].tolist()
+        picks, values = [], []
+        for x in s.tokens.view(-1, t, h * w, s.tokens.shape[-1]):
+            p, v = self._video(x, k)
+            picks.append(p)
+            values.append(v)
+        return torch.stack(picks), torch.stack(values)
+
+    def _video(self, x, k):
+        t, per, dim = x.shape
+        means = x.float().mean(1)
+        centres = max(1, int(t * self.segment_ratio))
+        segments = contiguous(dpc_clusters(means, centres, min(self.neighbours, t))[1].tolist()) if t > 1 else [[0]]
+        groups = []                                  # (frame, positions, tokens (n, D)): a segment's static set
+        unit = F.normalize(x.float(), dim=-1)        # sits in its first frame
+        for segment in segments:
+            w = len(segment)
+            static = torch.zeros(per, dtype=torch.bool, device=x.device)
+            if w > 1:
+                u = unit[segment]                                               # (W, N, D)
+                pairs = torch.einsum("ipd,jpd->p", u, u) - w                   # all ordered pairs, self-pairs out
+                static = pairs / (w * (w - 1)) > self.tau
+            if static.any():
+                groups.append((segment[0], static.nonzero()[:, 0], x[segment][:, static].float().mean(0)))
+            for f in segment:
+                groups.append((f, (~static).nonzero()[:, 0], x[f, ~static].float()))
+        if self.counts_itself:
+            quotas = [int(self.cluster_ratio * len(p)) if len(p) > self.smallest else len(p) for _, p, _ in groups]
+        else:
+            quotas = apportion(k, [len(p) for _, p, _ in groups])
+        picks, values = [], []
+        for (f, positions, tokens), quota in zip(groups, quotas):
+            if quota == len(positions):
+                centre, merged = torch.arange(quota, device=x.device), tokens
+            elif quota:
+                centre, merged = dpc_merge(tokens, quota, min(self.neighbours, len(positions)))
+            else:
+                continue
+            picks.append(positions[centre] + f * per)
+            values.append(merged.to(x.dtype))
+        return torch.cat(picks), torch.cat(values)
+
+
+@dataclass
+class PruneVidPrune(LLMPlugin):
+    name = "prunevid_prune"
+    summary = "PruneVid stage 2: question-to-visual attention (no RoPE, max-max) at LLM layer 10 of 32"
+    default_retain = 0.4
+    needs = ("question_attention",)
+    layer: int | None = None          # the scoring layer (paper: 10 of 32); None scales it to the model's depth
+
+    def layers(self, num_layers: int) -> list[int]:
+        score = self.layer if self.layer is not None else max(0, round(10 * num_layers / 32))
+        if not 0 <= score < num_layers - 1:
+            raise ValueError(f"PruneVid: layer {score} must score before the last of {num_layers} layers")
+        return [score + 1]
+
+    def score_layer(self, layer: int) -> int:
+        return layer - 1
+
+    def score(self, s: Signals) -> torch.Tensor:
+        return s.question_attention
+
+
+@dataclass
+class PruneVid(Plugin):
+    name = "prunevid"
+    summary = "PruneVid: static merging + DPC-kNN clusters before the LLM, question-guided pruning at layer 10"
+    where = "projector+llm"
+    needs = ("frames",)
+    alpha: float = 0.4
+    tau: float = 0.8
+    segment_ratio: float = 0.25
+    cluster_ratio: float = 0.5
+    layer: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"PruneVid: alpha (the share stage 2 keeps) must be in (0, 1], got {self.alpha!r}")
+
+    def pipeline(self) -> list[Plugin]:
+        merge = dict(tau=self.tau, segment_ratio=self.segment_ratio, cluster_ratio=self.cluster_ratio)
+        if self.budget is not None:
+            first = PruneVidMerge(budget=math.ceil(self.budget / self.alpha), **merge)
+            return [first, PruneVidPrune(budget=self.budget, layer=self.layer)]
+        if self.retain is None:
+            return [PruneVidMerge(**merge), PruneVidPrune(retain=self.alpha, layer=self.layer)]
+        first = min(1.0, self.retain / self.alpha)
+        return [PruneVidMerge(retain=first, **merge), PruneVidPrune(retain=self.retain / first, layer=self.layer)]
