@@ -24,7 +24,7 @@ def arch(request):
     return request.param
 
 
-ANYRES = ("llava_next", "llava_onevision")
+ANYRES = ("llava_next", "llava_onevision", "llava_next_video")
 APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thumbnail plus crops (images)
            "visionzip": lambda arch: arch == "llava",             # where the projector sees one image's patches
            "kcenter": lambda arch: arch == "llava",
@@ -34,9 +34,9 @@ APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thum
 def applies(model, method: str, video: bool = False) -> bool:
     if video and method == "globalcom2":
         return False
-    if "frames" in METHODS[method].needs:                          # frames: LLaVA images, Qwen images and videos,
-        arch = model.config.model_type                             # LLaVA-OneVision videos
-        return arch in ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") or (arch == "llava_onevision" and video)
+    if "frames" in METHODS[method].needs:              # frames: LLaVA images, Qwen images and videos, LLaVA-OneVision
+        arch = model.config.model_type                 # and LLaVA-NeXT-Video videos
+        return arch in ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") or (arch in ANYRES[1:] and video)
     return APPLIES.get(method, lambda arch: True)(model.config.model_type)
 
 

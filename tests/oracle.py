@@ -79,8 +79,9 @@ def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
 def merged_after_projector(model, inputs: dict, plugin, cls_attention: torch.Tensor | None = None) -> torch.Tensor:
     """One image's (or video's) stock features with a merging plugin's values at the tokens it keeps (pooling,
     FastVID); its token grid and frames are read from the inputs: square (LLaVA-1.5), merged t x h x w (Qwen-VL),
-    tiles stacked (InternVL), pooled frames plus a closing newline (LLaVA-OneVision video). ``cls_attention``: the
-    vision scores the engine handed the plugin (checked against the eager towers in test_methods.py)."""
+    tiles stacked (InternVL), pooled frames (LLaVA-NeXT-Video; LLaVA-OneVision: then a closing newline).
+    ``cls_attention``: the vision scores the engine handed the plugin (checked against the eager towers in
+    test_methods.py and test_architectures.py)."""
     from vtr.plugins import Signals
 
     features = torch.cat(list(encode(model, inputs).pooler_output)).reshape(-1, model.config.text_config.hidden_size)
@@ -90,9 +91,9 @@ def merged_after_projector(model, inputs: dict, plugin, cls_attention: torch.Ten
         merge = model.config.vision_config.spatial_merge_size
         t, h, w = inputs[grid_key][0].tolist()
         frames = (t, h // merge, w // merge)
-    elif "pixel_values_videos" in inputs:           # frames of side x side, then the newline (never reduced)
+    elif "pixel_values_videos" in inputs:           # frames of side x side (OneVision: then a newline, kept)
         t = inputs["pixel_values_videos"].shape[1]
-        n -= 1
+        n -= model.config.model_type == "llava_onevision"
         side = math.isqrt(n // t)
         frames = (t, side, side)
     elif model.config.model_type == "internvl":

@@ -10,7 +10,7 @@ from conftest import BATCH, SINGLE, _model, applies
 from oracle import visual_positions
 from tiny_models import IMAGE, anyres_newlines, make_inputs, tiny_llava_next
 
-ANYRES = ["llava_next", "llava_onevision"]
+ANYRES = ["llava_next", "llava_onevision", "llava_next_video"]
 
 
 @pytest.mark.parametrize("arch", ANYRES)
@@ -150,6 +150,22 @@ def test_qwen_images_and_videos_in_one_batch_are_refused_clearly():
     with pytest.raises(NotImplementedError, match="images and videos in one batch"):
         adapter.image_token_counts(grids, None, {})
     assert adapter.image_token_counts({"video_grid_thw": grids["video_grid_thw"]}, None, {}) == [8]
+
+
+def test_next_video_scores_are_pooled_per_frame_like_the_features():
+    """LLaVA-NeXT-Video (CLIP) frames: the [CLS] row of the feature layer (eager weights), average-pooled 2x2 like the
+    resampler pools the features, frames in a row, no newline."""
+    model = _model("llava_next_video", "eager")
+    inputs = make_inputs(model, [SINGLE], seed=1, video=True)
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values_videos"].flatten(0, 1), output_attentions=True)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    cls = out.attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(1).view(-1, 1, side, side)
+    pooled = torch.nn.functional.avg_pool2d(cls, 2).flatten()
+    assert len(pooled) == len(visual_positions(model, inputs["input_ids"])) == 4 * (side // 2) ** 2
+    with vtr.patch(model, "fastervlm", budget=5) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.kept()[0].tolist() == sorted(pooled.topk(5).indices.tolist())
 
 
 def test_onevision_video_scores_are_pooled_per_frame_like_the_features():

@@ -15,7 +15,7 @@ from conftest import _model
 from test_methods import unit
 from tiny_models import IMAGE, make_inputs
 
-VIDEO_MODELS = ["llava_onevision", "qwen2_vl", "qwen3_vl"]
+VIDEO_MODELS = ["llava_onevision", "llava_next_video", "qwen2_vl", "qwen3_vl"]
 
 
 def frames_of(t, h, w, d=4, seed=0):
@@ -78,7 +78,7 @@ def test_frame_methods_refuse_models_and_inputs_without_frames():
         vtr.patch(_model("llava", "sdpa"), ["random", vtr.plugins.Uniform(per_frame=True)])
     model = _model("llava_onevision", "sdpa")
     images = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1)
-    with vtr.patch(model, "framesample"), pytest.raises(ValueError, match="need videos on LLaVA-OneVision"):
+    with vtr.patch(model, "framesample"), pytest.raises(ValueError, match="need videos on LlavaOnevisionForConditionalGeneration"):
         model(**images)
 
 

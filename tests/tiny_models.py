@@ -64,10 +64,10 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGE_SIZES = [(40, 60), (64, 30), (50, 50), (20, 70)]    # (H, W) of the anyres models' images, in turn
 
 
-def tiny_llava_next(attn: str, onevision: bool = False):
+def tiny_llava_next(attn: str, onevision: bool = False, video: bool = False):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
+                              LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
                   patch_size=8)
@@ -79,6 +79,11 @@ def tiny_llava_next(attn: str, onevision: bool = False):
                                       image_token_id=IMAGE, video_token_id=VIDEO, image_grid_pinpoints=PINPOINTS,
                                       vision_aspect_ratio="anyres_max_9")
         return _finish(LlavaOnevisionForConditionalGeneration, config, attn)
+    if video:          # LLaVA-NeXT-Video: CLIP, Llama, each video frame average-pooled 2x2
+        config = LlavaNextVideoConfig(vision_config=CLIPVisionConfig(**vision, projection_dim=32),
+                                      text_config=LlamaConfig(**text), image_token_id=IMAGE, video_token_id=VIDEO,
+                                      image_grid_pinpoints=PINPOINTS, spatial_pool_stride=2)
+        return _finish(LlavaNextVideoForConditionalGeneration, config, attn)
     config = LlavaNextConfig(vision_config=CLIPVisionConfig(**vision, projection_dim=32),
                              text_config=LlamaConfig(**text), image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS)
     return _finish(LlavaNextForConditionalGeneration, config, attn)
@@ -107,9 +112,11 @@ BUILDERS = {
     "qwen3_vl": tiny_qwen3_vl,
     "llava_next": tiny_llava_next,
     "llava_onevision": lambda attn: tiny_llava_next(attn, onevision=True),
+    "llava_next_video": lambda attn: tiny_llava_next(attn, video=True),
     "internvl": tiny_internvl,
 }
-VIDEO_ARCHS = {f"{arch}_video": arch for arch in ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")}  # on videos
+VIDEO_ARCHS = {f"{arch}_video": arch for arch in ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl",
+                                                  "qwen3_vl")}     # the same models on videos
 
 # grids (t, h, w in patches) of the images, in order, for the Qwen models: different sizes in one batch
 QWEN_GRIDS = [(1, 8, 12), (1, 12, 8), (1, 16, 16), (1, 8, 8)]
@@ -120,9 +127,9 @@ def make_inputs(model, prompts: list[list[int]], seed: int = 0, first_image: int
     ``first_image``; with ``video``, videos instead)."""
     if model.config.model_type == "llava":
         return llava_inputs(model, prompts, seed=seed)
-    if model.config.model_type == "llava_onevision" and video:
-        return _onevision_video_inputs(model, prompts, seed)
-    if model.config.model_type in ("llava_next", "llava_onevision"):
+    if model.config.model_type in ("llava_onevision", "llava_next_video") and video:
+        return _frame_video_inputs(model, prompts, seed)
+    if model.config.model_type in ("llava_next", "llava_onevision", "llava_next_video"):
         return _anyres_inputs(model, prompts, seed, first_image)
     if model.config.model_type == "internvl":
         return _internvl_inputs(model, prompts, seed, first_image)
@@ -135,16 +142,18 @@ def _pad(rows: list[list[int]]) -> dict:
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
 
 
-def _onevision_video_inputs(model, prompts, seed, frames: int = 4):
-    """Videos of ``frames`` frames: each frame's features pooled 2x2, frames in a row, one newline at the end."""
+def _frame_video_inputs(model, prompts, seed, frames: int = 4):
+    """Videos of ``frames`` frames, as many placeholders each as the stock model makes features of it (frames pooled,
+    in a row; OneVision: then a newline)."""
     config = model.config
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    tokens = frames * (-(-side // 2)) ** 2 + 1
-    rows = [[t for tok in p for t in ([config.video_token_id] * tokens if tok == IMAGE else [tok])] for p in prompts]
     videos = sum(p.count(IMAGE) for p in prompts)
     size = config.vision_config.image_size
     g = torch.Generator().manual_seed(seed)
-    return {**_pad(rows), "pixel_values_videos": torch.randn(videos, frames, 3, size, size, generator=g)}
+    pixels = torch.randn(videos, frames, 3, size, size, generator=g)
+    with torch.no_grad():
+        tokens = model.model.get_video_features(pixels[:1]).pooler_output.shape[1]
+    rows = [[t for tok in p for t in ([config.video_token_id] * tokens if tok == IMAGE else [tok])] for p in prompts]
+    return {**_pad(rows), "pixel_values_videos": pixels}
 
 
 def _anyres_crops(model, sizes: torch.Tensor, counts: list[int]) -> list[int]:
@@ -186,7 +195,7 @@ def split_batch(model, batch: dict, prompts: list[list[int]]) -> list[dict]:
     for prompt in prompts:
         n = prompt.count(IMAGE)
         single = make_inputs(model, [prompt], first_image=first, video=video)
-        if "pixel_values_videos" in batch and "video_grid_thw" not in batch:       # OneVision: one row per video
+        if "pixel_values_videos" in batch and "video_grid_thw" not in batch:       # LLaVA-family: one row per video
             single["pixel_values_videos"] = batch["pixel_values_videos"][first:first + n]
             assert torch.equal(single["input_ids"][0], batch["input_ids"][len(out), -single["input_ids"].shape[1]:])
         elif model.config.model_type == "internvl":

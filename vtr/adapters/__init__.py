@@ -3,12 +3,12 @@ tokens are, how attention rows are recomputed) lives here; the engine and the me
 from __future__ import annotations
 
 from .internvl import InternVLAdapter
-from .llava import LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter
+from .llava import LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from .vit import OpenClipViTAdapter, TimmViTAdapter
 
-ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter,
-            InternVLAdapter, TimmViTAdapter, OpenClipViTAdapter)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
+            Qwen2_5_VLAdapter, Qwen3VLAdapter, InternVLAdapter, TimmViTAdapter, OpenClipViTAdapter)
 
 
 def _label(cls) -> str:

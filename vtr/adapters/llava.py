@@ -242,9 +242,91 @@ class LlavaNextAdapter(LlavaAdapter):
                 "grid": torch.tensor(grids, device=features.device), "side": side}
 
 
-class LlavaOnevisionAdapter(LlavaNextAdapter):
-    name = "llava_onevision"
+class _VideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-family models that take videos too: each frame's features pooled by the model (``pooled_side``
+    tokens a side), frames in a row, then, on OneVision, one newline; a video is one unit of the budget."""
     has_frames = True                            # videos only
+    video_newline = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.video_token_id = model.config.video_token_id
+        self.video = False                          # whether the current batch holds videos (not images)
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
+    @property
+    def pooled_side(self) -> int:
+        raise NotImplementedError
+
+    def pool_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """(frames, side * side) patch scores pooled like the features: (frames, pooled_side ** 2)."""
+        raise NotImplementedError
+
+    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
+        images = kwargs.get("pixel_values") is not None or "image" in encoded
+        videos = kwargs.get("pixel_values_videos")
+        self.video = videos is not None or "video" in encoded
+        if images and self.video:
+            raise NotImplementedError("vtr: images and videos in one batch are not reduced yet; send them apart")
+        if not self.video:
+            return super().image_token_counts(kwargs, visual, encoded)
+        if "video" in encoded:
+            return encoded["video"]
+        return [videos.shape[1] * self.pooled_side ** 2 + self.video_newline] * videos.shape[0]
+
+    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Videos: each frame's patch scores pooled like its features, frames in a row (0 for a closing newline)."""
+        if not self.video:
+            return super().arrange_scores(scores, features, sizes)
+        pooled = self.pool_scores(scores.view(-1, self.side * self.side).float())
+        out, start = [], 0
+        for n in sizes:
+            frames = (n - self.video_newline) // pooled.shape[1]
+            out += [pooled[start:start + frames].flatten(), pooled.new_zeros(int(self.video_newline))]
+            start += frames
+        return torch.cat(out)
+
+    def frame_grids(self, sizes: list[int]) -> list[tuple[int, int, int]]:
+        if not self.video:
+            raise ValueError(f"vtr: per-frame and temporal methods need videos on {type(self.model).__name__} (its "
+                             "images are a thumbnail plus crops, not frames)")
+        side = self.pooled_side
+        return [((n - self.video_newline) // side ** 2, side, side) for n in sizes]
+
+    def anyres_layout(self, features: torch.Tensor, sizes: list[int]) -> dict:
+        if self.video:
+            raise NotImplementedError("vtr: a video has no thumbnail and crops for an anyres-layout method")
+        return super().anyres_layout(features, sizes)
+
+
+class LlavaNextVideoAdapter(_VideoAdapter):
+    """LLaVA-NeXT-Video: images as LLaVA-NeXT; a video frame's features pooled by ``vision_resampler`` (2x2 average
+    by default), no newline."""
+    name = "llava_next_video"
+
+    @staticmethod
+    def model_classes():
+        from transformers import LlavaNextVideoForConditionalGeneration
+
+        return (LlavaNextVideoForConditionalGeneration,)
+
+    @property
+    def pooled_side(self) -> int:
+        return self.side // self.config.spatial_pool_stride
+
+    def pool_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The resampler's own pooling (average or max); its "conv" mode has no score analogue: averaged."""
+        grid, stride = scores.view(-1, 1, self.side, self.side), self.config.spatial_pool_stride
+        pool = nn.functional.max_pool2d if self.config.spatial_pool_mode == "max" else nn.functional.avg_pool2d
+        return pool(grid, stride, stride).flatten(1)
+
+
+class LlavaOnevisionAdapter(_VideoAdapter):
+    name = "llava_onevision"
+    video_newline = True
 
     @staticmethod
     def model_classes():
@@ -260,55 +342,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         single = [n == 1 for n in per_sample.tolist() for _ in range(n)]   # multi-image samples: base image only
         return [c if s else 1 for c, s in zip(crops, single)]
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.video_token_id = model.config.video_token_id
-        self.video = False                          # whether the current batch holds videos (not images)
-
     @property
-    def visual_token_ids(self) -> tuple[int, ...]:
-        return (self.image_token_id, self.video_token_id)
+    def pooled_side(self) -> int:
+        return math.ceil(self.side / 2)
 
-    def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
-        """Videos: each frame pooled 2x2 (bilinear) by the model, frames in a row, one newline at the end; a video is
-        one unit of the budget."""
-        images = kwargs.get("pixel_values") is not None or "image" in encoded
-        videos = kwargs.get("pixel_values_videos")
-        self.video = videos is not None or "video" in encoded
-        if images and self.video:
-            raise NotImplementedError("vtr: images and videos in one batch are not reduced yet; send them apart")
-        if not self.video:
-            return super().image_token_counts(kwargs, visual, encoded)
-        if "video" in encoded:
-            return encoded["video"]
-        pooled = math.ceil(self.side / 2) ** 2
-        return [videos.shape[1] * pooled + 1] * videos.shape[0]
-
-    def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Videos: each frame's patch scores pooled like its features (the model's own ``apply_pooling``), frames in
-        a row, 0 for the closing newline."""
-        if not self.video:
-            return super().arrange_scores(scores, features, sizes)
-        pooled = self.vlm.apply_pooling(scores.view(-1, self.side * self.side, 1).float())[..., 0]   # (frames, p)
-        out, start = [], 0
-        for n in sizes:
-            frames = (n - 1) // pooled.shape[1]
-            out += [pooled[start:start + frames].flatten(), pooled.new_zeros(1)]
-            start += frames
-        return torch.cat(out)
-
-    def frame_grids(self, sizes: list[int]) -> list[tuple[int, int, int]]:
-        """Videos: each frame pooled to ceil(side / 2) squared tokens, then the closing newline."""
-        if not self.video:
-            raise ValueError("vtr: per-frame and temporal methods need videos on LLaVA-OneVision (its images are a "
-                             "thumbnail plus crops, not frames)")
-        side = math.ceil(self.side / 2)
-        return [((n - 1) // side ** 2, side, side) for n in sizes]
-
-    def anyres_layout(self, features: torch.Tensor, sizes: list[int]) -> dict:
-        if self.video:
-            raise NotImplementedError("vtr: a video has no thumbnail and crops for an anyres-layout method")
-        return super().anyres_layout(features, sizes)
+    def pool_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The model's own ``apply_pooling`` (2x2 bilinear)."""
+        return self.vlm.apply_pooling(scores[..., None])[..., 0]
 
     def _pack(self, values: list[torch.Tensor], image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         return self.vlm.pack_image_features(values, image_sizes, image_newline=newline,
