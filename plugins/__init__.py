@@ -9,7 +9,7 @@ from .fastv import FastV
 from .fastvid import FastVID
 from .framesample import FrameSample
 from .globalcom2 import GlobalCom2
-from .holitom import HoliTom
+from .holitom import HoliTom, HoliTomInner
 from .kcenter import KCenter
 from .pdrop import PyramidDrop
 from .pool import Pool
@@ -29,4 +29,4 @@ ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
            "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
            "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID", "HoliTom", "PruneVid",
-           "PruneVidMerge", "PruneVidPrune"]
+           "PruneVidMerge", "PruneVidPrune", "HoliTomInner"]

@@ -170,6 +170,11 @@ class LLMPlugin(Plugin):
         top ``k`` of ``score()`` per image (ties: earlier first)."""
         return topk_per_group(self.score(s)[s.visual].float(), s.image, k)
 
+    def absorb(self, s: Signals, kept: torch.Tensor) -> torch.Tensor | None:
+        """For methods that merge the dropped tokens into the survivors: the new hidden states ``(kept, D)`` of the
+        surviving visual tokens ``s.tokens[s.visual][kept]``, in that order. Default: None (dropped tokens vanish)."""
+        return None
+
 
 @dataclass
 class EncoderPlugin(Plugin):

@@ -17,7 +17,9 @@ In vtr a static token sits at its position in the segment's first frame and ever
 largest remainders (the code rounds each group on its own); when the budget exceeds what is left after the collapse,
 the segments that save least are not collapsed (vtr's extension). Vision attention: the engine's [CLS] attention,
 the mean attention received in the feature layer on SigLIP/Qwen towers, as the code computes it. The inner stage
-(merging at LLM layer 18) is not implemented.
+(``HoliTomInner``, merging at LLM layer 18 of 28, scaled to depth, or ``merge_layer``) follows, as the paper's scripts
+run it (``inner=False`` leaves it out): a retain covers both stages, the outer one keeping twice what the inner one
+keeps; by default the outer stage keeps 0.10 and the inner one half of that.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from vtr.kernels import dpc_merge
 
-from .base import Plugin, Signals, apportion
+from .base import LLMPlugin, Plugin, Signals, apportion
 
 
 def static_windows(similar: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
@@ -63,6 +65,21 @@ class HoliTom(Plugin):
     max_neighbours: ClassVar[int] = 7
     tau: float | None = None     # None: 0.65 at retain <= 0.10, else 0.80
     beta: float = 0.6
+    inner: bool = True           # also the inner stage (HoliTomInner), as the paper's scripts run it
+    merge_layer: int | None = None
+
+    def pipeline(self) -> list[Plugin]:
+        if not self.inner:
+            return [self]
+        outer = dict(tau=self.tau, beta=self.beta, inner=False)
+        if self.tau is None:        # the threshold the paper pairs with the outer stage's own retention
+            outer["tau"] = 0.65 if (self.retain is None or 2 * self.retain <= 0.10) else 0.80
+        if self.budget is not None:
+            return [HoliTom(budget=2 * self.budget, **outer), HoliTomInner(budget=self.budget, layer=self.merge_layer)]
+        if self.retain is None:
+            return [HoliTom(**outer), HoliTomInner(layer=self.merge_layer)]
+        first = min(1.0, 2 * self.retain)
+        return [HoliTom(retain=first, **outer), HoliTomInner(retain=self.retain / first, layer=self.merge_layer)]
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         t, h, w = s.frames[0].tolist()
@@ -105,3 +122,43 @@ class HoliTom(Plugin):
             picks.append(positions[centre] + f * per)
             values.append(merged.to(x.dtype))
         return torch.cat(picks), torch.cat(values)
+
+
+@dataclass
+class HoliTomInner(LLMPlugin):
+    """HoliTom's inner stage: at LLM layer 18 of 28 (scaled to depth), the last token's attention in the layer before
+    (head mean) keeps the top 1 - r of each video's tokens (r = 0.5); each dropped token is merged into its most
+    cosine-similar survivor (hidden states entering the layer), in sequence order, h <- (h + h_dropped) / 2."""
+    name = "holitom_inner"
+    summary = "HoliTom inner stage: half the visual tokens merged into their most similar survivor at layer 18 of 28"
+    default_retain = 0.5
+    needs = ("last_attention",)
+    layer: int | None = None
+
+    def layers(self, num_layers: int) -> list[int]:
+        layer = self.layer if self.layer is not None else max(1, round(18 * num_layers / 28))
+        if not 1 <= layer < num_layers:
+            raise ValueError(f"HoliTom: merge layer {layer} must be in [1, {num_layers})")
+        return [layer]
+
+    def score_layer(self, layer: int) -> int:
+        return layer - 1
+
+    def score(self, s: Signals) -> torch.Tensor:
+        return s.last_attention
+
+    def absorb(self, s: Signals, kept: torch.Tensor) -> torch.Tensor:
+        tokens = s.tokens[s.visual].float()
+        unit = F.normalize(tokens, dim=-1)
+        similarity = unit[~kept] @ unit[kept].T
+        similarity.masked_fill_(s.image[~kept][:, None] != s.image[kept][None, :], float("-inf"))   # own video only
+        owner = similarity.argmax(1)                  # each dropped token's survivor (index among the kept)
+        # the running average h <- (h + d) / 2 over a survivor's dropped tokens d_1 < ... < d_m (sequence order):
+        # h / 2^m + sum_i d_i / 2^(m - i + 1)
+        members = torch.bincount(owner, minlength=int(kept.sum()))
+        order = torch.argsort(owner, stable=True)                    # by survivor, sequence order inside
+        rank = torch.empty_like(owner)
+        rank[order] = torch.arange(len(owner), device=owner.device) - (torch.cumsum(members, 0) - members)[owner[order]]
+        weight = 0.5 ** (members[owner] - rank).float()
+        out = tokens[kept] * (0.5 ** members.float())[:, None]
+        return out.index_add_(0, owner, tokens[~kept] * weight[:, None])

@@ -109,13 +109,29 @@ def merged_after_projector(model, inputs: dict, plugin, cls_attention: torch.Ten
     return out
 
 
+def _absorbed(h, current, keep, visual, protected, absorb):
+    from vtr.plugins import Signals
+
+    offered = torch.isin(current, visual)
+    if protected is not None:
+        offered &= ~torch.isin(current, protected)
+    signals = Signals(tokens=h, visual=offered[None], image=torch.zeros(int(offered.sum()), dtype=torch.long))
+    values = absorb(signals, keep[offered])
+    h = h.clone()
+    h[0, offered & keep] = values.to(h.dtype)
+    return h
+
+
 @torch.no_grad()
 def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor],
-                    steps: int, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    steps: int, features: torch.Tensor | None = None, absorbers: dict | None = None,
+                    protected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens (steps,) and logits (steps, V).
 
     pre_llm: original positions entering the LLM (None: all); llm_stages: layer -> original positions kept from that
-    layer on; features: the image features to place (default: the stock model's)."""
+    layer on; features: the image features to place (default: the stock model's); absorbers: layer -> a merging
+    plugin's ``absorb``, applied to this run's own hidden states at that layer (its visual tokens less the
+    ``protected`` positions, one image) before the drop."""
     core = model.model
     lm = core.language_model
     input_ids = inputs["input_ids"]
@@ -141,6 +157,8 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
             for i, layer in enumerate(lm.layers):
                 if step == 0 and i in llm_stages:
                     keep = torch.isin(current, llm_stages[i])
+                    if absorbers and i in absorbers:
+                        h = _absorbed(h, current, keep, visual, protected, absorbers[i])
                     h, pos, current = h[:, keep], pos[..., keep], current[keep]
                 q, kv = h.shape[1], cache.get_seq_length(i) + h.shape[1]
                 h = layer(h, attention_mask=_causal(q, kv, h.dtype), position_ids=pos if pos.dim() == 2 else None,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vtr
-from vtr.plugins import VLM_METHODS, Plugin
+from vtr.plugins import VLM_METHODS, LLMPlugin, Plugin
 
 from conftest import split_batch
 from oracle import (merged_after_projector, merged_before_projector, oracle_generate, sequence_after,
@@ -45,6 +45,10 @@ def test_retain_one_is_bit_identical_and_remove_restores(model, single, method):
         assert torch.equal(model(**single).logits, reference)
 
 
+def merges_in_llm(plugin) -> bool:
+    return type(plugin).absorb is not LLMPlugin.absorb
+
+
 def spy(plugin) -> list:
     """The Signals the engine hands ``plugin.reduce``, call after call."""
     seen, reduce = [], plugin.reduce
@@ -70,8 +74,11 @@ def test_generation_equals_oracle(model, single, method, retain):
         features = merged_before_projector(model, single, plugin)
     elif seen and type(plugin).reduce is not Plugin.reduce:        # pooling, FastVID: merged values enter the LLM
         features = merged_after_projector(model, single, plugin, seen[0].cls_attention)
+    absorbers = {s.layer: s.plugin.absorb for s in stages if s.layer is not None and merges_in_llm(s.plugin)}
+    protected = handle._engine.rec.protected
+    protected = None if protected is None else protected[0].nonzero()[:, 0]
     want_tokens, want_logits = oracle_generate(model, single, pre[-1] if pre else None, llm, tokens.shape[1],
-                                               features)
+                                               features, absorbers, protected)
     assert torch.equal(tokens[0], want_tokens)
     torch.testing.assert_close(logits[0], want_logits, atol=1e-4, rtol=0)
 

@@ -5,7 +5,8 @@ import torch
 import vtr
 from vtr.kernels import density_peaks
 from vtr.adapters import adapter_for
-from vtr.plugins import DyCoke, FastVID, FrameSample, HoliTom, PruneVid, PruneVidMerge, PruneVidPrune, Signals
+from vtr.plugins import (DyCoke, FastVID, FrameSample, HoliTom, HoliTomInner, PruneVid, PruneVidMerge, PruneVidPrune,
+                         Signals)
 from vtr.plugins.base import apportion
 from vtr.plugins.fastvid import segments
 from vtr.plugins.holitom import static_windows
@@ -253,3 +254,17 @@ def test_question_attention_is_max_over_heads_and_questions_without_rope():
         probs = logits.masked_fill(~keys[b], float("-inf")).softmax(-1)                  # (heads, 7, 7)
         want = probs[:, queries[b]].amax(0).amax(0)
         torch.testing.assert_close(got[b], want)
+
+
+def test_holitom_inner_merge_is_a_running_average_by_hand():
+    """Survivors 0 and 2; dropped 1 and 4 are closest to 0, 3 to 2. In sequence order: h0 <- (h0 + h1) / 2, then
+    h0 <- (h0 + h4) / 2 = (1, -0.025); h2 <- (h2 + h3) / 2 = (0.05, 1)."""
+    tokens = torch.tensor([[[1, 0], [1, 0.1], [0, 1], [0.1, 1], [1, -0.1]]])
+    s = Signals(tokens=tokens, visual=torch.ones(1, 5, dtype=torch.bool), image=torch.zeros(5, dtype=torch.long))
+    values = HoliTomInner().absorb(s, torch.tensor([True, False, True, False, False]))
+    torch.testing.assert_close(values, torch.tensor([[1, -0.025], [0.05, 1]]))
+    outer, inner = HoliTom(retain=0.1).pipeline()                     # the outer stage keeps twice the final share
+    assert outer.retain == 0.2 and inner.retain == 0.5 and outer.tau == 0.8 and inner.layers(28) == [18]
+    outer, inner = HoliTom().pipeline()
+    assert outer.target_retain == 0.10 and outer.tau == 0.65 and inner.retain is None
+    assert outer.pipeline() == [outer]                                 # the stages do not expand again

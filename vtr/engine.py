@@ -704,7 +704,12 @@ class Engine(HookSet):
         if "final_norm" in plugin.needs:
             signals.normed = self.adapter.language_model.norm(hidden)
         keep = layout.mask & ~visual
-        keep[visual] = plugin.keep(signals, k)
+        kept = plugin.keep(signals, k)
+        keep[visual] = kept
+        values = plugin.absorb(signals, kept)
+        if values is not None:                              # the survivors take in the dropped tokens
+            hidden = hidden.clone()
+            hidden[visual & keep] = values.to(hidden.dtype)
         length = rec.visual.shape[1]
         alive = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
         alive.scatter_(1, layout.orig.masked_fill(~layout.mask, length), keep)      # padding lands in the spare column
