@@ -1,8 +1,8 @@
 """vtr's methods, one file each. ``METHODS`` maps each registered name to its plugin class."""
-from .base import EncoderPlugin, LLMPlugin, Plugin, Signals
+from .base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
 from .dart import DART
 from .divprune import DivPrune
-from .dycoke import DyCoke
+from .dycoke import DyCoke, DyCokeKV
 from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
@@ -26,7 +26,7 @@ METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
-__all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "Signals", "Random",
-           "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter", "GlobalCom2", "FastV",
-           "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "FastVID", "HoliTom", "PruneVid",
-           "PruneVidMerge", "PruneVidPrune", "HoliTomInner"]
+__all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "DecodePlugin",
+           "Signals", "Random", "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter",
+           "GlobalCom2", "FastV", "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "DyCokeKV", "FastVID",
+           "HoliTom", "HoliTomInner", "PruneVid", "PruneVidMerge", "PruneVidPrune"]

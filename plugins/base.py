@@ -177,6 +177,24 @@ class LLMPlugin(Plugin):
 
 
 @dataclass
+class DecodePlugin(Plugin):
+    """A method that acts while decoding: at every generated token it chooses which visual entries of the KV cache
+    the layers from ``decode_layer`` on may attend to (the cache keeps them all, positions do not change)."""
+
+    where: ClassVar[str] = "decode"
+
+    def decode_layer(self, num_layers: int) -> int:
+        """The first layer whose attention skips the hidden entries; the layer before it scores them."""
+        raise NotImplementedError
+
+    def visible(self, s: Signals, k: torch.Tensor, state: dict) -> torch.Tensor:
+        """Which visual entries ``s.last_attention[s.visual]`` (the new token's attention in the layer before
+        ``decode_layer``, head mean) stay visible, ``k[i]`` of image i: (V,) bool. ``state`` persists from step to
+        step of one generation."""
+        raise NotImplementedError
+
+
+@dataclass
 class EncoderPlugin(Plugin):
     """A method that reduces tokens inside the blocks of an encoder-only ViT (timm, open_clip), between attention and
     MLP; ``retain``/``budget`` count the patch tokens (prefix tokens such as [CLS] are never reduced)."""

@@ -14,8 +14,9 @@ Differences from the official code, all documented here: kept tokens keep their 
 (the code lists a pruned frame's survivors by similarity and renumbers positions); an odd last frame is kept whole
 (the code drops it); a budget below the whole frames' tokens (vtr's extension; the paper has no such setting) also
 prunes the whole frames, each keeping its tokens least similar to the frame after it; an image (one frame) is
-kept whole, or under a budget keeps evenly spaced tokens, as ``framesample``. The paper's second stage,
-decode-time KV-cache pruning at layer 3, is not implemented here.
+kept whole, or under a budget keeps evenly spaced tokens, as ``framesample``.
+
+The paper's second stage runs with ``kv=p`` (paper: p = 0.7 at layer 3): ``DyCokeKV``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Plugin, Signals, evenly, shares
+from vtr.kernels import topk_per_group
+
+from .base import DecodePlugin, Plugin, Signals, evenly, shares
 
 
 def references(t: int) -> dict[int, int]:
@@ -42,11 +45,23 @@ class DyCoke(Plugin):
     adaptive = True
     #: fraction of a pruned frame's tokens pruned (paper: K = 0.7), when neither retain nor budget is given
     k: float = 0.7
+    #: the decode-time stage: the fraction of visual cache entries hidden from layers >= kv_layer (paper: 0.7)
+    kv: float | None = None
+    kv_layer: int = 3
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.k < 1:
             raise ValueError(f"DyCoke: k (the pruned fraction of a pruned frame) must be in [0, 1), got {self.k!r}")
+        if self.kv is not None and not 0 <= self.kv < 1:
+            raise ValueError(f"DyCoke: kv (the hidden fraction of the cache's visual entries) must be in [0, 1), "
+                             f"got {self.kv!r}")
+
+    def pipeline(self) -> list[Plugin]:
+        if self.kv is None:
+            return [self]
+        ttm = DyCoke(retain=self.retain, budget=self.budget, k=self.k, per_frame=self.per_frame)
+        return [ttm, DyCokeKV(retain=1 - self.kv, layer=self.kv_layer)]
 
     def select(self, s: Signals, k: int) -> torch.Tensor:
         images, n, d = s.tokens.shape
@@ -74,3 +89,37 @@ class DyCoke(Plugin):
                 similarity = (x[:, f] * x[:, ref[f]]).sum(-1)                       # (images, per)
                 picks.append(similarity.topk(keep[f], dim=-1, largest=False).indices + f * per)
         return torch.cat(picks, dim=1)
+
+
+@dataclass
+class DyCokeKV(DecodePlugin):
+    """DyCoke's second stage: at every generated token, the new token's attention in layer L - 1 (head mean) over the
+    cache's visual entries picks the top 1 - p of them (p = 0.7, L = 3); layers >= L attend to those only (the cache
+    keeps every entry, as the official code's does, and positions stay). The choice is kept while the attention stays
+    similar to the previous token's (cosine >= 0.9) and made again when it changes (the official code then falls
+    back to the whole cache instead; vtr follows the paper's description)."""
+    name = "dycoke_kv"
+    summary = "DyCoke stage 2: while decoding, layers >= 3 see only the visual cache entries the new token attends to"
+    default_retain = 0.3
+    needs = ("last_attention",)
+    layer: int = 3
+    threshold: float = 0.9
+
+    def decode_layer(self, num_layers: int) -> int:
+        if not 1 <= self.layer < num_layers:
+            raise ValueError(f"DyCoke: kv_layer must be in [1, {num_layers}) (it scores with the layer before)")
+        return self.layer
+
+    def visible(self, s: Signals, k: torch.Tensor, state: dict) -> torch.Tensor:
+        scores = s.last_attention[s.visual].float()
+        chosen = topk_per_group(scores, s.image, k)
+        previous, kept = state.get("attention"), state.get("visible")
+        if previous is not None and previous.shape == scores.shape:     # per image: stable attention keeps its choice
+            images = int(s.image.max()) + 1
+            dot = torch.zeros(images, device=scores.device).index_add_(0, s.image, scores * previous)
+            norms = [torch.zeros(images, device=scores.device).index_add_(0, s.image, v * v).sqrt()
+                     for v in (scores, previous)]
+            stable = dot / (norms[0] * norms[1]).clamp(min=1e-12) >= self.threshold
+            chosen = torch.where(stable[s.image], kept, chosen)
+        state.update(attention=scores, visible=chosen)
+        return chosen

@@ -12,7 +12,10 @@ from vtr.plugins.fastvid import segments
 from vtr.plugins.holitom import static_windows
 from vtr.plugins.prunevid import contiguous
 
-from conftest import _model
+from transformers import DynamicCache
+
+from conftest import BATCH, _model, split_batch
+from oracle import _causal, encode, sequence_after, stock_positions, visual_positions
 from test_methods import unit
 from tiny_models import IMAGE, make_inputs
 
@@ -268,3 +271,84 @@ def test_holitom_inner_merge_is_a_running_average_by_hand():
     outer, inner = HoliTom().pipeline()
     assert outer.target_retain == 0.10 and outer.tau == 0.65 and inner.retain is None
     assert outer.pipeline() == [outer]                                 # the stages do not expand again
+
+
+@torch.no_grad()
+def dycoke_kv_oracle(model, inputs, prompt_kept, layer, share, threshold, steps):
+    """Greedy decoding of the stock layers on the kept prompt (original positions) where, at every new token, the
+    attention weights of layer ``layer - 1`` (the eager module's own, head mean) choose the visual cache entries
+    layers >= ``layer`` may see: the top ``share``, kept while the attention stays similar (cosine >= threshold)."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"]
+    embeds = lm.embed_tokens(ids)
+    visual = visual_positions(model, ids)
+    embeds[0, visual] = torch.cat(list(encode(model, inputs).pooler_output)).to(embeds.dtype)
+    positions, delta = stock_positions(model, inputs)
+    h, pos = embeds[:, prompt_kept], positions[..., prompt_kept]
+    offered = torch.isin(prompt_kept, visual)
+    if model.config.model_type == "llava_onevision":
+        offered[torch.nonzero(offered)[-1]] = False                  # the video's closing newline is never hidden
+    k = max(1, int(share * int(offered.sum()) + 0.5))
+    cache, weights = DynamicCache(config=lm.config), []
+    hook = lm.layers[layer - 1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    tokens, logits, previous, chosen = [], [], None, None
+    try:
+        for step in range(steps):
+            hidden_mask = None
+            for i, block in enumerate(lm.layers):
+                q, kv = h.shape[1], cache.get_seq_length(i) + h.shape[1]
+                mask = _causal(q, kv, h.dtype)
+                if step and i >= layer:
+                    mask = mask.clone()
+                    mask[..., :len(prompt_kept)][..., hidden_mask] = torch.finfo(h.dtype).min
+                h = block(h, attention_mask=mask, position_ids=pos if pos.dim() == 2 else None,
+                          position_embeddings=lm.rotary_emb(h, pos), past_key_values=cache, use_cache=True)
+                if step and i == layer - 1:
+                    a = weights[-1][0, :, -1, :len(prompt_kept)].mean(0)[offered].float()
+                    if previous is None or torch.nn.functional.cosine_similarity(a, previous, dim=0) < threshold:
+                        chosen = torch.zeros_like(a, dtype=torch.bool)
+                        chosen[a.topk(k).indices] = True
+                    previous = a
+                    hidden_mask = offered.clone()
+                    hidden_mask[offered] = ~chosen
+            logits.append(model.lm_head(lm.norm(h)[:, -1])[0])
+            tokens.append(logits[-1].argmax())
+            h = lm.embed_tokens(tokens[-1][None, None])
+            pos = torch.full_like(pos[..., -1:], ids.shape[1] + step + delta)
+    finally:
+        hook.remove()
+    return torch.stack(tokens), torch.stack(logits)
+
+
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl"])
+def test_dycoke_kv_stage_equals_the_stock_layers_with_hidden_cache_entries(arch):
+    model = _model(arch, "eager")
+    inputs = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1, video=True)
+    run = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with vtr.patch(model, "dycoke", retain=0.5, kv=0.7, kv_layer=3) as handle, torch.no_grad():
+        out = model.generate(**inputs, **run)
+        kept = sequence_after(model, inputs["input_ids"], handle.kept()[0])
+        hidden = int(handle._engine.rec.hidden.sum())
+    want_tokens, want_logits = dycoke_kv_oracle(model, inputs, kept, 3, 0.3, 0.9, 8)
+    assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], want_tokens)
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], want_logits, atol=1e-4, rtol=0)
+    offered = len(handle.kept()[0]) - int(arch == "llava_onevision")        # OneVision's newline is never hidden
+    assert hidden == offered - max(1, int(0.3 * offered + 0.5))
+    assert handle.stats()[0]["decode"] == {"method": "dycoke_kv", "layer": 3,
+                                           "visible_tokens": len(handle.kept()[0]) - hidden}
+    with vtr.patch(model, "dycoke", retain=0.5), torch.no_grad():               # the cache stage changes the logits
+        plain = model.generate(**inputs, **run)
+    assert torch.equal(plain.logits[0], out.logits[0]) and not torch.allclose(plain.logits[1], out.logits[1])
+
+
+def test_dycoke_kv_stage_batch_equals_per_sample():
+    model = _model("qwen2_vl", "sdpa")
+    batch = make_inputs(model, BATCH, seed=2, video=True)
+    run = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with vtr.patch(model, "dycoke", retain=0.5, kv=0.7), torch.no_grad():
+        together = model.generate(**batch, **run)
+        for b, single in enumerate(split_batch(model, batch)):
+            alone = model.generate(**single, **run)
+            assert torch.equal(alone.sequences[0, -6:], together.sequences[b, -6:])
+            torch.testing.assert_close(torch.stack(alone.logits, 1)[0], torch.stack(together.logits, 1)[b],
+                                       atol=1e-4, rtol=0)

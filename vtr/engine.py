@@ -26,7 +26,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from vtr.kernels import gather_tokens
-from vtr.plugins.base import EncoderPlugin, LLMPlugin, Plugin, Signals
+from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
 
 
 @dataclass
@@ -95,7 +95,9 @@ class Record:
     entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
     prefill: bool = True
     # per forward pass
-    step_kwargs: dict[int, dict] = field(default_factory=dict)   # layout index -> rewritten layer kwargs
+    step_kwargs: dict[tuple, dict] = field(default_factory=dict)   # (layout index, hide) -> rewritten kwargs
+    hidden: torch.Tensor | None = None      # decoding: (B, L) visual entries the decode method hides this step
+    decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
     pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
@@ -163,7 +165,13 @@ class Engine(HookSet):
         self.num_layers = len(adapter.decoder_layers)
         self.stages: list[Stage] = []
         last_layer = -1
+        self.decode: DecodePlugin | None = None       # a method that hides cache entries while decoding (last)
         for plugin in plugins:
+            if self.decode is not None:
+                raise ValueError(f"{self.decode.name} acts while decoding, so it must be the last method")
+            if isinstance(plugin, DecodePlugin):
+                self.decode, self.decode_layer = plugin, plugin.decode_layer(self.num_layers)
+                continue
             if isinstance(plugin, EncoderPlugin):
                 raise ValueError(f"{plugin.name} works inside encoder-only ViTs (timm, open_clip); in a VLM's vision "
                                  "tower it would change the number of visual tokens the language model expects")
@@ -227,8 +235,9 @@ class Engine(HookSet):
             self._add(a.language_model, self._enter_llm)
             for i in range(min(a.injection_layers, self.num_layers)):
                 self._add(a.decoder_layers[i], self._inject_hook(i), post=True)
-            if self.llm_stages:
-                first = min(min(s.layer, s.score_layer) for s in self.llm_stages)
+            if self.llm_stages or self.decode is not None:
+                first = min([min(s.layer, s.score_layer) for s in self.llm_stages] +
+                            ([self.decode_layer - 1] if self.decode is not None else []))
                 for i in range(first, self.num_layers):
                     self._add(a.decoder_layers[i], self._layer_hook(i))
                 for i in {s.score_layer for s in self.llm_stages if s.score_layer != s.layer}:
@@ -301,6 +310,10 @@ class Engine(HookSet):
                 "tokens_per_layer": per_layer,
                 "stages": stages,
             })
+            if self.decode is not None:       # what the decode method left visible at the last generated token
+                hidden = 0 if rec.hidden is None else int(rec.hidden[b].sum())
+                out[-1]["decode"] = {"method": self.decode.name, "layer": self.decode_layer,
+                                     "visible_tokens": per_layer[self.decode_layer] - hidden}
             if videos:                       # tokens in and out of each frame of the sample's videos
                 frame = rec.frame_of[b][rec.visual[b]]
                 frame = frame - frame.min()
@@ -609,7 +622,10 @@ class Engine(HookSet):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:] if args else ()
         if not rec.prefill:
-            return (hidden, *rest), self._kwargs_for(self._layout_index(i, True), kwargs, hidden)
+            if self.decode is not None and i == self.decode_layer - 1:
+                self._hide(rec, module, hidden, kwargs)
+            hide = self.decode is not None and i >= self.decode_layer and rec.hidden is not None
+            return (hidden, *rest), self._kwargs_for(self._layout_index(i, True), kwargs, hidden, hide)
         for index, stage in enumerate(self.llm_stages):      # a stage that scores with its own layer's input
             if stage.layer == i and stage.score_layer == i:
                 rec.pending[index] = self._attention(rec, module, hidden, self._layout_index(i, False), kwargs)
@@ -655,15 +671,41 @@ class Engine(HookSet):
         last = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
         return layout.mask & (slots > last)
 
-    def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor) -> dict:
-        """Layer kwargs for a sequence in layout ``index``, computed once per forward pass and layout."""
-        rec = self.rec
-        if index == 0:
-            return kwargs
-        if index in rec.step_kwargs:
-            return {**kwargs, **rec.step_kwargs[index]}
+    def _hide(self, rec: Record, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict):
+        """Decoding, at the layer before the decode method's: the new token's attention over this layer's cache
+        (head mean), and which visual entries the deeper layers see this step (``rec.hidden``: the others)."""
+        index = self._layout_index(self.decode_layer - 1, True)
         layout = rec.layouts[index]
-        stage_layer = self.llm_stages[index - 1].layer
+        cos, sin = self._kwargs_for(index, kwargs, hidden)["position_embeddings"]
+        past = kwargs["past_key_values"].layers[self.decode_layer - 1].keys
+        x = self.adapter.attention_input(layer, hidden)
+        row = self.adapter.last_token_attention(layer, x, cos, sin, torch.cat([layout.mask, rec.tail], dim=1),
+                                                past=past)[:, :layout.orig.shape[1]]
+        orig = layout.orig.clamp(min=0)
+        visual = layout.mask & rec.visual.gather(1, orig)
+        if rec.protected is not None:
+            visual &= ~rec.protected.gather(1, orig)
+        image = rec.image_of.gather(1, orig)[visual]
+        entry = torch.bincount(image, minlength=len(rec.image_sizes))
+        k = torch.tensor([self.decode.stage_counts(int(n))[0] for n in entry.tolist()], device=hidden.device)
+        keep = self.decode.visible(Signals(tokens=hidden, last_attention=row, visual=visual, image=image), k,
+                                   rec.decode_state)
+        shown = torch.zeros_like(visual)
+        shown[visual] = keep
+        hidden_here = visual & ~shown
+        rec.hidden = torch.zeros_like(rec.visual).scatter_(1, orig, hidden_here) if bool(hidden_here.any()) else None
+
+    def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor, hide: bool = False) -> dict:
+        """Layer kwargs for a sequence in layout ``index``, computed once per forward pass and layout; ``hide``
+        (decoding, layers from the decode method's on): the visual entries in ``rec.hidden`` masked out."""
+        rec = self.rec
+        if index == 0 and not hide:
+            return kwargs
+        key = (index, hide)
+        if key in rec.step_kwargs:
+            return {**kwargs, **rec.step_kwargs[key]}
+        layout = rec.layouts[index]
+        stage_layer = self.llm_stages[index - 1].layer if index else self.decode_layer
         past = kwargs.get("past_key_values")
         new = {}
         if rec.prefill:
@@ -674,12 +716,13 @@ class Engine(HookSet):
                 new["position_ids"] = positions.expand(idx.shape[0], -1).gather(1, idx)
             mask2d = layout.mask
         else:
-            mask2d = torch.cat([layout.mask, rec.tail], dim=1)
+            visible = layout.mask & ~rec.hidden.gather(1, layout.orig.clamp(min=0)) if hide else layout.mask
+            mask2d = torch.cat([visible, rec.tail], dim=1)
         new["attention_mask"] = create_causal_mask(
             config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d.long(),
             past_key_values=past, position_ids=new.get("position_ids", kwargs.get("position_ids")),
             layer_idx=stage_layer)
-        rec.step_kwargs[index] = new
+        rec.step_kwargs[key] = new
         return {**kwargs, **new}
 
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:

@@ -106,10 +106,12 @@ class Adapter:
         return layer.self_attn.k_proj
 
     def last_token_attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                             key_mask: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+                             key_mask: torch.Tensor, keys: torch.Tensor | None = None,
+                             past: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the last position (the last prompt token under left padding) in a decoder layer, from the
         layer's own q/k projections, q/k norms and RoPE, head mean: (B, L). ``x`` is the attention input
-        (``attention_input``); ``keys`` the layer's own k projection of it when a hook caught it, else recomputed.
+        (``attention_input``); ``keys`` the layer's own k projection of it when a hook caught it, else recomputed;
+        ``past``: the layer's cached keys (B, Hkv, T, d), which come first (decoding).
         cos/sin are what the layer receives (for M-RoPE models already composed from the three position axes)."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
@@ -118,6 +120,8 @@ class Adapter:
             q = attn.q_norm(q)
         q = apply_rope(q.transpose(1, 2), cos[:, -1:], sin[:, -1:])
         k = self.rotated_keys(layer, attn.k_proj(x) if keys is None else keys, cos, sin)
+        if past is not None:
+            k = torch.cat([past.to(k.dtype), k], dim=2)
         return attention_rows(q, k, attn.scaling, key_mask)[:, 0]
 
     def question_attention(self, layer: nn.Module, x: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor,
