@@ -55,6 +55,8 @@ class Signals:
         ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
         token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
         crops per column and per row, ``side`` patches per crop side.
+    rater_attention: ``(B, L)`` SparseVLM's scores: the attention its rater tokens pay each token (RoPE, causal
+        mask, head mean), averaged over the raters (LLM stage, methods that need "rater_attention").
     question_attention: ``(B, L)`` the attention the tokens after the video pay each token, without RoPE or causal
         mask, max over heads and over those queries (LLM stage, methods that need "question_attention").
     frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
@@ -75,6 +77,7 @@ class Signals:
     layout: dict | None = None
     frames: torch.Tensor | None = None
     question_attention: torch.Tensor | None = None
+    rater_attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -169,6 +172,12 @@ class LLMPlugin(Plugin):
         """Which of the visual tokens ``s.tokens[s.visual]`` survive, ``k[i]`` of image i: (V,) bool. Default: the
         top ``k`` of ``score()`` per image (ties: earlier first)."""
         return topk_per_group(self.score(s)[s.visual].float(), s.image, k)
+
+    def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the engine calls: ``keep`` and then ``absorb``; methods whose merge depends on how they chose
+        override this instead."""
+        kept = self.keep(s, k)
+        return kept, self.absorb(s, kept)
 
     def absorb(self, s: Signals, kept: torch.Tensor) -> torch.Tensor | None:
         """For methods that merge the dropped tokens into the survivors: the new hidden states ``(kept, D)`` of the

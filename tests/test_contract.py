@@ -46,14 +46,34 @@ def test_retain_one_is_bit_identical_and_remove_restores(model, single, method):
 
 
 def merges_in_llm(plugin) -> bool:
-    return type(plugin).absorb is not LLMPlugin.absorb
+    cls = type(plugin)
+    return isinstance(plugin, LLMPlugin) and (cls.absorb is not LLMPlugin.absorb or cls.drop is not LLMPlugin.drop)
 
 
-def spy(plugin) -> list:
-    """The Signals the engine hands ``plugin.reduce``, call after call."""
-    seen, reduce = [], plugin.reduce
-    plugin.reduce = lambda s, k: (seen.append(s), reduce(s, k))[1]
+def spy(plugin, method: str = "reduce") -> list:
+    """The (Signals, k) the engine hands ``plugin.reduce`` (or ``drop``), call after call."""
+    seen, call = [], getattr(plugin, method)
+    setattr(plugin, method, lambda s, k: (seen.append((s, k)), call(s, k))[1])
     return seen
+
+
+def oracle_merges(stages, drops: dict) -> dict:
+    """Layer -> the merge an in-LLM merging stage applies, rebuilt on the oracle's own hidden states: the plugin's
+    rule with the scores the engine handed it (checked against the eager model in test_methods.py)."""
+    merges, calls = {}, {}
+    for stage in stages:
+        if stage.layer is None or not merges_in_llm(stage.plugin):
+            continue
+        signals, k = drops[id(stage.plugin)][calls.setdefault(id(stage.plugin), 0)]
+        calls[id(stage.plugin)] += 1
+
+        def merge(s, keep, plugin=stage.plugin, seen=signals, k=k):
+            s.last_attention, s.rater_attention = seen.last_attention, seen.rater_attention
+            kept, values = plugin.drop(s, k)
+            assert torch.equal(kept, keep), "the oracle's hidden states choose other survivors"
+            return values
+        merges[stage.layer] = merge
+    return merges
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -61,6 +81,7 @@ def spy(plugin) -> list:
 def test_generation_equals_oracle(model, single, method, retain):
     with vtr.patch(model, method, retain=retain) as handle:
         seen = spy(handle.plugins[0])
+        drops = {id(p): spy(p, "drop") for p in handle.plugins if merges_in_llm(p)}
         tokens, logits = generate(model, single)
         stages = handle._engine.stages
         kept = [sequence_after(model, single["input_ids"], k) for k in
@@ -73,8 +94,8 @@ def test_generation_equals_oracle(model, single, method, retain):
     if plugin.name == "visionzip":                                 # merged features enter the LLM
         features = merged_before_projector(model, single, plugin)
     elif seen and type(plugin).reduce is not Plugin.reduce:        # pooling, FastVID: merged values enter the LLM
-        features = merged_after_projector(model, single, plugin, seen[0].cls_attention)
-    absorbers = {s.layer: s.plugin.absorb for s in stages if s.layer is not None and merges_in_llm(s.plugin)}
+        features = merged_after_projector(model, single, plugin, seen[0][0].cls_attention)
+    absorbers = oracle_merges(stages, drops)
     protected = handle._engine.rec.protected
     protected = None if protected is None else protected[0].nonzero()[:, 0]
     want_tokens, want_logits = oracle_generate(model, single, pre[-1] if pre else None, llm, tokens.shape[1],

@@ -7,8 +7,8 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, Random, Signals, Uniform, VisionZip,
-                         VisPruner)
+from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, Random, Signals, SparseVLM, Uniform,
+                         VisionZip, VisPruner)
 
 from conftest import SINGLE, _model
 from oracle import visual_positions
@@ -273,3 +273,49 @@ def test_kcenter_runs_the_max_min_routine_on_the_encoder_output():
     kept, same = KCenter().zip(Signals(tokens=x), 3)
     assert kept.tolist() == max_min_diversity(x, 3).sort(dim=1).values.tolist() and same is x
     assert set(kept[0].tolist()) >= {2}          # the lone token at 90 degrees is the first, most isolated pick
+
+
+def test_sparsevlm_raters_by_hand():
+    # visual tokens (1, 0), (0, 1); text tokens (1, 0), (0, 1), (0, 0). P (softmax over text of the dot products):
+    # visual 0 -> (e, 1, 1) / (e + 2), visual 1 -> (1, e, 1) / (e + 2); means: (e+1, e+1, 2) / 2 (e + 2): the first
+    # two are above the mean 1/3, the third below
+    visual, text = torch.tensor([[1.0, 0], [0, 1]]), torch.tensor([[1.0, 0], [0, 1], [0, 0]])
+    assert SparseVLM.raters(visual, text).tolist() == [True, True, False]
+
+
+def test_sparsevlm_schedule_layers_and_recycling_by_hand():
+    assert SparseVLM(retain=110 / 576).stage_counts(576, 3) == [300, 200, 110]          # the paper's "192"
+    assert SparseVLM(retain=36 / 576).stage_counts(576, 3) == [303, 110, 36]            # "128"
+    assert SparseVLM(retain=17 / 576).stage_counts(576, 3) == [66, 30, 17]              # "64"
+    assert SparseVLM().layers(32) == [3, 7, 16]          # scored with layers 2, 6, 15; dropped from the next
+    # 10 tokens to 4: the top 3 by score survive; of the 7 dropped, int(0.3 x 7) + 1 = 3 best are recycled into
+    # 3 // 10 + 1 = 1 cluster, their mean, placed at one of them
+    tokens = torch.arange(20.0).view(1, 10, 2)
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.6, 0.05, 0.5, 0.0, 0.3]])
+    s = Signals(tokens=tokens, visual=torch.ones(1, 10, dtype=torch.bool), image=torch.zeros(10, dtype=torch.long),
+                rater_attention=scores)
+    kept, values = SparseVLM().drop(s, torch.tensor([4]))
+    survivors = kept.nonzero()[:, 0].tolist()
+    assert len(survivors) == 4 and {0, 2, 4} < set(survivors) and set(survivors) - {0, 2, 4} <= {5, 7, 9}
+    cluster = survivors.index((set(survivors) - {0, 2, 4}).pop())
+    torch.testing.assert_close(values[cluster], tokens[0, [5, 7, 9]].mean(0))
+    assert torch.equal(values[[i for i in range(4) if i != cluster]], tokens[0, [0, 2, 4]])
+    kept, values = SparseVLM(recycle=False).drop(s, torch.tensor([4]))
+    assert kept.nonzero()[:, 0].tolist() == [0, 2, 4, 5] and values is None
+
+
+def test_sparsevlm_rater_scores_equal_the_eager_attention_weights(eager_model, single):
+    """The raters' rows of the scoring layer's real attention weights (head mean), averaged over the raters."""
+    with torch.no_grad():
+        out = eager_model(**single, output_attentions=True)
+    with vtr.patch(eager_model, "sparsevlm", retain=0.25) as handle:
+        plugin, seen = handle.plugins[0], []
+        drop = plugin.drop
+        plugin.drop = lambda s, k: (seen.append(s), drop(s, k))[1]
+        with torch.no_grad():
+            eager_model(**single)
+        raters = handle._engine.rec.raters[0]
+        layer = handle._engine.llm_stages[0].score_layer
+    assert raters.any()
+    want = out.attentions[layer][0].mean(0)[raters].mean(0)
+    torch.testing.assert_close(seen[0].rater_attention[0], want, atol=1e-5, rtol=1e-4)

@@ -97,6 +97,8 @@ class Record:
     # per forward pass
     step_kwargs: dict[tuple, dict] = field(default_factory=dict)   # (layout index, hide) -> rewritten kwargs
     hidden: torch.Tensor | None = None      # decoding: (B, L) visual entries the decode method hides this step
+    entry_embeds: torch.Tensor | None = None   # the embeddings entering the language model (layout 0)
+    raters: torch.Tensor | None = None      # (B, L) SparseVLM's rater tokens, over the original sequence
     decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
     pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
@@ -569,10 +571,12 @@ class Engine(HookSet):
                 rec.feature_row = (rec.visual.flatten().cumsum(0) - 1).view_as(rec.visual)
         layout = rec.layouts[0]
         if layout.src is None:            # nothing dropped before the LLM
+            if rec.prefill:
+                rec.entry_embeds = kwargs["inputs_embeds"]
             return args, kwargs
         if rec.prefill:
             mask = layout.mask
-            kwargs["inputs_embeds"] = gather_tokens(kwargs["inputs_embeds"], layout.src, mask)
+            kwargs["inputs_embeds"] = rec.entry_embeds = gather_tokens(kwargs["inputs_embeds"], layout.src, mask)
             kwargs["attention_mask"] = mask.long()
             src = layout.src.expand(*rec.positions.shape[:-2], *layout.src.shape)
             kwargs["position_ids"] = rec.positions.gather(-1, src).masked_fill(~mask, 0)
@@ -655,6 +659,12 @@ class Engine(HookSet):
                 needs, taken = self.llm_stages[index].plugin.needs, {}
                 if "last_attention" in needs:
                     taken["last_attention"] = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys)
+                if "rater_attention" in needs:
+                    layout = self.rec.layouts[layout_index]
+                    raters = self._raters(self.llm_stages[index].plugin).gather(1, layout.orig.clamp(min=0))
+                    raters &= layout.mask
+                    taken["rater_attention"] = self.adapter.rater_attention(layer, args[0], cos, sin, mask, raters,
+                                                                            keys)
                 if "question_attention" in needs:
                     taken["question_attention"] = self.adapter.question_attention(
                         layer, args[0], self._questions(self.rec.layouts[layout_index]), mask, keys)
@@ -663,6 +673,20 @@ class Engine(HookSet):
                     taken["keys"] = rotated.transpose(1, 2).flatten(2)
                 self.rec.pending[index] = (taken, layout_index)
         return hook
+
+    def _raters(self, plugin) -> torch.Tensor:
+        """(B, L) the text tokens after the image that ``plugin.raters`` picks from the embeddings entering the LLM,
+        over the original sequence (once per prefill)."""
+        rec = self.rec
+        if rec.raters is None:
+            layout = rec.layouts[0]
+            visual = layout.mask & rec.visual.gather(1, layout.orig.clamp(min=0))
+            text = self._questions(layout)
+            raters = torch.zeros_like(text)
+            for b in range(text.shape[0]):
+                raters[b, text[b]] = plugin.raters(rec.entry_embeds[b][visual[b]], rec.entry_embeds[b][text[b]])
+            rec.raters = torch.zeros_like(rec.visual).scatter_(1, layout.orig.clamp(min=0), raters & layout.mask)
+        return rec.raters
 
     def _questions(self, layout: Layout) -> torch.Tensor:
         """(B, L) bool: the tokens after each sample's last visual token (the question and what follows it)."""
@@ -747,9 +771,8 @@ class Engine(HookSet):
         if "final_norm" in plugin.needs:
             signals.normed = self.adapter.language_model.norm(hidden)
         keep = layout.mask & ~visual
-        kept = plugin.keep(signals, k)
+        kept, values = plugin.drop(signals, k)
         keep[visual] = kept
-        values = plugin.absorb(signals, kept)
         if values is not None:                              # the survivors take in the dropped tokens
             hidden = hidden.clone()
             hidden[visual & keep] = values.to(hidden.dtype)

@@ -21,11 +21,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-                   chunk: int = 8192, heads: str = "mean") -> torch.Tensor:
+                   chunk: int = 8192, heads: str = "mean", query_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of a few query rows, averaged over heads (``heads="max"``: their maximum).
 
     q: (B, H, Q, d) queries; k: (B, Hkv, L, d) keys, with H a multiple of Hkv (grouped-query attention);
-    key_mask: (B, L) bool, False for keys the queries must not see. Returns (B, Q, L) in float32.
+    key_mask: (B, L) bool, False for keys the queries must not see; query_slots: (B, Q) each query's own index
+    among the keys, for the causal mask (None: no causal mask). Returns (B, Q, L) in float32.
     Logits are computed in key chunks of ``chunk``, so memory stays O(B x H x Q x L).
     """
     b, h, nq, d = q.shape
@@ -35,6 +36,9 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: tor
                         for s in range(0, n, chunk)], dim=-1) * scale
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
+    if query_slots is not None:
+        later = torch.arange(n, device=q.device) > query_slots[..., None]                 # (B, Q, L)
+        logits = logits.masked_fill(later[:, None, None], float("-inf"))
     probs = logits.softmax(dim=-1).reshape(b, h, nq, n)
     return probs.amax(dim=1) if heads == "max" else probs.mean(dim=1)
 

@@ -124,6 +124,24 @@ class Adapter:
             k = torch.cat([past.to(k.dtype), k], dim=2)
         return attention_rows(q, k, attn.scaling, key_mask)[:, 0]
 
+    def rater_attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        key_mask: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """SparseVLM's scores: the attention rows of the ``queries`` positions (B, L) bool, as the layer computes them
+        (q/k norms, RoPE, causal mask), head mean, averaged over those queries: (B, L)."""
+        attn = layer.self_attn
+        b, d = x.shape[0], attn.head_dim
+        count = queries.sum(1)
+        order = queries.long().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(count.max()))]
+        pick = lambda t: t.expand(b, -1, -1).gather(1, order[..., None].expand(-1, -1, t.shape[-1]))   # noqa: E731
+        q = attn.q_proj(pick(x)).view(b, order.shape[1], -1, d)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = apply_rope(q.transpose(1, 2), pick(cos), pick(sin))
+        k = self.rotated_keys(layer, attn.k_proj(x) if keys is None else keys, cos, sin)
+        rows = attention_rows(q, k, attn.scaling, key_mask, query_slots=order)
+        valid = torch.arange(order.shape[1], device=x.device) < count[:, None]      # padded rows can be all-masked
+        return rows.masked_fill(~valid[..., None], 0).sum(1) / count.clamp(min=1)[:, None]
+
     def question_attention(self, layer: nn.Module, x: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor,
                            keys: torch.Tensor | None = None) -> torch.Tensor:
         """PruneVid's scores: the attention of the ``queries`` positions (B, L) bool, from the layer's q/k projections

@@ -1,0 +1,103 @@
+"""SparseVLM: "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference" (Zhang et al.,
+ICML 2025), its v1.5 algorithm (Gumpest/SparseVLMs, the default ``USE_VERSION``), in the LLM.
+
+Rule:
+- raters: on the embeddings entering the LLM, P = softmax over the text tokens after the image of each visual
+  token's dot products with them; a text token rates when its mean P over the visual tokens is above the mean;
+- at layers 2, 6 and 15 of 32 (scaled to depth), the raters' attention rows (RoPE, causal mask, head mean), averaged
+  over the raters, score the visual tokens; the top K_l survive the layer;
+- recycling: of the dropped tokens, the int(0.3 n) + 1 best scored are clustered (DPC-kNN, int(n_rec / 10) + 1
+  centres and neighbours) and each cluster becomes the mean of its members; these tokens count as visual tokens at
+  the next stages.
+Counts: the paper's schedules for LLaVA-1.5's 576 tokens (kept after layers 2 / 6 / 15: 300 / 200 / 110 for its
+"192" setting, 303 / 110 / 36 for "128", 66 / 30 / 17 for "64"); the one whose last count is nearest the requested
+retain is scaled to it, and the recycled clusters are counted in (the last stage keeps exactly the budget). The
+paper's "192" is an average over the 32 layers, not what is left: ``stats()["layer_avg_retention"]`` is that figure;
+``retain`` is what survives the last stage.
+
+Differences, documented: a stage drops at the entrance of the layer after the scoring layer (the code prunes that
+layer's output: the same tokens reach the same layers); clusters sit at their centre's position and every token keeps
+its original position (the code appends clusters after the kept visual tokens and renumbers positions).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtr.kernels import dpc_merge, topk_per_group
+
+from .base import LLMPlugin, Signals
+
+SCHEDULES = ((300, 200, 110), (303, 110, 36), (66, 30, 17))      # of 576, the paper's 192 / 128 / 64 settings
+
+
+def recycled(dropped: int) -> tuple[int, int]:
+    """(tokens recycled, clusters they make) when ``dropped`` tokens leave a stage."""
+    if dropped <= 0:
+        return 0, 0
+    n = int(0.3 * dropped) + 1
+    return n, n // 10 + 1
+
+
+@dataclass
+class SparseVLM(LLMPlugin):
+    name = "sparsevlm"
+    summary = "text raters' attention at LLM layers 2/6/15 of 32, dropped tokens recycled into a few cluster means"
+    default_retain = 110 / 576
+    needs = ("rater_attention",)
+    paper_layers: ClassVar[tuple[int, ...]] = (2, 6, 15)
+    recycle: bool = True
+
+    @staticmethod
+    def raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Which ``text`` tokens (T, D) rate the ``visual`` ones (V, D), from the embeddings entering the LLM."""
+        relevance = (visual.float() @ text.float().T).softmax(dim=-1).mean(0)
+        return relevance > relevance.mean()
+
+    def layers(self, num_layers: int) -> list[int]:
+        out = []
+        for layer in self.paper_layers:                  # scoring layers, scaled; each drops at the next one
+            score = max(round(layer * num_layers / 32), out[-1] if out else 0)
+            out.append(score + 1)
+        if out[-1] >= num_layers:
+            raise ValueError(f"SparseVLM: the language model has {num_layers} layers, too few for 3 stages")
+        return out
+
+    def score_layer(self, layer: int) -> int:
+        return layer - 1
+
+    def stage_counts(self, n: int, stages: int = 1) -> list[int]:
+        final = self.keep_count(n)
+        schedule = min(SCHEDULES, key=lambda c: abs(math.log(c[-1] / 576) - math.log(final / n)))
+        counts, last = [], n
+        for c in schedule[:-1]:
+            last = min(last, max(final, round(final * c / schedule[-1])))
+            counts.append(last)
+        return counts + [final]
+
+    def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scores, image = s.rater_attention[s.visual].float(), s.image
+        entry = torch.bincount(image, minlength=len(k))
+        top = k.clone()
+        if self.recycle:         # the survivors by score leave room for the clusters the dropped ones make
+            for i, (n, want) in enumerate(zip(entry.tolist(), k.tolist())):
+                while top[i] > 1 and top[i] + recycled(n - int(top[i]))[1] > want:
+                    top[i] -= 1
+        kept = topk_per_group(scores, image, top)
+        if not self.recycle:
+            return kept, None
+        tokens = s.tokens[s.visual].float()
+        values = tokens.clone()
+        for i, n in enumerate(entry.tolist()):
+            count, clusters = recycled(n - int(top[i]))
+            if not count or top[i] + clusters > k[i]:
+                continue
+            dropped = ((image == i) & ~kept).nonzero()[:, 0]
+            chosen = dropped[scores[dropped].topk(count).indices]          # the best scored of the dropped
+            centre, merged = dpc_merge(tokens[chosen], clusters, clusters)
+            kept[chosen[centre]] = True
+            values[chosen[centre]] = merged
+        return kept, values[kept]
