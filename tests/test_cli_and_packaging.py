@@ -84,6 +84,8 @@ def test_video_bench_quick_writes_json(tmp_path, capsys):
     assert result["visual_tokens"] == 4 * 16 + 1 and [r["method"] for r in result["rows"]] == ["fastvid", "dycoke"]
     for row in result["rows"]:           # 25 % of the 64 frame tokens, plus the newline
         assert row["visual_tokens_out"] == 17 and row["prefill_s"] > 0 and row["analytic_speedup"] > 1
+    reuse = result["frame_reuse"]                      # each frame twice: half of them reach the vision tower
+    assert reuse["frames"] == 4 and reuse["encoded"] == 2 and reuse["reuse_s"] > 0
     assert "4 frames" in capsys.readouterr().out
 
 
