@@ -16,6 +16,7 @@ from .pool import Pool
 from .prunevid import PruneVid, PruneVidMerge, PruneVidPrune
 from .random import Random
 from .sparsevlm import SparseVLM
+from .todre import ToDRE, ToDRERelevance
 from .tome import ToMe
 from .uniform import Uniform
 from .vispruner import VisPruner
@@ -23,7 +24,7 @@ from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
     Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
-    SparseVLM,
+    SparseVLM, ToDRE,
     FrameSample, DyCoke, FastVID, HoliTom, PruneVid, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
@@ -31,4 +32,5 @@ ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "
 __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "EncoderPlugin", "DecodePlugin",
            "Signals", "Random", "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter",
            "GlobalCom2", "FastV", "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "DyCokeKV", "FastVID",
-           "HoliTom", "HoliTomInner", "PruneVid", "PruneVidMerge", "PruneVidPrune", "SparseVLM"]
+           "HoliTom", "HoliTomInner", "PruneVid", "PruneVidMerge", "PruneVidPrune", "SparseVLM",
+           "ToDRE", "ToDRERelevance"]

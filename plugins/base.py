@@ -57,6 +57,7 @@ class Signals:
         crops per column and per row, ``side`` patches per crop side.
     rater_attention: ``(B, L)`` SparseVLM's scores: the attention its rater tokens pay each token (RoPE, causal
         mask, head mean), averaged over the raters (LLM stage, methods that need "rater_attention").
+    text_attention: ``(B, L)`` the same for the text tokens after the image (methods that need "text_attention").
     question_attention: ``(B, L)`` the attention the tokens after the video pay each token, without RoPE or causal
         mask, max over heads and over those queries (LLM stage, methods that need "question_attention").
     frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
@@ -78,6 +79,7 @@ class Signals:
     frames: torch.Tensor | None = None
     question_attention: torch.Tensor | None = None
     rater_attention: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
 
 
 @dataclass

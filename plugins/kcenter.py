@@ -3,9 +3,9 @@ first stage of ToDRE ("ToDRE: Visual Token Pruning via Diversity and Task Awaren
 Vision-Language Models", 2025), which keeps a small diverse subset of the encoder's tokens (the paper removes 90 %).
 
 Rule: the same greedy routine as DivPrune (first pick: the largest nearest-neighbour distance; then argmax_j min over
-the picks of 1 - cos), on the feature layer's outputs instead of the projected tokens. ToDRE's second, task-aware
-stage inside the LLM is described only in its abstract and is not implemented. Applies where the projector sees one
-image's patches as one sequence (LLaVA-1.5); elsewhere ``divprune`` runs the same routine after the projector.
+the picks of 1 - cos), on the feature layer's outputs instead of the projected tokens. ``todre`` runs it with ToDRE's
+second, task-aware stage inside the LLM. Applies where the projector sees one image's patches as one sequence
+(LLaVA-1.5); elsewhere ``divprune`` runs the same routine after the projector.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ ANYRES = ("llava_next", "llava_onevision", "llava_next_video")
 APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thumbnail plus crops (images)
            "visionzip": lambda arch: arch == "llava",             # where the projector sees one image's patches
            "kcenter": lambda arch: arch == "llava",
+           "todre": lambda arch: arch == "llava",                 # its first stage is kcenter
            "pool": lambda arch: arch not in ANYRES}               # needs one 2-D token grid per image
 
 

@@ -7,8 +7,8 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, Random, Signals, SparseVLM, Uniform,
-                         VisionZip, VisPruner)
+from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, Random, Signals, SparseVLM, ToDRE,
+                         ToDRERelevance, Uniform, VisionZip, VisPruner)
 
 from conftest import SINGLE, _model
 from oracle import visual_positions
@@ -319,3 +319,37 @@ def test_sparsevlm_rater_scores_equal_the_eager_attention_weights(eager_model, s
     assert raters.any()
     want = out.attentions[layer][0].mean(0)[raters].mean(0)
     torch.testing.assert_close(seen[0].rater_attention[0], want, atol=1e-5, rtol=1e-4)
+
+
+def test_todre_removes_every_visual_token_once_the_text_looks_away_by_hand():
+    # sample 0: the text pays 0.02 + 0.03 = 5 % of its attention to its visual tokens (< 10 %): all of them go;
+    # sample 1: 0.2 + 0.1 = 30 %: all stay
+    visual = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    attention = torch.tensor([[0.5, 0.02, 0.03, 0.45], [0.2, 0.1, 0.3, 0.4]])
+    s = Signals(tokens=torch.zeros(2, 4, 1), visual=visual, text_attention=attention)
+    assert ToDRERelevance().keep(s, torch.tensor([2, 2])).tolist() == [False, False, True, True]
+    assert ToDRERelevance().layers(32) == [29] and ToDRERelevance().layers(8) == [7]    # checks 7L/8, drops after
+    stage1, stage2 = ToDRE(retain=0.2).pipeline()
+    assert stage1.name == "kcenter" and stage1.retain == 0.2 and stage2.tau == 0.1
+
+
+def test_todre_text_attention_equals_the_eager_attention_weights(eager_model, single):
+    """The rows of the text tokens after the image in the checking layer's real attention weights (head mean),
+    averaged over them; all visual tokens go exactly when their share is below tau."""
+    with torch.no_grad():
+        out = eager_model(**single, output_attentions=True)
+    after = int(visual_positions(eager_model, single["input_ids"])[-1]) + 1
+    visual = torch.zeros(single["input_ids"].shape[1], dtype=torch.bool)
+    visual[visual_positions(eager_model, single["input_ids"])] = True
+    for tau, gone in ((0.0, False), (1.01, True)):
+        with vtr.patch(eager_model, ToDRERelevance(tau=tau)) as handle:
+            plugin, seen = handle.plugins[0], []
+            drop = plugin.drop
+            plugin.drop = lambda s, k: (seen.append(s), drop(s, k))[1]
+            with torch.no_grad():
+                eager_model(**single)
+            layer = handle._engine.llm_stages[0].score_layer
+        want = out.attentions[layer][0].mean(0)[after:].mean(0)
+        torch.testing.assert_close(seen[0].text_attention[0], want, atol=1e-5, rtol=1e-4)
+        protected = 0 if handle._engine.rec.protected is None else int(handle._engine.rec.protected.sum())
+        assert len(handle.kept()[0]) == (protected if gone else int(visual.sum()))

@@ -656,15 +656,18 @@ class Engine(HookSet):
             if armed is not None:
                 index, layout_index, (cos, sin) = armed
                 layer, mask = self.adapter.decoder_layers[i], self.rec.layouts[layout_index].mask
-                needs, taken = self.llm_stages[index].plugin.needs, {}
+                needs, taken = set(self.llm_stages[index].plugin.needs), {}
                 if "last_attention" in needs:
                     taken["last_attention"] = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys)
-                if "rater_attention" in needs:
+                if needs & {"rater_attention", "text_attention"}:     # mean attention rows of some text tokens
                     layout = self.rec.layouts[layout_index]
-                    raters = self._raters(self.llm_stages[index].plugin).gather(1, layout.orig.clamp(min=0))
-                    raters &= layout.mask
-                    taken["rater_attention"] = self.adapter.rater_attention(layer, args[0], cos, sin, mask, raters,
-                                                                            keys)
+                    if "rater_attention" in needs:
+                        queries = self._raters(self.llm_stages[index].plugin).gather(1, layout.orig.clamp(min=0))
+                        queries &= layout.mask
+                    else:
+                        queries = self._questions(layout)
+                    name = "rater_attention" if "rater_attention" in needs else "text_attention"
+                    taken[name] = self.adapter.rater_attention(layer, args[0], cos, sin, mask, queries, keys)
                 if "question_attention" in needs:
                     taken["question_attention"] = self.adapter.question_attention(
                         layer, args[0], self._questions(self.rec.layouts[layout_index]), mask, keys)

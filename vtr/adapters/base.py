@@ -126,8 +126,8 @@ class Adapter:
 
     def rater_attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         key_mask: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        """SparseVLM's scores: the attention rows of the ``queries`` positions (B, L) bool, as the layer computes them
-        (q/k norms, RoPE, causal mask), head mean, averaged over those queries: (B, L)."""
+        """The attention rows of the ``queries`` positions (B, L) bool, as the layer computes them (q/k norms, RoPE,
+        causal mask), head mean, averaged over those queries: (B, L) (SparseVLM's raters, ToDRE's text tokens)."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
         count = queries.sum(1)
