@@ -13,6 +13,7 @@ from .holitom import HoliTom, HoliTomInner
 from .kcenter import KCenter
 from .pdrop import PyramidDrop
 from .pool import Pool
+from .prumerge import PruMergePlus
 from .prunevid import PruneVid, PruneVidMerge, PruneVidPrune
 from .random import Random
 from .sparsevlm import SparseVLM
@@ -24,7 +25,7 @@ from .visionzip import VisionZip
 
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
     Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
-    SparseVLM, ToDRE,
+    SparseVLM, ToDRE, PruMergePlus,
     FrameSample, DyCoke, FastVID, HoliTom, PruneVid, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
@@ -33,4 +34,4 @@ __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "
            "Signals", "Random", "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter",
            "GlobalCom2", "FastV", "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "DyCokeKV", "FastVID",
            "HoliTom", "HoliTomInner", "PruneVid", "PruneVidMerge", "PruneVidPrune", "SparseVLM",
-           "ToDRE", "ToDRERelevance"]
+           "ToDRE", "ToDRERelevance", "PruMergePlus"]

@@ -29,6 +29,7 @@ APPLIES = {"globalcom2": lambda arch: arch in ANYRES,             # needs a thum
            "visionzip": lambda arch: arch == "llava",             # where the projector sees one image's patches
            "kcenter": lambda arch: arch == "llava",
            "todre": lambda arch: arch == "llava",                 # its first stage is kcenter
+           "prumerge+": lambda arch: arch == "llava",
            "pool": lambda arch: arch not in ANYRES}               # needs one 2-D token grid per image
 
 

@@ -54,9 +54,9 @@ def encode(model, inputs: dict):
 
 @torch.no_grad()
 def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
-    """LLaVA-1.5 features when ``plugin`` (VisionZip) merges the feature layer's outputs before the projector: the
-    [CLS] row and keys of that layer written out from its own weights, the merge by the plugin's rule (pinned by its
-    own test), then the stock projector. (images * P, D)."""
+    """LLaVA-1.5 features when ``plugin`` (VisionZip, PruMerge+) merges the feature layer's outputs before the
+    projector: the [CLS] row (head mean) and keys (head mean) of that layer written out from its own weights, the
+    merge by the plugin's rule (pinned by its own test), then the stock projector. (images * P, D)."""
     tower = model.model.vision_tower
     out = tower(inputs["pixel_values"], output_hidden_states=True)
     layers = getattr(tower, "vision_model", tower).encoder.layers
@@ -66,7 +66,7 @@ def merged_before_projector(model, inputs: dict, plugin) -> torch.Tensor:
     n, length = x.shape[:2]
     q = attn.q_proj(x).view(n, length, attn.num_heads, -1)
     k = attn.k_proj(x).view(n, length, attn.num_heads, -1)
-    cls = (torch.einsum("nhd,nlhd->nhl", q[:, 0], k) * attn.scale).softmax(-1).sum(1)[:, 1:]
+    cls = (torch.einsum("nhd,nlhd->nhl", q[:, 0], k) * attn.scale).softmax(-1).mean(1)[:, 1:]
     features = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     from vtr.plugins import Signals
 

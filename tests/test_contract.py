@@ -91,7 +91,7 @@ def test_generation_equals_oracle(model, single, method, retain):
     visual = len(visual_positions(model, single["input_ids"]))
     assert len(handle.kept()[0]) < visual, "the method must actually drop tokens here"
     features, plugin = None, handle.plugins[0]
-    if plugin.name == "visionzip":                                 # merged features enter the LLM
+    if plugin.name in ("visionzip", "prumerge+"):                  # merged features enter the projector
         features = merged_before_projector(model, single, plugin)
     elif seen and type(plugin).reduce is not Plugin.reduce:        # pooling, FastVID: merged values enter the LLM
         features = merged_after_projector(model, single, plugin, seen[0][0].cls_attention)

@@ -7,8 +7,8 @@ import torch
 
 import vtr
 from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
-from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PyramidDrop, Random, Signals, SparseVLM, ToDRE,
-                         ToDRERelevance, Uniform, VisionZip, VisPruner)
+from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
+                         ToDRE, ToDRERelevance, Uniform, VisionZip, VisPruner)
 
 from conftest import SINGLE, _model
 from oracle import visual_positions
@@ -353,3 +353,18 @@ def test_todre_text_attention_equals_the_eager_attention_weights(eager_model, si
         torch.testing.assert_close(seen[0].text_attention[0], want, atol=1e-5, rtol=1e-4)
         protected = 0 if handle._engine.rec.protected is None else int(handle._engine.rec.protected.sum())
         assert len(handle.kept()[0]) == (protected if gone else int(visual.sum()))
+
+
+def test_prumerge_plus_outliers_uniform_samples_and_merge_by_hand():
+    """8 patches x_j = (j, 1); attention 0.9 on patch 0, 0.01/0.02 elsewhere: Q1 = 0.01, Q3 = 0.02, the fence
+    0.035 leaves one outlier (patch 0). Budget 4: the outlier, 2 uniform samples among the other 7 (their 2nd and
+    6th: patches 2 and 6), and the extra token at the last patch not kept (7). With 7 other tokens all are among the
+    32 nearest, so x_i <- x_i + sum_{j != i} a_j x_j, where sum_j a_j x_j = (0.40, 1.0); the extra token is
+    sum over patches 1, 3, 4, 5, 7 of a_j x_j = (0.24, 0.06)."""
+    x = torch.stack([torch.arange(8.0), torch.ones(8)], dim=1)[None]
+    a = torch.tensor([[0.9, 0.01, 0.02, 0.01, 0.02, 0.01, 0.02, 0.01]])
+    s = Signals(tokens=x, cls_attention=a, keys=torch.randn(1, 8, 4, generator=torch.Generator().manual_seed(0)))
+    kept, merged = PruMergePlus().zip(s, 4)
+    assert kept.tolist() == [[0, 2, 6, 7]]
+    torch.testing.assert_close(merged[0, [0, 2, 6, 7]],
+                               torch.tensor([[0.40, 1.1], [2.36, 1.98], [6.28, 1.98], [0.24, 0.06]]))
