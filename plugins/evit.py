@@ -5,7 +5,7 @@ Rule, in the blocks where it acts (between attention and MLP): rank the patch to
 pays them in that block (head mean), keep the top ``keep_rate``, and fuse the rest into one token, their average
 weighted by that attention (``fuse=False`` drops them instead). Paper defaults (DeiT, 12 blocks): blocks 4, 7 and 10
 (1-based) with keep rate 0.7; vtr scales the blocks to the encoder's depth. ``retain``/``budget`` set what survives the
-last stage instead. Encoders only (timm / open_clip ViTs with a [CLS] token).
+last stage instead. Encoder-only ViTs (timm / open_clip) and LLaVA-1.5's vision tower, with a [CLS] token.
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ most similar edges are merged by size-weighted average (at most half of A per bl
 are never merged. Proportional attention adds log(size) to the attention logits (the official default for timm; an
 additive SDPA mask, so it turns flash attention off; ``prop_attn=False`` keeps any kernel).
 ``r`` is the number merged per block (an int, or one per block); ``retain`` instead picks the constant r that leaves
-that fraction of the patch tokens after the last block. Encoders only (timm / open_clip ViTs): inside a VLM's tower
-it would change the number of visual tokens the language model expects.
+that fraction of the patch tokens after the last block. Encoder-only ViTs (timm / open_clip), and LLaVA-1.5's vision
+tower up to its feature layer, where every patch then carries its merged token's value and the first patch of each
+merged token enters the LLM (at its own position).
 """
 from __future__ import annotations
 

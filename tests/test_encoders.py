@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import vtr
 from vtr.plugins import EViT, ToMe
 
+from references import tome_merge
 from test_contract import hooks_on
 
 timm = pytest.importorskip("timm")
@@ -35,24 +36,6 @@ def images(n=2):
 
 
 # ---------------------------------------------------------------- literal references, one sample at a time
-def tome_merge(x, size, keys, r, prefix=1):
-    """ToMe bipartite soft matching of one sample: x (N, C), size (N,), keys (N, H, d)."""
-    metric = F.normalize(keys.mean(1), dim=-1)
-    a_ids, b_ids = list(range(prefix, len(x), 2)), list(range(prefix + 1, len(x), 2))
-    best = {i: max(b_ids, key=lambda j: float(metric[i] @ metric[j])) for i in a_ids}
-    sims = {i: float(metric[i] @ metric[best[i]]) for i in a_ids}
-    merged = sorted(a_ids, key=lambda i: -sims[i])[:r]
-    total = {j: x[j] * size[j] for j in b_ids}
-    weight = {j: size[j].clone() for j in b_ids}
-    for i in merged:
-        total[best[i]] = total[best[i]] + x[i] * size[i]
-        weight[best[i]] = weight[best[i]] + size[i]
-    order = list(range(prefix)) + [i for i in a_ids if i not in merged]
-    rows = [x[i] for i in order] + [total[j] / weight[j] for j in b_ids]
-    sizes = [size[i] for i in order] + [weight[j] for j in b_ids]
-    return torch.stack(rows), torch.stack(sizes)
-
-
 def evit_fuse(x, cls_row, keep, prefix=1):
     """EViT for one sample: keep the top ``keep`` patches by [CLS] attention, fuse the rest by that attention."""
     patches = cls_row[prefix:]
@@ -162,11 +145,9 @@ def test_evit_paper_schedule_scales_to_depth():
     assert EViT().reductions(4, 64)[0] == 0 and sum(EViT(retain=0.25).reductions(4, 64)) == 48
 
 
-def test_encoder_and_vlm_methods_do_not_mix(llava):
+def test_vlm_methods_refuse_encoders():
     vit = tiny_timm()
     with pytest.raises(ValueError, match="encoder-only"):
         vtr.patch(vit, "fastv")
-    with pytest.raises(ValueError, match="encoder-only ViTs"):
-        vtr.patch(llava, "tome", r=4)
     assert hooks_on(vit) == 0
     assert {"timm.VisionTransformer", "open_clip.VisionTransformer"} <= set(vtr.supported_models())

@@ -8,7 +8,8 @@ attention and their MLP, as ToMe and EViT do, by forward hooks on the stock modu
   residual add keeps its shape;
 - the block (post): the block's output is reduced by the same plan. The result equals reducing between attention and
   MLP (a slot's MLP output is constant over its tokens, so averaging them returns it);
-- for ToMe's proportional attention, the attention (timm) or block (open_clip) (pre): log(size) as ``attn_mask``.
+- for ToMe's proportional attention, the attention (timm, a VLM tower) or block (open_clip) (pre): log(size) as an
+  additive attention mask.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class EncoderEngine(HookSet):
         self.adapter, self.plugins, self.plugin = adapter, plugins, plugins[0]
         self.stages = []
         self.sizes: torch.Tensor | None = None       # (B, N) tokens each current token stands for
+        self.source: torch.Tensor | None = None      # (B, N0) the current token each input token is in (-1: gone)
         self.steps: list[int] = []                   # tokens removed in each block of this forward pass
         self.counts: list[int] = []                  # tokens after each block
         self.plan = None
@@ -44,8 +46,8 @@ class EncoderEngine(HookSet):
                 module, post = a.qk_source(block)
                 self._add(module, self._planner(i), with_kwargs=False, post=post)
                 self._add(a.mlp_input(block), self._reduce_input, with_kwargs=False)
-                self._add(a.mlp_output(block), self._expand_output, post=True)
-                self._add(block, self._reduce_output, post=True)
+                self._add(a.mlp_output(block), self._expand_output, post=True, first=True)
+                self._add(block, self._reduce_output, post=True, first=True)    # what hidden_states record
                 if getattr(self.plugin, "prop_attn", False):
                     self._add(a.bias_target(block), self._bias(block))
         except Exception:
@@ -55,6 +57,7 @@ class EncoderEngine(HookSet):
     def _begin(self, module, args):
         x = args[0]
         self.sizes = torch.ones(x.shape[:2], device=x.device)
+        self.source = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         self.tokens_in = x.shape[1] - self.adapter.prefix
         self.steps = self.plugin.reductions(len(self.adapter.blocks), x.shape[1] - self.adapter.prefix)
         self.counts, self.plan = [], None
@@ -86,6 +89,7 @@ class EncoderEngine(HookSet):
     def _reduce_output(self, module, args, output):
         if self.plan is not None:
             output, self.sizes = self.plan.reduce(output, self.sizes)
+            self.source = self.plan.dest.gather(1, self.source.clamp(min=0)).masked_fill(self.source < 0, -1)
             self.plan = None
         self.counts.append(output.shape[1])
         return output
@@ -96,10 +100,12 @@ class EncoderEngine(HookSet):
         def hook(module, args, kwargs):
             if self.sizes is None or bool((self.sizes == 1).all()):
                 return None
-            bias = self.adapter.bias(self.sizes.log(), heads).to(args[0].dtype if args else kwargs["q_x"].dtype)
-            if kwargs.get("attn_mask") is not None:
-                bias = bias + kwargs["attn_mask"]
-            kwargs["attn_mask"] = bias
+            like = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+            bias = self.adapter.bias(self.sizes.log(), heads).to(like.dtype)
+            name = self.adapter.bias_kwarg
+            if kwargs.get(name) is not None:
+                bias = bias + kwargs[name]
+            kwargs[name] = bias
             return args, kwargs
         return hook
 

@@ -40,7 +40,8 @@ class Stage:
     score_layer: int | None = None
 
     def describe(self) -> dict:
-        where = "projector" if self.layer is None else f"llm layer {self.layer}"
+        where = f"llm layer {self.layer}" if self.layer is not None else \
+            "vision tower" if self.plugin.where == "encoder" else "projector"
         return {"method": self.plugin.name, "where": where, "layer": self.layer}
 
 
@@ -132,9 +133,10 @@ class HookSet:
         self.hooks: list = []
         self.hook_seconds = 0.0
 
-    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False):
+    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False, first: bool = False):
         """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
-        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels)."""
+        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels);
+        ``first``: before the module's other hooks (transformers records hidden states with hooks of its own)."""
         def timed(*args):
             start = time.perf_counter()
             try:
@@ -142,7 +144,7 @@ class HookSet:
             finally:
                 self.hook_seconds += time.perf_counter() - start
         register = module.register_forward_hook if post else module.register_forward_pre_hook
-        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post))
+        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post, prepend=first))
 
     def remove(self):
         for hook in self.hooks:
@@ -168,6 +170,8 @@ class Engine(HookSet):
         self.stages: list[Stage] = []
         last_layer = -1
         self.decode: DecodePlugin | None = None       # a method that hides cache entries while decoding (last)
+        self.tower = None                             # an encoder method running inside the vision tower
+        self.tower_kept: torch.Tensor | None = None   # (images, W) each merged token's first patch
         for plugin in plugins:
             if self.decode is not None:
                 raise ValueError(f"{self.decode.name} acts while decoding, so it must be the last method")
@@ -175,8 +179,15 @@ class Engine(HookSet):
                 self.decode, self.decode_layer = plugin, plugin.decode_layer(self.num_layers)
                 continue
             if isinstance(plugin, EncoderPlugin):
-                raise ValueError(f"{plugin.name} works inside encoder-only ViTs (timm, open_clip); in a VLM's vision "
-                                 "tower it would change the number of visual tokens the language model expects")
+                tower = getattr(adapter, "tower_adapter", None)
+                if tower is None or self.stages or adapter.features_keep_cls:
+                    raise ValueError(f"{plugin.name} works inside encoder-only ViTs (timm, open_clip) and, as the "
+                                     "first stage, inside LLaVA-1.5's vision tower (features without [CLS]), not in "
+                                     f"{type(adapter.model).__name__}'s")
+                from vtr.encoder import EncoderEngine       # it builds on this module's HookSet
+                self.tower = EncoderEngine(tower(), [plugin])
+                self.stages.append(Stage(plugin, 0, 1))
+                continue
             if "anyres_layout" in plugin.needs and not hasattr(adapter, "anyres_layout"):
                 raise ValueError(f"{plugin.name} needs an anyres model (a thumbnail plus crops: LLaVA-NeXT, "
                                  f"LLaVA-OneVision), not {type(adapter.model).__name__}")
@@ -209,6 +220,10 @@ class Engine(HookSet):
                     raise ValueError(f"{plugin.name} acts before the LLM, so it must come before every in-LLM method")
                 self.stages.append(Stage(plugin, 0, 1))
         self.llm_stages = [s for s in self.stages if s.layer is not None]
+        if self.tower is not None and any({"cls_attention", "vision_keys"} & set(s.plugin.needs)
+                                          for s in self.stages[1:]):
+            raise ValueError(f"{self.tower.plugin.name} in the vision tower cannot be followed by a method that "
+                             "reads the tower's attention or keys")
         self.by_frame = any("frames" in p.needs or p.per_frame for p in plugins)
         self.rec: Record | None = None
         # generate() runs the vision tower before the model's forward: its signals wait here until then
@@ -221,7 +236,8 @@ class Engine(HookSet):
         a = self.adapter
         try:
             self._add(a.vlm, self._begin)
-            needs = {need for s in self.stages for need in s.plugin.needs}
+            needs = {need for s in self.stages if s.plugin is not getattr(self.tower, "plugin", None)
+                     for need in s.plugin.needs}                # an encoder method's needs are the tower's own
             if needs & {"cls_attention", "grid"} or a.has_frames:
                 self._add(a.vision_model, lambda module, args, kwargs: a.begin_vision(args, kwargs))
             if self.reuse_frames is not None:
@@ -232,6 +248,9 @@ class Engine(HookSet):
                     self._add(module, hook, post=True)
             if any("before_projector" in s.plugin.needs for s in self.stages):
                 self._add(a.projector, self._before_projector, with_kwargs=False)
+            if self.tower is not None:
+                self.tower.install()
+                self._add(a.vision_model, self._expand_tower, post=True)
             if self.reuse_frames is not None:            # after the feature-layer hooks: their outputs expand too
                 self._add(a.vision_model, self._expand_repeats, post=True)
             self._add(a.language_model, self._enter_llm)
@@ -250,6 +269,10 @@ class Engine(HookSet):
 
     def remove(self):
         super().remove()
+        if self.tower is not None:
+            self.hook_seconds += self.tower.hook_seconds
+            self.tower.hook_seconds = 0.0
+            self.tower.remove()
         self.cls_attention = self.vision_keys = self.zipped = None     # the record stays readable
 
     # ------------------------------------------------------------------ results (read through the Handle)
@@ -428,6 +451,27 @@ class Engine(HookSet):
         self.vision_keys = None if self.vision_keys is None else expand(self.vision_keys)
         return output
 
+    def _expand_tower(self, module, args, output):
+        """An encoder method merged the tower's tokens: the outputs it reduced go back to one row per patch (each
+        patch takes its merged token's value), so the projector and the placeholders see every patch; the first
+        patch of each merged token is what the pre-LLM stage keeps."""
+        source, width = self.tower.source, self.tower.counts[-1] if self.tower.counts else None
+        if width is None or width == source.shape[1]:
+            self.tower_kept = None
+            return None
+
+        def expand(x):
+            return gather_tokens(x, source.clamp(min=0)) if torch.is_tensor(x) and x.dim() == 3 and \
+                x.shape[1] == width else x
+
+        for key, value in output.items():
+            output[key] = tuple(map(expand, value)) if isinstance(value, tuple) else expand(value)
+        prefix, n = self.tower.adapter.prefix, source.shape[1]
+        first = torch.full((source.shape[0], width), n, dtype=torch.long, device=source.device)
+        first.scatter_reduce_(1, source.clamp(min=0), torch.arange(n, device=source.device).expand_as(source), "amin")
+        self.tower_kept = (first[:, prefix:] - prefix).sort(dim=1).values
+        return output
+
     @staticmethod
     def _assign_images(rec: Record, sizes: list[int]):
         """Image features fill the image placeholders in row-major order, one run of ``sizes[i]`` tokens each; an
@@ -500,7 +544,8 @@ class Engine(HookSet):
         merged = False
         self.cls_attention = None
         for stage in pre_llm:
-            if "cls_attention" in stage.plugin.needs and (cls is None or cls.shape != (total,)):
+            tower = isinstance(stage.plugin, EncoderPlugin)
+            if "cls_attention" in stage.plugin.needs and not tower and (cls is None or cls.shape != (total,)):
                 raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
             survivors = torch.zeros(total, dtype=torch.bool, device=device) if protected is None else protected.clone()
             plugin = stage.plugin
@@ -513,6 +558,10 @@ class Engine(HookSet):
                 if "before_projector" in plugin.needs:                # selected (and merged) already
                     if self.zipped is not None:
                         alive[key] = self.zipped[ids]
+                        rows = rows_of(ids, alive[key])
+                elif isinstance(plugin, EncoderPlugin):              # merged in the tower: one patch per token
+                    if self.tower_kept is not None:
+                        alive[key] = self.tower_kept[ids]
                         rows = rows_of(ids, alive[key])
                 elif k < per or plugin.counts_itself:
                     whole = candidates is None and len(groups) == 1 and rows.shape[1] == n

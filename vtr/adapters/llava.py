@@ -51,6 +51,13 @@ class LlavaAdapter(Adapter):
         self.has_cls = config.vision_config.model_type == "clip_vision_model"
         self.features_keep_cls = config.vision_feature_select_strategy == "full"
 
+    def tower_adapter(self):
+        """The vision tower up to the feature layer, for encoder methods (ToMe, EViT) run inside it."""
+        from .vit import VisionTowerAdapter
+
+        layers = list(getattr(self.vision_model, "vision_model", self.vision_model).encoder.layers)
+        return VisionTowerAdapter(self.vision_model, layers[:layers.index(self.feature_layer) + 1], self.has_cls)
+
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """Every image of a LLaVA-1.5 batch has the same number of features."""
         if "image" in encoded:
@@ -97,6 +104,7 @@ class LlavaNextAdapter(LlavaAdapter):
     merges_before_projector = False              # crops are packed after the projector
     has_token_grid = False                       # a thumbnail plus an unpadded crop grid, with newlines
     has_frames = False
+    tower_adapter = None                         # crops are packed after the tower: no encoder methods inside it
 
     @staticmethod
     def model_classes():

@@ -22,6 +22,7 @@ def _optional(module: str, name: str) -> tuple[type, ...]:
 class TimmViTAdapter:
     name = "timm"
     kind = "encoder"
+    bias_kwarg = "attn_mask"           # the keyword of ``bias_target`` that takes an additive attention bias
 
     @staticmethod
     def model_classes():
@@ -108,3 +109,38 @@ class OpenClipViTAdapter(TimmViTAdapter):
         """nn.MultiheadAttention takes a float mask of (B * heads, N, N)."""
         b, n = log_size.shape
         return log_size[:, None, None, :].expand(b, heads, n, n).reshape(b * heads, n, n)
+
+
+class VisionTowerAdapter(TimmViTAdapter):
+    """A VLM's CLIP/SigLIP vision tower (LLaVA-1.5), as an encoder for encoder methods (ToMe, EViT) that the VLM
+    engine runs inside it, up to the layer the features come from."""
+    name = "vision_tower"
+    bias_kwarg = "attention_mask"
+
+    def __init__(self, tower: nn.Module, layers: list, has_cls: bool):
+        self.model, self.blocks = tower, layers
+        self.has_cls, self.prefix = has_cls, int(has_cls)
+
+    def qk_source(self, block) -> tuple[nn.Module, bool]:
+        return block.self_attn.k_proj, True
+
+    def queries_keys(self, block, args, output) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = block.self_attn
+        b, n = output.shape[:2]
+        q = attn.q_proj(args[0]).view(b, n, attn.num_heads, attn.head_dim)      # the k projection's input is normed
+        return q, output.view(b, n, attn.num_heads, attn.head_dim)
+
+    def scale(self, block) -> float:
+        return block.self_attn.scale
+
+    def mlp_input(self, block) -> nn.Module:
+        return block.layer_norm2
+
+    def mlp_output(self, block) -> nn.Module:
+        return block.mlp
+
+    def bias_target(self, block) -> nn.Module:
+        return block.self_attn
+
+    def heads(self, block) -> int:
+        return block.self_attn.num_heads
