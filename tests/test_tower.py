@@ -81,3 +81,20 @@ def test_encoder_methods_in_a_tower_are_refused_where_they_cannot_run():
         vtr.patch(_model("llava", "sdpa"), ["random", "tome"], retain=0.5)
     with pytest.raises(ValueError, match="cannot be followed by a method that reads the tower"):
         vtr.patch(_model("llava", "sdpa"), ["tome", "fastervlm"], retain=0.5)
+
+
+def test_tome_in_the_tower_batch_equals_per_sample_and_sdpa_equals_eager():
+    from conftest import BATCH, split_batch
+
+    model, eager = _model("llava", "sdpa"), _model("llava", "eager")
+    batch = make_inputs(model, BATCH, seed=2)
+    with vtr.patch(model, "tome", r=4) as handle:
+        tokens, logits = generate(model, batch)
+        kept = handle.kept()
+        for b, single in enumerate(split_batch(model, batch)):
+            one_tokens, one_logits = generate(model, single)
+            assert torch.equal(handle.kept()[0], kept[b]) and torch.equal(one_tokens[0], tokens[b])
+            torch.testing.assert_close(one_logits[0], logits[b], atol=1e-4, rtol=0)
+    with vtr.patch(eager, "tome", r=4) as handle, torch.no_grad():
+        eager(**batch)
+        assert all(torch.equal(a, b) for a, b in zip(handle.kept(), kept))
