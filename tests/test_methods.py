@@ -368,3 +368,12 @@ def test_prumerge_plus_outliers_uniform_samples_and_merge_by_hand():
     assert kept.tolist() == [[0, 2, 6, 7]]
     torch.testing.assert_close(merged[0, [0, 2, 6, 7]],
                                torch.tensor([[0.40, 1.1], [2.36, 1.98], [6.28, 1.98], [0.24, 0.06]]))
+
+
+def test_sparsevlm_stats_report_the_papers_layer_average(llava, llava_single):
+    """The paper's "192 tokens" is the visual-token count averaged over the decoder's layers: stats() report it."""
+    with vtr.patch(llava, "sparsevlm", retain=0.25) as handle, torch.no_grad():
+        llava(**llava_single)
+    stats = handle.stats()[0]
+    assert stats["layer_avg_tokens"] == sum(stats["tokens_per_layer"]) / len(stats["tokens_per_layer"])
+    assert stats["visual_tokens_out"] < stats["layer_avg_tokens"] < stats["visual_tokens_in"]

@@ -332,6 +332,7 @@ class Engine(HookSet):
                 "visual_tokens_out": counts[-1] if counts else total,
                 "retention": (counts[-1] if counts else total) / total,
                 "layer_avg_retention": sum(per_layer) / (depth * total),
+                "layer_avg_tokens": sum(per_layer) / depth,     # what SparseVLM's "192 tokens" counts
                 "tokens_per_layer": per_layer,
                 "stages": stages,
             })
