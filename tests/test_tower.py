@@ -98,3 +98,14 @@ def test_tome_in_the_tower_batch_equals_per_sample_and_sdpa_equals_eager():
     with vtr.patch(eager, "tome", r=4) as handle, torch.no_grad():
         eager(**batch)
         assert all(torch.equal(a, b) for a, b in zip(handle.kept(), kept))
+
+
+def test_tome_in_the_tower_with_frame_reuse_keeps_the_same_tokens():
+    model = _model("llava", "sdpa")
+    batch = make_inputs(model, [[1, 5, 3, 6, 3, 7]], seed=2)               # two images in one sample
+    batch["pixel_values"][1] = batch["pixel_values"][0]                     # the second repeats the first
+    with vtr.patch(model, "tome", r=4) as plain, torch.no_grad():
+        want = model(**batch).logits
+    with vtr.patch(model, "tome", r=4, reuse_frames=0.0) as reused, torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want, atol=1e-5, rtol=0)
+        assert reused.encoder_inputs == (1, 2) and torch.equal(reused.kept()[0], plain.kept()[0])

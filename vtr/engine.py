@@ -164,7 +164,7 @@ class Engine(HookSet):
                 raise ValueError(f"reuse_frames: vtr cannot skip frames in the vision tower of "
                                  f"{type(adapter.model).__name__} (it needs one pixel tensor per frame or crop)")
         self.reuse_frames = reuse_frames
-        self.source: torch.Tensor | None = None     # the encoded input each vision input reuses (reuse_frames)
+        self.reused_from: torch.Tensor | None = None   # the encoded input each vision input reuses (reuse_frames)
         self.encoder_inputs = [0, 0]                # inputs encoded, inputs in all, of the last vision pass
         self.num_layers = len(adapter.decoder_layers)
         self.stages: list[Stage] = []
@@ -429,7 +429,7 @@ class Engine(HookSet):
         source = torch.tensor(source, device=pixels.device)
         encoded = source.unique()
         self.encoder_inputs = [len(encoded), len(source)]
-        self.source = torch.searchsorted(encoded, source)       # each input's row among the encoded ones
+        self.reused_from = torch.searchsorted(encoded, source)   # each input's row among the encoded ones
         if len(encoded) == len(source):
             return None
         pixels = pixels.index_select(0, encoded)
@@ -437,7 +437,7 @@ class Engine(HookSet):
 
     def _expand_repeats(self, module, args, output):
         """Every output of the vision pass (and the [CLS] scores taken inside it) back to one row per input."""
-        source, self.source = self.source, None
+        source, self.reused_from = self.reused_from, None
         encoded = self.encoder_inputs[0]
         if source is None or encoded == len(source):
             return None
@@ -450,6 +450,7 @@ class Engine(HookSet):
         if self.cls_attention is not None:
             self.cls_attention = self.cls_attention.view(encoded, -1)[source].flatten()
         self.vision_keys = None if self.vision_keys is None else expand(self.vision_keys)
+        self.tower_kept = None if self.tower_kept is None else expand(self.tower_kept)
         return output
 
     def _expand_tower(self, module, args, output):
