@@ -7,6 +7,7 @@ from .evit import EViT
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fastvid import FastVID
+from .framefusion import FrameFusion
 from .framesample import FrameSample
 from .globalcom2 import GlobalCom2
 from .holitom import HoliTom, HoliTomInner
@@ -26,7 +27,7 @@ from .visionzip import VisionZip
 METHODS: dict[str, type[Plugin]] = {cls.name: cls for cls in (
     Random, Uniform, Pool, FasterVLM, VisionZip, VisPruner, DivPrune, KCenter, GlobalCom2, FastV, DART, PyramidDrop,
     SparseVLM, ToDRE, PruMergePlus,
-    FrameSample, DyCoke, FastVID, HoliTom, PruneVid, ToMe, EViT)}
+    FrameSample, DyCoke, FastVID, HoliTom, PruneVid, FrameFusion, ToMe, EViT)}
 VLM_METHODS = sorted(name for name, cls in METHODS.items() if cls.where != "encoder")
 ENCODER_METHODS = sorted(name for name, cls in METHODS.items() if cls.where == "encoder")
 
@@ -34,4 +35,4 @@ __all__ = ["METHODS", "VLM_METHODS", "ENCODER_METHODS", "Plugin", "LLMPlugin", "
            "Signals", "Random", "Uniform", "Pool", "FasterVLM", "VisionZip", "VisPruner", "DivPrune", "KCenter",
            "GlobalCom2", "FastV", "DART", "PyramidDrop", "ToMe", "EViT", "FrameSample", "DyCoke", "DyCokeKV", "FastVID",
            "HoliTom", "HoliTomInner", "PruneVid", "PruneVidMerge", "PruneVidPrune", "SparseVLM",
-           "ToDRE", "ToDRERelevance", "PruMergePlus"]
+           "ToDRE", "ToDRERelevance", "PruMergePlus", "FrameFusion"]

@@ -60,6 +60,9 @@ class Signals:
     text_attention: ``(B, L)`` the same for the text tokens after the image (methods that need "text_attention").
     question_attention: ``(B, L)`` the attention the tokens after the video pay each token, without RoPE or causal
         mask, max over heads and over those queries (LLM stage, methods that need "question_attention").
+    frame, patch: ``(V,)`` each visual token's global frame and its place in that frame (LLM stage, methods that
+        need "patches").
+    state: what a multi-stage LLM method passes from one of its stages to the next, within one prefill.
     frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
         raster order; an image is one frame), projector stage, where the adapter knows them.
     """
@@ -78,6 +81,9 @@ class Signals:
     layout: dict | None = None
     frames: torch.Tensor | None = None
     question_attention: torch.Tensor | None = None
+    frame: torch.Tensor | None = None
+    patch: torch.Tensor | None = None
+    state: dict | None = None
     rater_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
 
@@ -169,6 +175,10 @@ class LLMPlugin(Plugin):
     def score_layer(self, layer: int) -> int:
         """The decoder layer whose q/k projections give the attention row used to drop at ``layer``."""
         return layer
+
+    def stage_needs(self, state: dict) -> tuple[str, ...]:
+        """The signals a stage scored with its own layer needs, given what earlier stages left in ``state``."""
+        return self.needs
 
     def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
         """Which of the visual tokens ``s.tokens[s.visual]`` survive, ``k[i]`` of image i: (V,) bool. Default: the

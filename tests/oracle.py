@@ -117,6 +117,8 @@ def _absorbed(h, current, keep, visual, protected, absorb):
         offered &= ~torch.isin(current, protected)
     signals = Signals(tokens=h, visual=offered[None], image=torch.zeros(int(offered.sum()), dtype=torch.long))
     values = absorb(signals, keep[offered])
+    if values is None:                      # this stage only dropped
+        return h
     h = h.clone()
     h[0, offered & keep] = values.to(h.dtype)
     return h

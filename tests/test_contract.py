@@ -1,4 +1,7 @@
 """The correctness contract, for every registered method on every supported architecture."""
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,9 +54,14 @@ def merges_in_llm(plugin) -> bool:
 
 
 def spy(plugin, method: str = "reduce") -> list:
-    """The (Signals, k) the engine hands ``plugin.reduce`` (or ``drop``), call after call."""
+    """The (Signals, k) the engine hands ``plugin.reduce`` (or ``drop``), call after call; a multi-stage method's
+    state as each call found it."""
     seen, call = [], getattr(plugin, method)
-    setattr(plugin, method, lambda s, k: (seen.append((s, k)), call(s, k))[1])
+
+    def record(s, k):
+        seen.append((dataclasses.replace(s, state=copy.deepcopy(s.state)), k))
+        return call(s, k)
+    setattr(plugin, method, record)
     return seen
 
 
@@ -69,6 +77,7 @@ def oracle_merges(stages, drops: dict) -> dict:
 
         def merge(s, keep, plugin=stage.plugin, seen=signals, k=k):
             s.last_attention, s.rater_attention = seen.last_attention, seen.rater_attention
+            s.frame, s.patch, s.state = seen.frame, seen.patch, copy.deepcopy(seen.state)
             kept, values = plugin.drop(s, k)
             assert torch.equal(kept, keep), "the oracle's hidden states choose other survivors"
             return values

@@ -5,17 +5,18 @@ import torch
 import vtr
 from vtr.kernels import density_peaks
 from vtr.adapters import adapter_for
-from vtr.plugins import (DyCoke, FastVID, FrameSample, HoliTom, HoliTomInner, PruneVid, PruneVidMerge, PruneVidPrune,
-                         Signals)
+from vtr.plugins import (DyCoke, FastVID, FrameFusion, FrameSample, HoliTom, HoliTomInner, PruneVid, PruneVidMerge,
+                         PruneVidPrune, Signals)
 from vtr.plugins.base import apportion
 from vtr.plugins.fastvid import segments
+from vtr.plugins.framefusion import allowed
 from vtr.plugins.holitom import static_windows
 from vtr.plugins.prunevid import contiguous
 
 from transformers import DynamicCache
 
 from conftest import BATCH, _model, split_batch
-from oracle import _causal, encode, sequence_after, stock_positions, visual_positions
+from oracle import _causal, encode, oracle_generate, sequence_after, stock_positions, visual_positions
 from test_methods import unit
 from tiny_models import IMAGE, make_inputs
 
@@ -352,3 +353,60 @@ def test_dycoke_kv_stage_batch_equals_per_sample():
             assert torch.equal(alone.sequences[0, -6:], together.sequences[b, -6:])
             torch.testing.assert_close(torch.stack(alone.logits, 1)[0], torch.stack(together.logits, 1)[b],
                                        atol=1e-4, rtol=0)
+
+
+def test_framefusion_cost_model_and_merge_by_hand():
+    assert allowed([], 28, 0.3) == pytest.approx(0.7)
+    assert allowed([0.3], 28, 0.3) == pytest.approx(1 - 7.7 / (27 * 0.7))       # 0.593, as the paper's code gives
+    # 3 frames of 2 patches; token (frame, patch). Patch 0 barely moves: (1, 0), (1, 0.1), (1, 0.2), similarities
+    # 0.995 and 0.998 to the token before; patch 1 turns: (0, 1), (-1, 0), (-1, 0.1): 0, then 0.995.
+    # rho = 3 / 6 < U = 0.7: the three merge. Patch 0's run (frames 1, 2) folds into frame 0: mean (1, 0.1);
+    # patch 1's frame 2 folds into frame 1: (-1, 0.05). rho >= 0.1: merging goes on at the next layer.
+    tokens = torch.tensor([[[1, 0], [0, 1], [1, 0.1], [-1, 0], [1, 0.2], [-1, 0.1]]])
+    s = Signals(tokens=tokens, visual=torch.ones(1, 6, dtype=torch.bool), image=torch.zeros(6, dtype=torch.long),
+                frame=torch.tensor([0, 0, 1, 1, 2, 2]), patch=torch.tensor([0, 1, 0, 1, 0, 1]), state={})
+    keep, values = FrameFusion().drop(s, torch.tensor([6]))
+    assert keep.tolist() == [True, True, False, True, False, False]
+    torch.testing.assert_close(values, torch.tensor([[1, 0.1], [0, 1], [-1, 0.05]]))
+    assert s.state["ratios"] == {0: [0.5]} and s.state["phase"] == {0: "merge"}
+    # with a budget of 5 tokens, only one may merge: the most similar (patch 0, frame 2), and merging stops
+    s.state = {}
+    keep, values = FrameFusion(budget=5).drop(s, torch.tensor([5]))
+    assert keep.tolist() == [True, True, True, True, False, True] and s.state["phase"] == {0: "done"}
+
+
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl"])
+def test_framefusion_merges_a_static_video_exactly(arch):
+    """Frames that repeat (a static scene): the same-patch tokens merge in the first layers; the run equals the stock
+    layers with the plugin's merges applied to their own hidden states (the contract's oracle)."""
+    from test_contract import generate, merges_in_llm, oracle_merges, spy
+
+    model = _model(arch, "sdpa")
+    inputs = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1, video=True)
+    key = "pixel_values_videos"
+    if arch == "qwen2_vl":     # two temporal patches of the same frames
+        half = inputs[key].shape[0] // 2
+        inputs[key][half:] = inputs[key][:half]
+    else:
+        inputs[key][:, 1:] = inputs[key][:, :1]
+    with vtr.patch(model, "framefusion") as handle:
+        drops = {id(p): spy(p, "drop") for p in handle.plugins if merges_in_llm(p)}
+        tokens, logits = generate(model, inputs)
+        stages = handle._engine.stages
+        kept = {s.layer: sequence_after(model, inputs["input_ids"], handle.kept(stage=i)[0])
+                for i, s in enumerate(stages)}
+        protected = handle._engine.rec.protected
+        layers = handle.stats()[0]["tokens_per_layer"]
+    # OneVision, 4 equal frames: 75 % of the tokens are similar, above the 70 % the cost model allows, so the top
+    # 70 % merge at layer 0 and the method is done. Qwen2-VL, 2 equal temporal patches: 50 % merge at layer 0,
+    # then, with nothing similar left, the prune at layer 2 keeps 1 - P
+    visual = len(visual_positions(model, inputs["input_ids"])) - int(arch == "llava_onevision")
+    if arch == "llava_onevision":
+        assert layers[0] == layers[-1] == len(handle.kept()[0]) == visual - int(0.7 * visual) + 1     # + newline
+    else:
+        assert layers[0] == layers[1] == visual // 2 and layers[-1] < layers[0]
+    want_tokens, want_logits = oracle_generate(
+        model, inputs, None, kept, tokens.shape[1], None, oracle_merges(stages, drops),
+        None if protected is None else protected[0].nonzero()[:, 0])
+    assert torch.equal(tokens[0], want_tokens)
+    torch.testing.assert_close(logits[0], want_logits, atol=1e-4, rtol=0)

@@ -101,6 +101,7 @@ class Record:
     entry_embeds: torch.Tensor | None = None   # the embeddings entering the language model (layout 0)
     raters: torch.Tensor | None = None      # (B, L) SparseVLM's rater tokens, over the original sequence
     decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
+    plugin_state: dict = field(default_factory=dict)   # id(plugin) -> what its stages pass on, this prefill
     pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
@@ -117,6 +118,13 @@ class Record:
         if self._image_of is None:
             self._image_of = self._numbered(self.image_sizes)
         return self._image_of
+
+    @property
+    def patch_of(self) -> torch.Tensor:
+        """(B, L) long: each image token's place in its frame (raster order), -1 elsewhere."""
+        device = self.visual.device
+        places = torch.cat([torch.arange(n, device=device) for n in self.frame_sizes])
+        return torch.full(self.visual.shape, -1, dtype=torch.long, device=device).masked_scatter(self.visual, places)
 
     @property
     def frame_of(self) -> torch.Tensor:
@@ -372,7 +380,7 @@ class Engine(HookSet):
             if mask is not None:
                 rec.tail = mask[:, rec.length:].bool()
             else:
-                width = past_len + q - rec.layouts[0].orig.shape[1]
+                width = past_len + q - rec.layouts[self._layout_index(0, True)].orig.shape[1]   # layer 0's cache
                 rec.tail = torch.ones(rec.visual.shape[0], width, dtype=torch.bool, device=rec.visual.device)
             if kwargs.get("position_ids") is None:    # the model would count positions from the shortened cache
                 kwargs["position_ids"] = self._decode_positions(rec, q)
@@ -683,7 +691,8 @@ class Engine(HookSet):
             return (hidden, *rest), self._kwargs_for(self._layout_index(i, True), kwargs, hidden, hide)
         for index, stage in enumerate(self.llm_stages):      # a stage that scores with its own layer's input
             if stage.layer == i and stage.score_layer == i:
-                rec.pending[index] = self._attention(rec, module, hidden, self._layout_index(i, False), kwargs)
+                rec.pending[index] = self._attention(rec, module, hidden, self._layout_index(i, False), kwargs,
+                                                     stage.plugin)
         for index, stage in enumerate(self.llm_stages):
             if stage.layer == i:
                 hidden = self._drop(rec, index, stage, hidden)
@@ -694,7 +703,9 @@ class Engine(HookSet):
                 rec.armed[i] = (index, now, layer_kwargs["position_embeddings"])
         return (hidden, *rest), layer_kwargs
 
-    def _attention(self, rec, module, hidden, layout_index, kwargs):
+    def _attention(self, rec, module, hidden, layout_index, kwargs, plugin):
+        if "last_attention" not in plugin.stage_needs(rec.plugin_state.setdefault(id(plugin), {})):
+            return {}, layout_index
         kw = self._kwargs_for(layout_index, kwargs, hidden)
         cos, sin = kw["position_embeddings"]
         x = self.adapter.attention_input(module, hidden)
@@ -821,7 +832,11 @@ class Engine(HookSet):
         k = torch.tensor([plugin.stage_counts(int(n), stage.steps)[stage.step] for n in entry.tolist()],
                          device=hidden.device)
         text = layout.mask & ~rec.visual.gather(1, orig)
-        signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, text=text, **taken)
+        signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, text=text,
+                          state=rec.plugin_state.setdefault(id(plugin), {}), **taken)
+        if "patches" in plugin.needs:         # each token's frame and its place in the frame (same patch, new frame)
+            signals.frame = rec.frame_of.gather(1, orig)[visual]
+            signals.patch = rec.patch_of.gather(1, orig)[visual]
         if "final_norm" in plugin.needs:
             signals.normed = self.adapter.language_model.norm(hidden)
         keep = layout.mask & ~visual
