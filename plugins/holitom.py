@@ -60,6 +60,7 @@ def static_windows(similar: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]
 class HoliTom(Plugin):
     name = "holitom"
     summary = "HoliTom: segments that collapse static tokens, dynamic tokens by attention, static ones clustered"
+    where = "projector+llm"      # with its inner stage (the default)
     needs = ("frames", "cls_attention")
     default_retain = 0.10
     max_neighbours: ClassVar[int] = 7

@@ -12,7 +12,7 @@ def _methods(args):
     import vtr
 
     for name, cls in vtr.methods().items():
-        print(f"{name:<10} {cls.where:<9} {cls.summary}")
+        print(f"{name:<12} {cls.where:<14} {cls.summary}")
 
 
 def _demo(args):
