@@ -5,6 +5,8 @@ scaled-down widths so it runs on a CPU; weights are random, which does not chang
 run directly on the already-pruned sequence (kept sets taken from the patched run) - the limit no hook can beat.
 Overhead: patched minus ideal, as a share of the patched prefill (end to end, so it carries the machine's noise);
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
+Decode: tokens/s of 16 greedy tokens after the prefill (generate() minus its prefill), as a ratio to the unpatched
+model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak memory where CUDA counts it.
 """
 from __future__ import annotations
 
@@ -66,6 +68,25 @@ def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict
     return model.lm_head(lm.norm(h)[:, -1])
 
 
+DECODE_TOKENS = 16
+
+
+@torch.no_grad()
+def _cache_and_decode(model, inputs, repeats: int) -> tuple[int, float, int | None]:
+    """(KV-cache bytes after prefill, decode tokens/s over ``DECODE_TOKENS`` greedy tokens, peak memory of a
+    generate() in bytes where CUDA counts it, else None). Decode time is generate() minus its prefill."""
+    cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    run = dict(max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
+    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    generate = _timed(lambda: model.generate(**inputs, **run), repeats)
+    prefill = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return kv, (DECODE_TOKENS - 1) / max(generate - prefill, 1e-9), peak
+
+
 def _kept_positions(model, input_ids, kept_visual):
     visual = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
     keep = input_ids[0] != model.config.image_token_id
@@ -87,6 +108,7 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
     with torch.no_grad():
         unpatched = _timed(prefill, repeats)
+    base_kv, base_decode, base_peak = _cache_and_decode(model, inputs, repeats)
     base_flops = prefill_flops(config, 1, per_image, [length] * config.text_config.num_hidden_layers)
     rows = []
     for method in methods:
@@ -109,6 +131,8 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                     ideal_times.append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
             base, patched, ideal, hooks = (statistics.median(t[1:])
                                            for t in (base_times, patched_times, ideal_times, hook_times))
+            with vtr.patch(model, method, retain=retain):
+                kv, decode, peak = _cache_and_decode(model, inputs, repeats)
             text = length - per_image
             flops = prefill_flops(config, 1, per_image, [text + n for n in stats["tokens_per_layer"]])
             rows.append({
@@ -118,11 +142,15 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                 "analytic_speedup": base_flops["total"] / flops["total"],
                 "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched,
                 "hook_s": hooks, "hook_share": hooks / patched,
+                "kv_cache_bytes": kv, "kv_cache_ratio": kv / base_kv,
+                "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode,
+                "peak_memory_bytes": peak,
             })
     result = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "shape": shape, "visual_tokens": per_image, "prompt_tokens": length,
-        "repeats": repeats, "unpatched_prefill_s": unpatched, "rows": rows,
+        "repeats": repeats, "unpatched_prefill_s": unpatched, "unpatched_kv_cache_bytes": base_kv,
+        "unpatched_decode_tokens_per_s": base_decode, "unpatched_peak_memory_bytes": base_peak, "rows": rows,
     }
     if out:
         with open(out, "w") as f:
@@ -134,10 +162,13 @@ def format_table(result: dict) -> str:
     lines = [f"device: {result['device']}, torch {result['torch']}; {result['visual_tokens']} visual tokens, "
              f"prompt {result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
              f"(median of {result['repeats']})",
+             f"unpatched decode {result['unpatched_decode_tokens_per_s']:.1f} tokens/s, KV cache "
+             f"{result['unpatched_kv_cache_bytes'] / 2 ** 20:.1f} MiB",
              f"{'method':<10} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
-             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8}"]
+             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5}"]
     for r in result["rows"]:
         lines.append(f"{r['method']:<10} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
                      f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {r['analytic_speedup']:>7.2f}x "
-                     f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%}")
+                     f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
+                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%}")
     return "\n".join(lines)

@@ -73,6 +73,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert [r["method"] for r in result["rows"]] == ["divprune", "fastv"]
     for row in result["rows"]:
         assert row["prefill_s"] > 0 and row["ideal_s"] > 0 and row["analytic_speedup"] > 1
+        assert row["decode_tokens_per_s"] > 0 and 0 < row["kv_cache_ratio"] < 1      # fewer tokens cached
     assert "analytic" in capsys.readouterr().out
 
 
