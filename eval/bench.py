@@ -7,6 +7,7 @@ Overhead: patched minus ideal, as a share of the patched prefill (end to end, so
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
 Decode: tokens/s of 16 greedy tokens after the prefill (generate() minus its prefill), as a ratio to the unpatched
 model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak memory where CUDA counts it.
+For FastV, a naive row: the same selection taken from the eager model's attention weights, as the method's forks do.
 """
 from __future__ import annotations
 
@@ -87,6 +88,41 @@ def _cache_and_decode(model, inputs, repeats: int) -> tuple[int, float, int | No
     return kv, (DECODE_TOKENS - 1) / max(generate - prefill, 1e-9), peak
 
 
+@torch.no_grad()
+def _naive_fastv_prefill(model, inputs, layer: int, keep: int):
+    """FastV the way a fork does it: the model switched to eager attention, layer K-1's attention weights taken from
+    the layer itself (the whole N x N matrix), the last token's row (head mean) choosing the visual tokens kept from
+    layer K on. What vtr's recomputed row saves is this run's time beside the patched one."""
+    core, lm = model.model, model.model.language_model
+    ids = inputs["input_ids"]
+    visual = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    embeds = lm.embed_tokens(ids).masked_scatter(
+        (ids == model.config.image_token_id)[..., None],
+        torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)))
+    weights = []
+    hook = lm.layers[layer - 1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    model.set_attn_implementation("eager")
+    try:
+        h, pos, cache = embeds, torch.arange(ids.shape[1])[None], DynamicCache(config=lm.config)
+        for i, block in enumerate(lm.layers):
+            if i == 0 or i == layer:
+                if i == layer:                           # the row of the real attention weights picks the survivors
+                    row = weights[-1][0, :, -1, visual].mean(0)
+                    kept = torch.ones(h.shape[1], dtype=torch.bool)
+                    kept[visual] = False
+                    kept[visual[row.topk(keep).indices]] = True
+                    h, pos = h[:, kept], pos[:, kept]
+                mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None,
+                                          past_key_values=cache, position_ids=pos, layer_idx=i)
+                rope = lm.rotary_emb(h, pos)
+            h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, past_key_values=cache,
+                      use_cache=True)
+        return model.lm_head(lm.norm(h)[:, -1])
+    finally:
+        model.set_attn_implementation("sdpa")
+        hook.remove()
+
+
 def _kept_positions(model, input_ids, kept_visual):
     visual = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
     keep = input_ids[0] != model.config.image_token_id
@@ -133,6 +169,11 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                                            for t in (base_times, patched_times, ideal_times, hook_times))
             with vtr.patch(model, method, retain=retain):
                 kv, decode, peak = _cache_and_decode(model, inputs, repeats)
+            naive = None
+            if method == "fastv":                      # the fork's way, for what recomputing one row saves
+                plugin = vtr.api.resolve(method, retain)[0]
+                naive = _timed(lambda: _naive_fastv_prefill(model, inputs, plugin.layer,
+                                                            stats["visual_tokens_out"]), repeats)
             text = length - per_image
             flops = prefill_flops(config, 1, per_image, [text + n for n in stats["tokens_per_layer"]])
             rows.append({
@@ -145,6 +186,7 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                 "kv_cache_bytes": kv, "kv_cache_ratio": kv / base_kv,
                 "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode,
                 "peak_memory_bytes": peak,
+                "naive_s": naive, "naive_speedup": None if naive is None else base / naive,
             })
     result = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -171,4 +213,7 @@ def format_table(result: dict) -> str:
                      f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {r['analytic_speedup']:>7.2f}x "
                      f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
                      f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%}")
+        if r["naive_s"] is not None:
+            lines.append(f"{'':<10} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
+                         "eager attention weights, as a fork computes them")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import vtr
 from vtr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +118,13 @@ def test_non_editable_install_imports(tmp_path):
             % str(target))
     env = {**os.environ, "PYTHONPATH": str(target)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+
+
+def test_the_benchs_naive_fastv_keeps_what_vtr_keeps(llava, llava_single):
+    """The naive reference (eager attention weights) must make the same choice, or its timing compares nothing."""
+    from vtr.eval.bench import _naive_fastv_prefill
+
+    with vtr.patch(llava, "fastv", budget=7), torch.no_grad():
+        patched = llava(**llava_single).logits[:, -1]
+    torch.testing.assert_close(_naive_fastv_prefill(llava, llava_single, 2, 7), patched, atol=1e-4, rtol=0)
+    assert llava.config._attn_implementation == "sdpa"                  # switched back
