@@ -217,3 +217,28 @@ def format_table(result: dict) -> str:
             lines.append(f"{'':<10} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
                          "eager attention weights, as a fork computes them")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: str):
+    """Measured prefill speedup per method against retention, beside the ideal (dashed) and analytic (dotted) ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["retain"])
+        x = [r["retain"] for r in rows]
+        line, = ax.plot(x, [r["speedup"] for r in rows], marker="o", label=method)
+        ax.plot(x, [r["ideal_speedup"] for r in rows], linestyle="--", color=line.get_color())
+        ax.plot(x, [r["analytic_speedup"] for r in rows], linestyle=":", color=line.get_color())
+    retains = sorted({r["retain"] for r in result["rows"]})
+    ax.set_xticks(retains, [f"{r:.3g}" for r in retains])
+    ax.set_xlabel("retain (visual tokens kept)")
+    ax.set_ylabel("prefill speedup (measured; -- ideal, : analytic)")
+    ax.set_title(result["device"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

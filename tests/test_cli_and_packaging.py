@@ -70,7 +70,10 @@ def test_demo_video_rejects_bad_input_before_loading_a_model(tmp_path, capsys, m
 def test_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--methods", "divprune,fastv", "--retain", "0.25", "--repeats", "1",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--plot", str(tmp_path / "bench.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "bench.png").size[0] > 0
     result = json.loads(out.read_text())
     assert [r["method"] for r in result["rows"]] == ["divprune", "fastv"]
     for row in result["rows"]:

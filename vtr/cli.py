@@ -46,6 +46,9 @@ def _bench(args):
     print(module.format_table(result))
     if args.out:
         print(f"written to {args.out}")
+    if args.plot and module is bench:
+        bench.plot(result, args.plot)
+        print(f"plot written to {args.plot}")
 
 
 def _eval(args):
@@ -150,6 +153,8 @@ def main(argv=None):
     bench.add_argument("--threads", type=int)
     bench.add_argument("--quick", action="store_true", help="a smaller model, for a smoke run")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
+    bench.add_argument("--plot", default="", help="PNG of measured, ideal and analytic speedup against retention "
+                       "(LLaVA-1.5 bench)")
     bench.add_argument("--encoder", choices=["timm", "open_clip"],
                        help="instead: images/s of an encoder-only ViT under tome and evit")
     bench.add_argument("--video", action="store_true", help="instead: 32 frames on a LLaVA-OneVision-shaped model "
