@@ -88,6 +88,7 @@ class Record:
     image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
     _image_of: torch.Tensor | None = None
     _frame_of: torch.Tensor | None = None
+    _patch_of: torch.Tensor | None = None
 
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
@@ -106,11 +107,16 @@ class Record:
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
     tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
 
+    def _over_visual(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, L) long: ``values`` at the visual tokens, in sequence order, -1 elsewhere."""
+        return torch.full(self.visual.shape, -1, dtype=torch.long, device=self.visual.device).masked_scatter(
+            self.visual, values)
+
     def _numbered(self, sizes: list[int]) -> torch.Tensor:
         """(B, L) long: which run of ``sizes`` visual tokens each visual token is in, -1 elsewhere."""
         device = self.visual.device
-        numbers = torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device))
-        return torch.full(self.visual.shape, -1, dtype=torch.long, device=device).masked_scatter(self.visual, numbers)
+        return self._over_visual(torch.arange(len(sizes), device=device).repeat_interleave(
+            torch.tensor(sizes, device=device)))
 
     @property
     def image_of(self) -> torch.Tensor:
@@ -122,9 +128,10 @@ class Record:
     @property
     def patch_of(self) -> torch.Tensor:
         """(B, L) long: each image token's place in its frame (raster order), -1 elsewhere."""
-        device = self.visual.device
-        places = torch.cat([torch.arange(n, device=device) for n in self.frame_sizes])
-        return torch.full(self.visual.shape, -1, dtype=torch.long, device=device).masked_scatter(self.visual, places)
+        if self._patch_of is None:
+            device = self.visual.device
+            self._patch_of = self._over_visual(torch.cat([torch.arange(n, device=device) for n in self.frame_sizes]))
+        return self._patch_of
 
     @property
     def frame_of(self) -> torch.Tensor:
@@ -132,6 +139,12 @@ class Record:
         if self._frame_of is None:
             self._frame_of = self._numbered(self.frame_sizes)
         return self._frame_of
+
+
+def _map_output(output, fn):
+    """Apply ``fn`` to every entry of a model output, and to each tensor of its tuples (hidden_states)."""
+    for key, value in output.items():
+        output[key] = tuple(map(fn, value)) if isinstance(value, tuple) else fn(value)
 
 
 class HookSet:
@@ -453,8 +466,7 @@ class Engine(HookSet):
         def expand(x):
             return x.index_select(0, source) if torch.is_tensor(x) and x.shape[0] == encoded else x
 
-        for key, value in output.items():
-            output[key] = tuple(map(expand, value)) if isinstance(value, tuple) else expand(value)
+        _map_output(output, expand)
         if self.cls_attention is not None:
             self.cls_attention = self.cls_attention.view(encoded, -1)[source].flatten()
         self.vision_keys = None if self.vision_keys is None else expand(self.vision_keys)
@@ -474,8 +486,7 @@ class Engine(HookSet):
             return gather_tokens(x, source.clamp(min=0)) if torch.is_tensor(x) and x.dim() == 3 and \
                 x.shape[1] == width else x
 
-        for key, value in output.items():
-            output[key] = tuple(map(expand, value)) if isinstance(value, tuple) else expand(value)
+        _map_output(output, expand)
         prefix, n = self.tower.adapter.prefix, source.shape[1]
         first = torch.full((source.shape[0], width), n, dtype=torch.long, device=source.device)
         first.scatter_reduce_(1, source.clamp(min=0), torch.arange(n, device=source.device).expand_as(source), "amin")

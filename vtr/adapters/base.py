@@ -13,6 +13,14 @@ from torch import nn
 from vtr.kernels import apply_rope, attention_rows
 
 
+def _query_rows(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of ``queries`` (B, L) bool, each sample's first, padded to the largest count: ``order`` (B, Q)
+    and ``valid`` (B, Q), False for the padding rows (whose attention rows may be all masked)."""
+    count = queries.sum(1)
+    order = queries.long().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(count.max()))]
+    return order, torch.arange(order.shape[1], device=queries.device) < count[:, None]
+
+
 class Adapter:
     name = ""
     kind = "vlm"
@@ -130,8 +138,7 @@ class Adapter:
         causal mask), head mean, averaged over those queries: (B, L) (SparseVLM's raters, ToDRE's text tokens)."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
-        count = queries.sum(1)
-        order = queries.long().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(count.max()))]
+        order, valid = _query_rows(queries)
         pick = lambda t: t.expand(b, -1, -1).gather(1, order[..., None].expand(-1, -1, t.shape[-1]))   # noqa: E731
         q = attn.q_proj(pick(x)).view(b, order.shape[1], -1, d)
         if hasattr(attn, "q_norm"):
@@ -139,8 +146,7 @@ class Adapter:
         q = apply_rope(q.transpose(1, 2), pick(cos), pick(sin))
         k = self.rotated_keys(layer, attn.k_proj(x) if keys is None else keys, cos, sin)
         rows = attention_rows(q, k, attn.scaling, key_mask, query_slots=order)
-        valid = torch.arange(order.shape[1], device=x.device) < count[:, None]      # padded rows can be all-masked
-        return rows.masked_fill(~valid[..., None], 0).sum(1) / count.clamp(min=1)[:, None]
+        return rows.masked_fill(~valid[..., None], 0).sum(1) / valid.sum(1).clamp(min=1)[:, None]
 
     def question_attention(self, layer: nn.Module, x: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor,
                            keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,14 +155,12 @@ class Adapter:
         ``x`` is the attention input; ``keys`` the layer's own k projection when a hook caught it."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
-        count = queries.sum(1)
-        order = queries.long().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(count.max()))]
+        order, valid = _query_rows(queries)
         q = attn.q_proj(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))).view(b, order.shape[1], -1, d)
         k = (attn.k_proj(x) if keys is None else keys).view(b, x.shape[1], -1, d)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         rows = attention_rows(q.transpose(1, 2), k.transpose(1, 2), attn.scaling, key_mask, heads="max")
-        valid = torch.arange(order.shape[1], device=x.device) < count[:, None]          # (B, Q)
         return rows.masked_fill(~valid[..., None], 0).amax(dim=1)
 
     def rotated_keys(self, layer: nn.Module, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
