@@ -410,3 +410,14 @@ def test_framefusion_merges_a_static_video_exactly(arch):
         None if protected is None else protected[0].nonzero()[:, 0])
     assert torch.equal(tokens[0], want_tokens)
     torch.testing.assert_close(logits[0], want_logits, atol=1e-4, rtol=0)
+
+
+def test_dycoke_kv_stage_sdpa_and_eager_hide_the_same_entries():
+    hidden = []
+    for attn in ("sdpa", "eager"):
+        model = _model("qwen2_vl", attn)
+        inputs = make_inputs(model, [[1, 5, IMAGE, 6, 7]], seed=1, video=True)
+        with vtr.patch(model, "dycoke", retain=0.5, kv=0.7) as handle, torch.no_grad():
+            tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            hidden.append((handle.kept()[0], handle._engine.rec.hidden.clone(), tokens))
+    assert all(torch.equal(a, b) for a, b in zip(*hidden))
