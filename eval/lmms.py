@@ -6,8 +6,9 @@
 
 model_args: ``pretrained`` (a hub id or a local path; default: vtr's shipped tiny LLaVA), ``method`` (a vtr method, or
 ``none`` for the unpatched model), ``retain`` (fraction of visual tokens kept) or ``budget`` (tokens kept per image),
-``attn_implementation``, ``max_new_tokens`` (used where the task sets none), and any option of the method (for
-example ``layer=2``). The batch size is lmms-eval's own ``--batch_size N`` (in model_args it would clash with it).
+``attn_implementation``, ``max_new_tokens`` (used where the task sets none), ``frames`` (frames sampled uniformly
+from each video of a video task, 16 by default; video tasks need a model whose processor takes videos, such as
+Qwen2-VL or LLaVA-OneVision), and any option of the method (for example ``layer=2``). The batch size is lmms-eval's own ``--batch_size N`` (in model_args it would clash with it).
 Answers are greedy whatever the task's temperature; ``until`` strings cut them.
 
 vtr's figures per request go into the samples log (``--log_samples``) under ``token_counts``: visual_tokens_in,
@@ -37,7 +38,7 @@ try:
 except ImportError as err:
     raise ImportError("vtr.eval.lmms needs lmms-eval: pip install 'vtr[lmms]'") from err
 
-TASKS = Path(__file__).with_name("lmms_tasks")      # the --include_path that holds the vtr_shapes task
+TASKS = Path(__file__).with_name("lmms_tasks")      # the --include_path of the vtr_shapes and vtr_clips tasks
 STATS = ("visual_tokens_in", "visual_tokens_out", "retention", "layer_avg_retention")
 
 
@@ -65,7 +66,8 @@ class VTRModel(lmms):
 
     def __init__(self, pretrained: str | None = None, method: str = "fastv", retain: float | None = None,
                  budget: int | None = None, attn_implementation: str = "sdpa", max_new_tokens: int = 16,
-                 batch_size: int | str = 1, device: str | None = None, max_batch_size: int | None = None, **options):
+                 batch_size: int | str = 1, device: str | None = None, max_batch_size: int | None = None,
+                 frames: int = 16, **options):
         super().__init__()
         import vtr
         from vtr.builtin import load_model
@@ -74,7 +76,9 @@ class VTRModel(lmms):
             raise ValueError("the vtr model takes a number for --batch_size, not 'auto'")
         if method != "none":
             vtr.api.resolve(method, retain, budget, options)     # a bad method or option fails before the load
-        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        self.batch_size, self.max_new_tokens, self.frames = int(batch_size), int(max_new_tokens), int(frames)
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
         self.model, self.processor = load_model(pretrained, attn_implementation=attn_implementation)
         if device is not None and not getattr(self.model, "hf_device_map", None):
             self.model.to(device)
@@ -100,14 +104,18 @@ class VTRModel(lmms):
         gen_kwargs = batch[0][1]
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else until
-        images, texts = [], []
+        images, videos, texts = [], [], []
         for context, _, doc_to_visual, doc_id, task, split in batch:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-            if not all(isinstance(v, Image.Image) for v in visuals):
-                raise NotImplementedError("the vtr model answers image tasks only (got a video or audio input)")
-            images += visuals
-            texts.append(chat_prompt(self.processor, context, len(visuals)))
-        inputs = model_inputs(self.model, self.processor, images, texts)
+            pictures = [v for v in visuals if isinstance(v, Image.Image)]
+            clips = [self._frames(v) for v in visuals if isinstance(v, (str, Path))]
+            if len(pictures) + len(clips) != len(visuals):
+                kinds = sorted({type(v).__name__ for v in visuals})
+                raise NotImplementedError(f"the vtr model answers image and video tasks only (got {kinds})")
+            images += pictures
+            videos += clips
+            texts.append(chat_prompt(self.processor, context, len(pictures), len(clips)))
+        inputs = model_inputs(self.model, self.processor, images, texts, videos)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(**inputs, do_sample=False,
@@ -115,7 +123,7 @@ class VTRModel(lmms):
         elapsed = time.perf_counter() - start
         new = out[:, inputs["input_ids"].shape[1]:]
         answers = self.processor.batch_decode(new, skip_special_tokens=True)
-        stats = self._stats(inputs["input_ids"], bool(images))
+        stats = self._stats(inputs["input_ids"], bool(images or videos))
         pad = self.model.generation_config.pad_token_id
         results = []
         for b, text in enumerate(answers):
@@ -129,11 +137,19 @@ class VTRModel(lmms):
             results.append(GenerationResult(text=text.strip(), token_counts=counts))
         return results
 
-    def _stats(self, input_ids, has_images: bool) -> list[dict]:
-        if self.handle is not None and has_images:
+    def _frames(self, path) -> list:
+        """A video task's visual is the video's path: ``frames`` frames, uniformly spread over it."""
+        from vtr.video import load_video
+
+        return list(load_video(path, num_frames=self.frames).frames)
+
+    def _stats(self, input_ids, has_visuals: bool) -> list[dict]:
+        if self.handle is not None and has_visuals:
             return self.handle.stats()       # the batch's prefill, which generate() just ran
-        # Unpatched (method=none), or no image: every visual token is kept.
-        visual = (input_ids == self.model.config.image_token_id).sum(1).tolist()
+        # Unpatched (method=none), or no image or video: every visual token is kept.
+        config = self.model.config
+        ids = [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+        visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).sum(1).tolist()
         return [{"visual_tokens_in": n, "visual_tokens_out": n, "retention": 1.0, "layer_avg_retention": 1.0}
                 for n in visual]
 

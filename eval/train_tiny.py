@@ -26,32 +26,72 @@ from vtr.builtin import chat_prompt
 from vtr.eval import shapes
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}{% for part in message['content'] %}"
                  "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }}{% endif %}"
                  "{% endfor %}{% endfor %}")
-SHAPE = dict(image_size=shapes.IMAGE_SIZE, patch_size=16, vision_hidden=96, vision_layers=3, hidden=128, layers=4,
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}{% for part in message['content'] %}"
+                      "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+                      "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+                      "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}")
+SHAPE = dict(image_size=shapes.IMAGE_SIZE, patch_size=16, vision_hidden=128, vision_layers=4, hidden=128, layers=4,
              heads=4, kv_heads=2, intermediate=384)
+# Qwen2-VL: 8 px patches merged 2 x 2, so a 224 px image gives the same 14 x 14 grid of 16 px tokens as the LLaVA.
+QWEN_SHAPE = dict(patch_size=8, merge=2, vision_hidden=96, vision_layers=3, hidden=128, layers=4, heads=4, kv_heads=2,
+                  intermediate=384)
+ARCHS = ("llava", "qwen2_vl")
 
 
-def build_processor():
-    """Word-level tokenizer over the shapes vocabulary (ids: <pad> 0, <s> 1, </s> 2, <image> 3) and a CLIP image
-    processor at the image size; the chat template puts the image before the question."""
+def _tokenizer(words: list[str], extra_specials: list[str]):
+    """Word-level tokenizer (ids: <pad> 0, <s> 1, </s> 2, <image> 3, <unk> 4, then ``extra_specials``, then
+    ``words``) that starts every text with <s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor      # no torchvision needed
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + shapes.vocabulary())}
+    vocab = {t: i for i, t in enumerate(SPECIALS + extra_specials + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.decoder = decoders.WordPiece(prefix="##")          # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                         eos_token="</s>", unk_token="<unk>", padding_side="left")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *extra_specials]})
+    return tokenizer
+
+
+def build_processor(arch: str = "llava"):
+    """The tokenizer (``_tokenizer``) and image processor of a built-in model; the chat template puts the image (or
+    video) before the question.
+
+    llava: the shapes vocabulary and a CLIP image processor at the image size. qwen2_vl: the shapes and clips
+    vocabularies, Qwen2-VL's vision tokens, and Qwen2-VL image and video processors fixed at 224 px images (14 x 14
+    merged tokens) and 112 px frames (7 x 7 merged tokens per pair of frames). The video processor needs torchvision."""
+    if arch == "qwen2_vl":
+        from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        try:
+            from transformers import Qwen2VLImageProcessorPil as ImageProcessor      # no torchvision needed
+        except ImportError:
+            from transformers import Qwen2VLImageProcessor as ImageProcessor
+        from vtr.eval import clips
+
+        tokenizer = _tokenizer(sorted(set(shapes.vocabulary()) | set(clips.vocabulary())), QWEN_SPECIALS)
+        grid = dict(patch_size=QWEN_SHAPE["patch_size"], merge_size=QWEN_SHAPE["merge"], temporal_patch_size=2)
+        image_pixels, frame_pixels = shapes.IMAGE_SIZE ** 2, (shapes.IMAGE_SIZE // 2) ** 2
+        return Qwen2VLProcessor(
+            image_processor=ImageProcessor(min_pixels=image_pixels, max_pixels=image_pixels, **grid),
+            video_processor=Qwen2VLVideoProcessor(min_pixels=frame_pixels, max_pixels=frame_pixels, **grid),
+            tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    if arch != "llava":
+        raise ValueError(f"unknown built-in architecture {arch!r}; expected one of {ARCHS}")
+    from transformers import LlavaProcessor
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor      # no torchvision needed
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    tokenizer = _tokenizer(shapes.vocabulary(), [])
     size = SHAPE["image_size"]
     images = ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=SHAPE["patch_size"],
@@ -59,32 +99,98 @@ def build_processor():
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
-def build_model(processor, seed: int = 0):
-    from vtr.builtin import tiny_llava
+def build_model(processor, seed: int = 0, arch: str = "llava"):
+    """A randomly initialised built-in model over the processor's vocabulary."""
+    if arch == "qwen2_vl":
+        model = _qwen2_vl(processor.tokenizer, seed)
+    else:
+        from vtr.builtin import tiny_llava
 
-    model = tiny_llava(seed=seed, vocab=len(processor.tokenizer), **SHAPE)
+        model = tiny_llava(seed=seed, vocab=len(processor.tokenizer), **SHAPE)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model
 
 
-def patch_labels(scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour class (0: background, 1..6) and shape class (0: background, 1..4) of the object covering most of each
-    patch (at least an eighth of it, so small objects keep a patch), row-major over the grid: (grid * grid,) each."""
-    owner = torch.from_numpy(shapes.object_map(scene).astype("int64"))
-    cell = shapes.IMAGE_SIZE // grid
-    counts = torch.nn.functional.one_hot(owner, len(scene.objects) + 1).view(grid, cell, grid, cell, -1).sum((1, 3))
-    counts[..., 0] = cell * cell // 8                 # background wins unless an object covers an eighth
-    winner = counts.argmax(-1).flatten()
-    colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in scene.objects])
-    kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in scene.objects])
-    return colors[winner], kinds[winner]
+def _qwen2_vl(tokenizer, seed: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    s = QWEN_SHAPE
+    head_dim = s["hidden"] // s["heads"]
+    third = head_dim // 2 // 4                  # M-RoPE: temporal, height and width sections of the rotary pairs
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 2 - 2 * third, third, third]}
+    text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                max_position_embeddings=4096, rope_parameters=rope, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
+                  num_heads=s["vision_hidden"] // 16, mlp_ratio=2, in_channels=3, patch_size=s["patch_size"],
+                  spatial_merge_size=s["merge"], temporal_patch_size=2)
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in zip(
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), QWEN_SPECIALS)}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
-def batch(processor, seeds, questions: int = 6, device="cpu") -> dict:
+def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
+    """Per-patch classes for the auxiliary loss, row-major over the grid, (grid * grid,) each: the colour (0:
+    background, 1..6), shape (0, 1..4) and size (0, 1..3) of the object covering most of the patch (at least an eighth
+    of it, so small objects keep a patch); whether an object's centre lies in the patch (what counting needs: one mark
+    per object, however many patches it covers); and the patch's row and column (what the side questions need)."""
+    import numpy as np
+
+    owner = shapes.object_map(scene).astype(np.int64)
+    cell, n = shapes.IMAGE_SIZE // grid, len(scene.objects) + 1
+    cells = (np.arange(grid * cell) // cell)[:, None] * grid + (np.arange(grid * cell) // cell)[None, :]
+    counts = np.bincount((cells * n + owner).ravel(), minlength=grid * grid * n).reshape(grid * grid, n)
+    counts[:, 0] = cell * cell // 8                   # background wins unless an object covers an eighth
+    winner = torch.from_numpy(counts.argmax(-1))
+    objects = scene.objects
+    colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in objects])
+    kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in objects])
+    sizes = torch.tensor([0] + [1 + list(shapes.SIZES).index(o.size) for o in objects])
+    centres = torch.zeros(grid * grid, dtype=torch.long)
+    for o in objects:
+        centres[min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = 1
+    rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
+    return {"colors": colors[winner], "shapes": kinds[winner], "sizes": sizes[winner], "centres": centres,
+            "rows": rows, "cols": cols}
+
+
+def aux_heads(hidden: int, grid: int) -> torch.nn.ModuleDict:
+    """Linear probes on the projector output, one per ``patch_targets`` key (training only)."""
+    classes = {"colors": len(shapes.COLORS) + 1, "shapes": len(shapes.SHAPES) + 1, "sizes": len(shapes.SIZES) + 1,
+               "centres": 2, "rows": grid, "cols": grid}
+    return torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in classes.items()})
+
+
+def aux_loss(heads, features: torch.Tensor, targets: dict) -> torch.Tensor:
+    """Sum of the heads' cross-entropies; shape and size only over patches an object covers, so the background, most
+    of every image, does not drown the hardest target (telling a large circle's inside from a square's)."""
+    objects = targets["colors"] > 0
+    loss = 0.0
+    for key, target in targets.items():
+        logits = heads[key](features)
+        if key in ("shapes", "sizes"):
+            logits, target = logits[objects], target[objects]
+        loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten())
+    return loss
+
+
+def stacked_targets(examples) -> dict[str, torch.Tensor]:
+    grid = SHAPE["image_size"] // SHAPE["patch_size"]
+    per_example = [patch_targets(e["scene"], grid) for e in examples]
+    return {k: torch.stack([t[k] for t in per_example]) for k in per_example[0]}
+
+
+def batch(processor, seeds, questions: int = 16, device="cpu") -> dict:
     """A training batch. Each sequence is the example's prompt, its answer and </s>, then up to ``questions - 1`` more
-    questions about the same scene, each followed by its answer and </s> (``shapes.scene_questions``); prompts are
-    left-padded and the tails right-padded. Labels only on answers and </s>; per-patch colour and shape classes for the
-    auxiliary loss."""
+    questions about the same scene, each followed by its answer and </s> (``shapes.scene_questions``; text tokens are
+    cheap beside the image's, so each image is asked all it can answer); prompts are left-padded and the tails
+    right-padded. Labels only on answers and </s>; ``targets``: the per-patch classes of the auxiliary loss."""
     import random
 
     examples = [shapes.make_example(s) for s in seeds]
@@ -105,32 +211,52 @@ def batch(processor, seeds, questions: int = 6, device="cpu") -> dict:
     mask = torch.cat([inputs["attention_mask"], tail_mask], dim=1)
     answer_or_eos = (ids == tok.eos_token_id) | torch.roll(ids == tok.convert_tokens_to_ids("?"), 1, dims=1)
     labels = ids.masked_fill(~(answer_or_eos & mask.bool()), -100)
-    grid = SHAPE["image_size"] // SHAPE["patch_size"]
-    colors, kinds = zip(*(patch_labels(e["scene"], grid) for e in examples))
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
             "pixel_values": inputs["pixel_values"].to(device),
-            "patch_colors": torch.stack(colors).to(device), "patch_shapes": torch.stack(kinds).to(device)}
+            "targets": {k: t.to(device) for k, t in stacked_targets(examples).items()}}
+
+
+def vision_batch(processor, seeds, device="cpu") -> dict:
+    """Images and per-patch targets only, for the warm-up of the vision tower and projector. The images are at the
+    processor's size already, so its resize and crop do nothing: only its rescale and normalisation are applied."""
+    import numpy as np
+
+    examples = [shapes.make_example(s) for s in seeds]
+    images = processor.image_processor
+    pixels = torch.from_numpy(np.stack([np.asarray(e["image"]) for e in examples])).permute(0, 3, 1, 2)
+    pixels = (pixels * images.rescale_factor - torch.tensor(images.image_mean)[:, None, None]) / torch.tensor(
+        images.image_std)[:, None, None]
+    return {"pixel_values": pixels.float().to(device),
+            "targets": {k: t.to(device) for k, t in stacked_targets(examples).items()}}
 
 
 @torch.no_grad()
-def accuracy(model, processor, split: str = "val", n: int = 250) -> float:
-    """Greedy exact match of the first generated word on ``n`` examples of a split."""
+def accuracy(model, processor, split: str = "val", n: int = 250) -> dict[str, float]:
+    """Greedy exact match of the first generated word on ``n`` examples of a split (families round-robin): overall
+    and per family."""
     model.eval()
-    correct = 0
+    hits = {f: [] for f in shapes.FAMILIES}
     seeds = shapes.SPLITS[split]
     for start in range(0, n, 50):
         chunk = [shapes.make_example(seeds[i], shapes.FAMILIES[i % 5]) for i in range(start, min(n, start + 50))]
         inputs = processor(images=[e["image"] for e in chunk], text=[chat_prompt(processor, e["question"]) for e in chunk],
                            return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1]
-        words = processor.tokenizer.convert_ids_to_tokens(out.tolist())
-        correct += sum(w == e["answer"] for w, e in zip(words, chunk))
+        for word, e in zip(processor.tokenizer.convert_ids_to_tokens(out.tolist()), chunk):
+            hits[e["family"]].append(word == e["answer"])
     model.train()
-    return correct / n
+    return {"all": sum(map(sum, hits.values())) / n, **{f: sum(h) / max(1, len(h)) for f, h in hits.items()}}
+
+
+def _schedule(opt, steps: int):
+    """Linear warm-up over the first 5 % of steps, then cosine decay to zero."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
-          aux_weight: float = 0.5, init: str | None = None):
+          aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16):
     if threads:
         torch.set_num_threads(threads)
     processor = build_processor()
@@ -140,42 +266,58 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
         done = json.loads((Path(init) / "training.json").read_text())
         seed, history = done["seed"], done.get("history", []) + [{k: v for k, v in done.items() if k != "history"}]
-        first_step = sum(h["steps"] for h in history)
+        first_step = sum(h["steps"] + h.get("vision_steps", 0) for h in history)
     else:
         model, history, first_step = build_model(processor, seed).train(), [], 0
-    hidden = model.config.text_config.hidden_size
-    heads = torch.nn.ModuleDict({"colors": torch.nn.Linear(hidden, len(shapes.COLORS) + 1),
-                                 "shapes": torch.nn.Linear(hidden, len(shapes.SHAPES) + 1)})
+    heads = aux_heads(model.config.text_config.hidden_size, SHAPE["image_size"] // SHAPE["patch_size"])
     features = {}
     model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: features.update(out=out))
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     train_seeds = shapes.SPLITS["train"]
     start, log = time.time(), []
-    for step in range(steps):
-        seeds = [train_seeds[seed * 10_000_000 + (first_step + step) * batch_size + i] for i in range(batch_size)]
-        inputs = batch(processor, seeds)
-        targets = {"colors": inputs.pop("patch_colors"), "shapes": inputs.pop("patch_shapes")}
-        loss = model(**inputs).loss
-        aux = sum(torch.nn.functional.cross_entropy(heads[k](features["out"]).flatten(0, 1), t.flatten())
-                  for k, t in targets.items())
+
+    def seeds_at(step):                        # every step of every phase and run draws fresh scenes
+        return [train_seeds[seed * 10_000_000 + (first_step + step) * batch_size + i] for i in range(batch_size)]
+
+    def update(opt, sched, params, loss):
         opt.zero_grad(set_to_none=True)
-        (loss + aux_weight * aux).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+
+    # Phase 1: the vision tower and projector learn the per-patch targets alone (a step costs a tenth of a full one).
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = _schedule(opt, vision_steps)
+    for step in range(vision_steps):
+        inputs = vision_batch(processor, seeds_at(step))
+        model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        aux = aux_loss(heads, features["out"], inputs["targets"])
+        update(opt, sched, params, aux)
+        if (step + 1) % log_every == 0 or step + 1 == vision_steps:
+            log.append({"vision_step": step + 1, "aux_loss": aux.item(), "minutes": (time.time() - start) / 60})
+            print(json.dumps(log[-1]), flush=True)
+    # Phase 2: the whole model on the questions, the auxiliary loss kept on.
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = _schedule(opt, steps)
+    for step in range(steps):
+        inputs = batch(processor, seeds_at(vision_steps + step), questions)
+        targets = inputs.pop("targets")
+        loss = model(**inputs).loss
+        aux = aux_loss(heads, features["out"], targets)
+        update(opt, sched, params, loss + aux_weight * aux)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            val = accuracy(model, processor, n=100)
-            log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val,
-                        "minutes": (time.time() - start) / 60})
+            val = accuracy(model, processor, n=250)
+            log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val["all"],
+                        "val_by_family": val, "minutes": (time.time() - start) / 60})
             print(json.dumps(log[-1]), flush=True)
     model.eval()
     model.model.multi_modal_projector._forward_hooks.clear()
-    recipe = {"shape": SHAPE, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "aux_weight": aux_weight,
-              "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log, "history": history}
+    recipe = {"shape": SHAPE, "vision_steps": vision_steps, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "seed": seed, "aux_weight": aux_weight, "questions": questions, "threads": torch.get_num_threads(),
+              "minutes": (time.time() - start) / 60, "log": log, "history": history}
     path = Path(out)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -192,10 +334,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch colour/shape loss")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
+    p.add_argument("--vision-steps", type=int, default=0, help="warm-up steps of the vision tower and projector alone")
+    p.add_argument("--questions", type=int, default=16, help="questions asked per training image, at most")
     p.add_argument("--init", help="a model saved by this script, to train further")
     a = p.parse_args(argv)
-    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init)
+    train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
+          a.questions)
 
 
 if __name__ == "__main__":

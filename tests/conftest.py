@@ -91,3 +91,17 @@ def random_model_dir(tmp_path_factory):
     build_model(processor, seed=1).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def random_qwen_dir(tmp_path_factory):
+    """The built-in Qwen2-VL architecture and processor (images and videos) with random weights, saved like a
+    checkpoint; skipped without torchvision, which transformers' video processors need."""
+    pytest.importorskip("torchvision")
+    from vtr.eval.train_tiny import build_model, build_processor
+
+    path = tmp_path_factory.mktemp("random-qwen")
+    processor = build_processor("qwen2_vl")
+    build_model(processor, seed=1, arch="qwen2_vl").save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -112,15 +112,20 @@ def load_model(model_id: str | None = None, attn_implementation: str = "sdpa"):
     return model.eval(), AutoProcessor.from_pretrained(source)
 
 
-def chat_prompt(processor, question: str, images: int = 1) -> str:
-    """The images, then the question, in the processor's own chat template."""
-    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+def chat_prompt(processor, question: str, images: int = 1, videos: int = 0) -> str:
+    """The images, then the videos, then the question, in the processor's own chat template."""
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def model_inputs(model, processor, images: list, texts: list[str]):
-    """The processor's batch (padded on the tokenizer's side) on the model's device, pixel values in its dtype."""
-    inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+def model_inputs(model, processor, images: list, texts: list[str], videos: list | None = None):
+    """The processor's batch (padded on the tokenizer's side) on the model's device, pixel values in its dtype.
+    ``videos``: one list of frames (PIL images or HxWx3 arrays) per video, for processors that take videos."""
+    if videos and getattr(processor, "video_processor", None) is None:
+        raise ValueError(f"{type(model).__name__} ({type(processor).__name__}) takes images only, not videos")
+    extra = {"videos": videos} if videos else {}
+    inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True, **extra).to(model.device)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
     return inputs

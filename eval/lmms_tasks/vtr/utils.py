@@ -1,17 +1,23 @@
-"""Functions the vtr_shapes task YAML names: the image, the prompt text, and the two scores."""
+"""Functions the vtr_shapes and vtr_clips task YAMLs name: the image or video, the prompt text, and the two scores."""
 from pathlib import Path
 
 from PIL import Image
 
 from vtr.eval.evaluate import is_correct, normalise
 
-# The folder of test.jsonl, which the "image" paths are relative to: the same file the YAML's data_files names.
-ROOT = Path(__file__).resolve().parents[3] / "assets" / "shapes-test"
+# The folders of the test.jsonl files, which the "image" and "video" paths are relative to: the same files the YAMLs'
+# data_files name.
+ASSETS = Path(__file__).resolve().parents[3] / "assets"
 
 
 def doc_to_visual(doc):
-    with Image.open(ROOT / doc["image"]) as im:
+    with Image.open(ASSETS / "shapes-test" / doc["image"]) as im:
         return [im.convert("RGB")]
+
+
+def clip_to_visual(doc):
+    """A video task's visual is the video's path; the model samples its frames."""
+    return [str(ASSETS / "clips-test" / doc["video"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
