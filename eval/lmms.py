@@ -8,7 +8,13 @@ model_args: ``pretrained`` (a hub id or a local path; default: vtr's shipped tin
 ``none`` for the unpatched model), ``retain`` (fraction of visual tokens kept) or ``budget`` (tokens kept per image),
 ``attn_implementation``, ``max_new_tokens`` (used where the task sets none), ``frames`` (frames sampled uniformly
 from each video of a video task, 16 by default; video tasks need a model whose processor takes videos, such as
-Qwen2-VL or LLaVA-OneVision), and any option of the method (for example ``layer=2``). The batch size is lmms-eval's own ``--batch_size N`` (in model_args it would clash with it).
+Qwen2-VL or LLaVA-OneVision), ``device``, and any option of the method (for example ``layer=2``). The batch size is
+lmms-eval's own ``--batch_size N`` (in model_args it would clash with it).
+
+Devices: one process spreads a hub model over its GPUs (device_map "auto"). In a multi-process run
+(``accelerate launch --num_processes 8 -m lmms_eval ...``) each process puts the whole model on its own GPU,
+``cuda:$LOCAL_RANK``, and lmms-eval gives each process its share of the documents.
+
 Answers are greedy whatever the task's temperature; ``until`` strings cut them.
 
 vtr's figures per request go into the samples log (``--log_samples``) under ``token_counts``: visual_tokens_in,
@@ -22,6 +28,7 @@ lmms-eval finds this class through the entry point ``vtr = "vtr.eval.lmms:manife
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +86,17 @@ class VTRModel(lmms):
         self.batch_size, self.max_new_tokens, self.frames = int(batch_size), int(max_new_tokens), int(frames)
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
-        self.model, self.processor = load_model(pretrained, attn_implementation=attn_implementation)
-        if device is not None and not getattr(self.model, "hf_device_map", None):
-            self.model.to(device)
+        if device is None and int(os.environ.get("WORLD_SIZE", 1)) > 1 and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"     # data parallel: one whole model per process
+        self.model, self.processor = load_model(pretrained, attn_implementation=attn_implementation, device=device)
         self.processor.tokenizer.padding_side = "left"
         self.handle = None if method == "none" else vtr.patch(self.model, method, retain=retain, budget=budget,
                                                               **options)
+
+    @property
+    def device(self) -> torch.device:
+        """Where lmms-eval's multi-process runs put the tensors they gather."""
+        return self.model.device
 
     def generate_until(self, requests) -> list[GenerationResult]:
         results = [None] * len(requests)

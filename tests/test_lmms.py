@@ -113,7 +113,7 @@ def test_manifest_resolves_to_the_class():
     assert registry.get_model_class("vtr") is VTRModel
 
 
-def run_cli(tmp_path, model_args: str, task: str, limit: int) -> tuple[dict, list[dict]]:
+def run_cli(tmp_path, model_args: str, task: str, limit: int, launcher=(sys.executable,)) -> tuple[dict, list[dict]]:
     """``lmms-eval`` in a subprocess, offline: the results JSON and the logged samples."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if "vtr" not in importlib.metadata.entry_points(group="lmms_eval.models").names:
@@ -124,7 +124,7 @@ def run_cli(tmp_path, model_args: str, task: str, limit: int) -> tuple[dict, lis
         (info / "entry_points.txt").write_text("[lmms_eval.models]\nvtr = vtr.eval.lmms:manifest\n")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(info.parent), env.get("PYTHONPATH")]))
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "vtr", "--model_args", model_args, "--batch_size", "2",
+    subprocess.run([*launcher, "-m", "lmms_eval", "--model", "vtr", "--model_args", model_args, "--batch_size", "2",
                     "--tasks", task, "--include_path", str(TASKS), "--limit", str(limit), "--output_path", str(out),
                     "--log_samples"], check=True, env=env, timeout=600, capture_output=True)
     (results_file,) = out.rglob("*_results.json")
@@ -142,6 +142,14 @@ def test_cli_end_to_end_offline(random_model_dir, tmp_path):
     assert len(samples) == 4
     for s in samples:
         assert {k: s["token_counts"][0][k] for k in FASTV_QUARTER} == pytest.approx(FASTV_QUARTER)
+
+
+def test_cli_data_parallel_offline(random_model_dir, tmp_path):
+    """Two processes (torchrun on the CPU, gloo): lmms-eval gives each its share of the documents and gathers them."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    _, samples = run_cli(tmp_path, f"pretrained={random_model_dir},method=fastv,retain=0.25", "vtr_shapes", 6, launcher)
+    assert sorted(s["doc_id"] for s in samples) == list(range(6))
+    assert all(s["token_counts"][0]["visual_tokens_out"] == 49 for s in samples)
 
 
 def test_cli_video_task_offline(random_qwen_dir, tmp_path):

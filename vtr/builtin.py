@@ -101,14 +101,17 @@ def shipped_model_path():
     return resources.files("vtr.assets").joinpath("tiny-llava")
 
 
-def load_model(model_id: str | None = None, attn_implementation: str = "sdpa"):
-    """(model, processor) for a Hugging Face id or local path; None loads the shipped tiny trained LLaVA (offline)."""
+def load_model(model_id: str | None = None, attn_implementation: str = "sdpa", device: str | None = None):
+    """(model, processor) for a Hugging Face id or local path; None loads the shipped tiny trained LLaVA (offline).
+    ``device``: where to put the whole model; by default a hub model spreads over the visible GPUs (device_map
+    "auto") and the built-in one stays on the CPU."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     source = str(shipped_model_path()) if model_id is None else model_id
-    model = AutoModelForImageTextToText.from_pretrained(
-        source, dtype="auto", attn_implementation=attn_implementation,
-        device_map="auto" if torch.cuda.is_available() and model_id is not None else None)
+    if device is None:
+        device = "auto" if torch.cuda.is_available() and model_id is not None else None
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto", attn_implementation=attn_implementation,
+                                                        device_map=device)
     return model.eval(), AutoProcessor.from_pretrained(source)
 
 
