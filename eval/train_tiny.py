@@ -180,6 +180,14 @@ def aux_loss(heads, features: torch.Tensor, targets: dict) -> torch.Tensor:
     return loss
 
 
+@torch.no_grad()
+def aux_accuracy(heads, features: torch.Tensor, targets: dict) -> dict[str, float]:
+    """Each head's accuracy over the patches an object covers (what the questions read)."""
+    objects = targets["colors"] > 0
+    return {k: round(float((heads[k](features)[objects].argmax(-1) == t[objects]).float().mean()), 3)
+            for k, t in targets.items()}
+
+
 def stacked_targets(examples) -> dict[str, torch.Tensor]:
     grid = SHAPE["image_size"] // SHAPE["patch_size"]
     per_example = [patch_targets(e["scene"], grid) for e in examples]
@@ -266,7 +274,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
         done = json.loads((Path(init) / "training.json").read_text())
         seed, history = done["seed"], done.get("history", []) + [{k: v for k, v in done.items() if k != "history"}]
-        first_step = sum(h["steps"] + h.get("vision_steps", 0) for h in history)
+        first_step = sum(h.get("steps_done", h["steps"]) + h.get("vision_steps", 0) for h in history)
     else:
         model, history, first_step = build_model(processor, seed).train(), [], 0
     heads = aux_heads(model.config.text_config.hidden_size, SHAPE["image_size"] // SHAPE["patch_size"])
@@ -285,6 +293,21 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         opt.step()
         sched.step()
 
+    def save(done: int):
+        """The model as it is after ``done`` question steps (at every log, so a long run can be cut short), without
+        the training-only heads and hook; training goes on from the same objects."""
+        hooks = dict(model.model.multi_modal_projector._forward_hooks)
+        model.model.multi_modal_projector._forward_hooks.clear()
+        recipe = {"shape": SHAPE, "vision_steps": vision_steps, "steps": steps, "steps_done": done,
+                  "batch_size": batch_size, "lr": lr, "seed": seed, "aux_weight": aux_weight, "questions": questions,
+                  "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
+                  "history": history}
+        path = Path(out)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        (path / "training.json").write_text(json.dumps(recipe, indent=1))
+        model.model.multi_modal_projector._forward_hooks.update(hooks)
+
     # Phase 1: the vision tower and projector learn the per-patch targets alone (a step costs a tenth of a full one).
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *heads.parameters()]
@@ -296,7 +319,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         aux = aux_loss(heads, features["out"], inputs["targets"])
         update(opt, sched, params, aux)
         if (step + 1) % log_every == 0 or step + 1 == vision_steps:
-            log.append({"vision_step": step + 1, "aux_loss": aux.item(), "minutes": (time.time() - start) / 60})
+            log.append({"vision_step": step + 1, "aux_loss": aux.item(), "minutes": (time.time() - start) / 60,
+                        "object_patch_accuracy": aux_accuracy(heads, features["out"], inputs["targets"])})
             print(json.dumps(log[-1]), flush=True)
     # Phase 2: the whole model on the questions, the auxiliary loss kept on.
     params = list(model.parameters()) + list(heads.parameters())
@@ -313,15 +337,10 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val["all"],
                         "val_by_family": val, "minutes": (time.time() - start) / 60})
             print(json.dumps(log[-1]), flush=True)
+            save(step + 1)
     model.eval()
+    save(steps)
     model.model.multi_modal_projector._forward_hooks.clear()
-    recipe = {"shape": SHAPE, "vision_steps": vision_steps, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "seed": seed, "aux_weight": aux_weight, "questions": questions, "threads": torch.get_num_threads(),
-              "minutes": (time.time() - start) / 60, "log": log, "history": history}
-    path = Path(out)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    (path / "training.json").write_text(json.dumps(recipe, indent=1))
     return model, processor
 
 

@@ -92,12 +92,33 @@ def test_shipped_model_answers_from_the_image():
                                                                  ablated["accuracy_by_family"])
 
 
+def test_patch_targets_by_hand():
+    """A large red square (46 px) centred at (40, 40) and a small blue circle at (200, 120), on a 14 x 14 grid of 16 px
+    patches."""
+    from vtr.eval import shapes as S
+    from vtr.eval.train_tiny import patch_targets
+
+    scene = S.Scene([S.Obj("square", "red", "large", 40, 40), S.Obj("circle", "blue", "small", 200, 120)])
+    t = {k: v.view(14, 14) for k, v in patch_targets(scene, 14).items()}
+    red, blue = 1 + list(S.COLORS).index("red"), 1 + list(S.COLORS).index("blue")
+    # The square spans px 17..63: patches 1..3 fully or mostly, patch 0 not at all (px 0..15).
+    assert (t["colors"][1:4, 1:4] == red).all() and t["colors"][0, 0] == 0 and t["colors"][4, 4] == 0
+    assert (t["shapes"][1:4, 1:4] == 1 + S.SHAPES.index("square")).all() and (t["sizes"][1:4, 1:4] == 3).all()
+    # The circle (px 193..207 across, 113..127 down) lies in column 12 and row 7.
+    assert t["colors"][7, 12] == blue and t["shapes"][7, 12] == 1 + S.SHAPES.index("circle") and t["sizes"][7, 12] == 1
+    assert t["centres"].nonzero().tolist() == [[2, 2], [7, 12]]
+    assert t["rows"][5].tolist() == [5] * 14 and t["cols"][5].tolist() == list(range(14))
+
+
 def test_training_script_saves_a_loadable_model(tmp_path):
     """Two steps of the recipe, then two more from the saved model: what the shipped model was trained with."""
     from vtr.builtin import load_model
     from vtr.eval.train_tiny import train
 
-    train(str(tmp_path / "a"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=10)
+    train(str(tmp_path / "a"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1)
+    first = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert [r.get("vision_step", r.get("step")) for r in first["log"]] == [1, 1, 2] and first["steps_done"] == 2
+    assert set(first["log"][0]["object_patch_accuracy"]) == {"colors", "shapes", "sizes", "centres", "rows", "cols"}
     train(str(tmp_path / "b"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=10,
           init=str(tmp_path / "a"))
     recipe = json.loads((tmp_path / "b" / "training.json").read_text())
