@@ -194,6 +194,9 @@ def stacked_targets(examples) -> dict[str, torch.Tensor]:
     return {k: torch.stack([t[k] for t in per_example]) for k in per_example[0]}
 
 
+_per_token = ("mm_token_type_ids",)      # Qwen2-VL's processor marks each prompt token as text (0) or visual
+
+
 def batch(processor, seeds, questions: int = 16, device="cpu") -> dict:
     """A training batch. Each sequence is the example's prompt, its answer and </s>, then up to ``questions - 1`` more
     questions about the same scene, each followed by its answer and </s> (``shapes.scene_questions``; text tokens are
@@ -220,22 +223,28 @@ def batch(processor, seeds, questions: int = 16, device="cpu") -> dict:
     answer_or_eos = (ids == tok.eos_token_id) | torch.roll(ids == tok.convert_tokens_to_ids("?"), 1, dims=1)
     labels = ids.masked_fill(~(answer_or_eos & mask.bool()), -100)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            "pixel_values": inputs["pixel_values"].to(device),
+            **{k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask", *_per_token)},
+            **{k: torch.cat([inputs[k], torch.zeros_like(tail_ids)], dim=1).to(device) for k in _per_token if k in inputs},
             "targets": {k: t.to(device) for k, t in stacked_targets(examples).items()}}
 
 
 def vision_batch(processor, seeds, device="cpu") -> dict:
-    """Images and per-patch targets only, for the warm-up of the vision tower and projector. The images are at the
-    processor's size already, so its resize and crop do nothing: only its rescale and normalisation are applied."""
+    """Images and per-patch targets only, for the warm-up of the vision tower and projector. For the LLaVA the images
+    are at the processor's size already, so its resize and crop do nothing: only its rescale and normalisation are
+    applied; Qwen2-VL's processor also cuts the patches, so it runs whole."""
     import numpy as np
 
     examples = [shapes.make_example(s) for s in seeds]
+    targets = {k: t.to(device) for k, t in stacked_targets(examples).items()}
     images = processor.image_processor
+    if hasattr(images, "merge_size"):
+        out = images(images=[e["image"] for e in examples], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].to(device), "image_grid_thw": out["image_grid_thw"].to(device),
+                "targets": targets}
     pixels = torch.from_numpy(np.stack([np.asarray(e["image"]) for e in examples])).permute(0, 3, 1, 2)
     pixels = (pixels * images.rescale_factor - torch.tensor(images.image_mean)[:, None, None]) / torch.tensor(
         images.image_std)[:, None, None]
-    return {"pixel_values": pixels.float().to(device),
-            "targets": {k: t.to(device) for k, t in stacked_targets(examples).items()}}
+    return {"pixel_values": pixels.float().to(device), "targets": targets}
 
 
 @torch.no_grad()
@@ -263,23 +272,34 @@ def _schedule(opt, steps: int):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
 
 
+def _projector(model) -> torch.nn.Module:
+    """The module whose output is the visual tokens the language model receives, in raster order per image."""
+    return model.model.visual.merger if hasattr(model.model, "visual") else model.model.multi_modal_projector
+
+
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
-          aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16):
+          aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
+          arch: str = "llava", val_examples: int = 250):
     if threads:
         torch.set_num_threads(threads)
-    processor = build_processor()
     if init:                                   # go on training a saved model (the seeds continue past its steps)
-        from transformers import LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText
 
-        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).train()
+        model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32).train()
         done = json.loads((Path(init) / "training.json").read_text())
         seed, history = done["seed"], done.get("history", []) + [{k: v for k, v in done.items() if k != "history"}]
+        arch = done.get("arch", "llava")
         first_step = sum(h.get("steps_done", h["steps"]) + h.get("vision_steps", 0) for h in history)
+        processor = build_processor(arch)
     else:
-        model, history, first_step = build_model(processor, seed).train(), [], 0
-    heads = aux_heads(model.config.text_config.hidden_size, SHAPE["image_size"] // SHAPE["patch_size"])
+        processor = build_processor(arch)
+        model, history, first_step = build_model(processor, seed, arch).train(), [], 0
+    grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
+    heads = aux_heads(model.config.text_config.hidden_size, grid)
     features = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: features.update(out=out))
+    projector = _projector(model)
+    # The projector's output as (images, grid * grid, hidden): Qwen2-VL's merger returns every image's tokens in one run.
+    projector.register_forward_hook(lambda m, a, out: features.update(out=out.reshape(-1, grid * grid, out.shape[-1])))
     train_seeds = shapes.SPLITS["train"]
     start, log = time.time(), []
 
@@ -296,9 +316,9 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     def save(done: int):
         """The model as it is after ``done`` question steps (at every log, so a long run can be cut short), without
         the training-only heads and hook; training goes on from the same objects."""
-        hooks = dict(model.model.multi_modal_projector._forward_hooks)
-        model.model.multi_modal_projector._forward_hooks.clear()
-        recipe = {"shape": SHAPE, "vision_steps": vision_steps, "steps": steps, "steps_done": done,
+        hooks = dict(projector._forward_hooks)
+        projector._forward_hooks.clear()
+        recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps, "steps": steps, "steps_done": done,
                   "batch_size": batch_size, "lr": lr, "seed": seed, "aux_weight": aux_weight, "questions": questions,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
@@ -306,21 +326,22 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         model.save_pretrained(path)
         processor.save_pretrained(path)
         (path / "training.json").write_text(json.dumps(recipe, indent=1))
-        model.model.multi_modal_projector._forward_hooks.update(hooks)
+        projector._forward_hooks.update(hooks)
 
     # Phase 1: the vision tower and projector learn the per-patch targets alone (a step costs a tenth of a full one).
-    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
-              *heads.parameters()]
+    tower = model.model.visual if arch == "qwen2_vl" else model.model.vision_tower
+    params = list({id(p): p for p in [*tower.parameters(), *projector.parameters(), *heads.parameters()]}.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, vision_steps)
     for step in range(vision_steps):
         inputs = vision_batch(processor, seeds_at(step))
-        model.model.get_image_features(pixel_values=inputs["pixel_values"])
-        aux = aux_loss(heads, features["out"], inputs["targets"])
+        targets = inputs.pop("targets")
+        model.model.get_image_features(**inputs)
+        aux = aux_loss(heads, features["out"], targets)
         update(opt, sched, params, aux)
         if (step + 1) % log_every == 0 or step + 1 == vision_steps:
             log.append({"vision_step": step + 1, "aux_loss": aux.item(), "minutes": (time.time() - start) / 60,
-                        "object_patch_accuracy": aux_accuracy(heads, features["out"], inputs["targets"])})
+                        "object_patch_accuracy": aux_accuracy(heads, features["out"], targets)})
             print(json.dumps(log[-1]), flush=True)
     # Phase 2: the whole model on the questions, the auxiliary loss kept on.
     params = list(model.parameters()) + list(heads.parameters())
@@ -333,14 +354,14 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         aux = aux_loss(heads, features["out"], targets)
         update(opt, sched, params, loss + aux_weight * aux)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            val = accuracy(model, processor, n=250)
+            val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val["all"],
                         "val_by_family": val, "minutes": (time.time() - start) / 60})
             print(json.dumps(log[-1]), flush=True)
             save(step + 1)
     model.eval()
     save(steps)
-    model.model.multi_modal_projector._forward_hooks.clear()
+    projector._forward_hooks.clear()
     return model, processor
 
 
@@ -356,10 +377,11 @@ def main(argv=None):
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
     p.add_argument("--vision-steps", type=int, default=0, help="warm-up steps of the vision tower and projector alone")
     p.add_argument("--questions", type=int, default=16, help="questions asked per training image, at most")
-    p.add_argument("--init", help="a model saved by this script, to train further")
+    p.add_argument("--init", help="a model saved by this script, to train further (its architecture)")
+    p.add_argument("--arch", choices=ARCHS, default="llava")
     a = p.parse_args(argv)
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
-          a.questions)
+          a.questions, a.arch)
 
 
 if __name__ == "__main__":

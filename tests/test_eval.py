@@ -115,17 +115,32 @@ def test_training_script_saves_a_loadable_model(tmp_path):
     from vtr.builtin import load_model
     from vtr.eval.train_tiny import train
 
-    train(str(tmp_path / "a"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1)
+    train(str(tmp_path / "a"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1,
+          val_examples=10)
     first = json.loads((tmp_path / "a" / "training.json").read_text())
     assert [r.get("vision_step", r.get("step")) for r in first["log"]] == [1, 1, 2] and first["steps_done"] == 2
     assert set(first["log"][0]["object_patch_accuracy"]) == {"colors", "shapes", "sizes", "centres", "rows", "cols"}
     train(str(tmp_path / "b"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=10,
-          init=str(tmp_path / "a"))
+          init=str(tmp_path / "a"), val_examples=10)
     recipe = json.loads((tmp_path / "b" / "training.json").read_text())
     assert [h["steps"] for h in recipe["history"]] == [2] and recipe["log"][-1]["step"] == 2
     model, processor = load_model(str(tmp_path / "b"))
     assert not model.model.multi_modal_projector._forward_hooks        # the training-only hook is gone
     assert processor.tokenizer.padding_side == "left"
+
+
+def test_training_script_trains_the_qwen2_vl_architecture(tmp_path):
+    """The same recipe on the built-in Qwen2-VL (its merger's output carries the per-patch targets)."""
+    pytest.importorskip("torchvision")
+    from vtr.builtin import load_model
+    from vtr.eval.train_tiny import train
+
+    train(str(tmp_path / "q"), steps=1, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1,
+          arch="qwen2_vl", val_examples=10)
+    recipe = json.loads((tmp_path / "q" / "training.json").read_text())
+    assert recipe["arch"] == "qwen2_vl" and recipe["log"][0]["object_patch_accuracy"]
+    model, processor = load_model(str(tmp_path / "q"))
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and not model.model.visual.merger._forward_hooks
 
 
 def test_perturbations_and_jaccard_by_hand():

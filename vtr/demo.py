@@ -87,10 +87,11 @@ def run(model_id=None, image_path=None, question=None, method="fastv", retain=No
         image, default_question, expected = default_example()
         question = question or default_question
     question = question or DEFAULT_QUESTION
-    if model_id is None:
-        print_fn("built-in model: a tiny LLaVA (1.1 M parameters) trained on synthetic shapes questions, no download. "
-                 "It knows only that vocabulary; pass --model for a real VLM.")
     model, processor = load_model(model_id, attn_implementation)
+    if model_id is None:
+        size = sum(p.numel() for p in model.parameters()) / 1e6
+        print_fn(f"built-in model: a tiny LLaVA ({size:.1f} M parameters) trained on synthetic shapes questions, no "
+                 "download. It knows only that vocabulary; pass --model for a real VLM.")
     inputs = model_inputs(model, processor, [image], [chat_prompt(processor, question)])
 
     decode = lambda ids: processor.decode(ids, skip_special_tokens=True)     # noqa: E731
