@@ -23,8 +23,8 @@ from transformers.generation.streamers import BaseStreamer
 import vtr
 from vtr.adapters import adapter_for
 from vtr.builtin import chat_prompt, model_inputs
-from vtr.eval.data import load_image
-from vtr.eval.flops import prefill_flops
+from vtr.eval.data import load_frames, load_image
+from vtr.eval.flops import decoder_layer_flops, prefill_flops, qwen2_vl_vision_flops
 
 REFERENCE = "unpatched"
 MEAN_ABLATION = "mean-visual"
@@ -57,9 +57,13 @@ def _cache_bytes(cache) -> int:
                if t is not None)
 
 
-def _batch_inputs(model, processor, examples, suffix: str):
-    texts = [chat_prompt(processor, e.question + suffix) for e in examples]
-    return model_inputs(model, processor, [load_image(e) for e in examples], texts)
+def _batch_inputs(model, processor, examples, suffix: str, num_frames: int):
+    """Image rows give one image each, video rows ``num_frames`` frames of their video, uniformly spread."""
+    texts = [chat_prompt(processor, e.question + suffix, int(e.video_path is None), int(e.video_path is not None))
+             for e in examples]
+    images = [load_image(e) for e in examples if e.video_path is None]
+    videos = [load_frames(e, num_frames) for e in examples if e.video_path is not None]
+    return model_inputs(model, processor, images, texts, videos)
 
 
 def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:
@@ -82,43 +86,78 @@ def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def _visual_ids(config) -> list[int]:
+    return [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+
+
 def _flops(config, inputs, stats: list[dict] | None) -> list[dict]:
-    """Analytic prefill FLOPs of each sample, over its unpadded tokens."""
-    visual = inputs["input_ids"] == config.image_token_id
+    """Analytic prefill FLOPs of each sample, over its unpadded tokens: LLaVA-style models (a fixed number of tokens
+    per image) and Qwen2-VL (the patch grids the processor reports); None for the others."""
+    ids = inputs["input_ids"]
+    visual = torch.isin(ids, torch.tensor(_visual_ids(config), device=ids.device))
     text = (inputs["attention_mask"].bool() & ~visual).sum(1).tolist()
-    per_image = config.image_seq_length
     layers = config.text_config.num_hidden_layers
+    qwen = hasattr(config.vision_config, "spatial_merge_size") and hasattr(config.vision_config, "embed_dim")
+    if not qwen and not hasattr(config, "image_seq_length"):
+        return [None] * len(text)
+    if qwen:                                      # each sample's grids, in the order the processor lists them
+        grids = {k: list(map(tuple, inputs[f"{k}_grid_thw"].tolist())) if f"{k}_grid_thw" in inputs else []
+                 for k in ("image", "video")}
+        group = config.vision_config.spatial_merge_size ** 2
     out = []
     for b, n_text in enumerate(text):
-        images = int(visual[b].sum()) // per_image
-        kept = stats[b]["tokens_per_layer"] if stats else [images * per_image] * layers
-        out.append(prefill_flops(config, images, per_image, [n_text + k for k in kept]))
+        n_visual = int(visual[b].sum())
+        kept = stats[b]["tokens_per_layer"] if stats else [n_visual] * layers
+        if not qwen:
+            per_image = config.image_seq_length
+            out.append(prefill_flops(config, n_visual // per_image, per_image, [n_text + k for k in kept]))
+            continue
+        mine = []
+        for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
+            tokens = int((ids[b] == token).sum())
+            while tokens > 0:
+                mine.append(grids[kind].pop(0))
+                tokens -= mine[-1][0] * mine[-1][1] * mine[-1][2] // group
+        vision = qwen2_vl_vision_flops(config.vision_config, mine)
+        llm = sum(decoder_layer_flops(config.text_config, n_text + k) for k in kept)
+        llm += 2 * config.text_config.hidden_size * config.text_config.vocab_size
+        out.append({"vision": vision, "llm": llm, "total": vision + llm})
     return out
 
 
 @contextmanager
 def mean_visual_tokens(model):
-    """Replace every image's visual tokens by their mean (at the projector output): the control that shows whether a
-    model reads the image's layout at all. Accuracy under it should fall to what the question alone allows."""
-    projector = getattr(adapter_for(model), "projector", None)
-    if projector is None:
-        raise ValueError(f"the mean-visual control needs a per-image projector output; {type(model).__name__} "
-                         "has none vtr can hook")
-    hook = projector.register_forward_hook(lambda module, args, out: out.mean(dim=-2, keepdim=True).expand_as(out))
+    """Replace every image's (or video's) visual tokens by their mean, at the projector output: the control that shows
+    whether a model reads the image's layout at all. Accuracy under it should fall to what the question alone allows."""
+    visual = getattr(model.model, "visual", None)
+    if visual is not None and hasattr(visual, "spatial_merge_size"):
+        # Qwen2-VL family: one (tokens, D) output for all the batch's images, each grid_thw.prod() / merge^2 long.
+        def hook(module, args, kwargs, out):
+            sizes = (kwargs["grid_thw"].prod(-1) // module.spatial_merge_size ** 2).tolist()
+            out.pooler_output = torch.cat([p.mean(0, keepdim=True).expand_as(p)
+                                           for p in out.pooler_output.split(sizes)])
+            return out
+        handle = visual.register_forward_hook(hook, with_kwargs=True)
+    else:
+        projector = getattr(adapter_for(model), "projector", None)
+        if projector is None:
+            raise ValueError(f"the mean-visual control needs a per-image projector output; {type(model).__name__} "
+                             "has none vtr can hook")
+        handle = projector.register_forward_hook(lambda module, args, out: out.mean(-2, keepdim=True).expand_as(out))
     try:
         yield
     finally:
-        hook.remove()
+        handle.remove()
 
 
 def run_one(model, processor, examples, method: str | None, retain: float, batch_size: int, max_new_tokens: int,
-            suffix: str = "", progress=None, label: str | None = None) -> dict:
+            suffix: str = "", progress=None, label: str | None = None, num_frames: int = 16) -> dict:
     """One run over all examples; ``method=None`` runs the model unpatched, or under ``label == MEAN_ABLATION``
     with each image's visual tokens replaced by their mean."""
     rows, measures = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        inputs = _batch_inputs(model, processor, chunk, suffix)
+        inputs = _batch_inputs(model, processor, chunk, suffix, num_frames)
         if method is None:
             with mean_visual_tokens(model) if label == MEAN_ABLATION else nullcontext():
                 result = _answer_batch(model, processor, inputs, max_new_tokens)
@@ -128,7 +167,8 @@ def run_one(model, processor, examples, method: str | None, retain: float, batch
                 result = _answer_batch(model, processor, inputs, max_new_tokens)
                 stats = handle.stats()
         flops = _flops(model.config, inputs, stats)
-        visual = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        ids = inputs["input_ids"]
+        visual = torch.isin(ids, torch.tensor(_visual_ids(model.config), device=ids.device)).sum(1).tolist()
         for b, (example, text) in enumerate(zip(chunk, result["texts"])):
             s = stats[b] if stats else {"visual_tokens_in": visual[b], "visual_tokens_out": visual[b],
                                         "layer_avg_retention": 1.0}
@@ -159,7 +199,8 @@ def _summarise(method: str, retain: float, rows: list[dict], measures: list[tupl
         "retention": sum(r["visual_tokens_out"] for r in rows) / tokens_in,
         "layer_avg_retention": _mean([r["layer_avg_retention"] for r in rows]),
         "visual_tokens_in": tokens_in / n, "visual_tokens_out": sum(r["visual_tokens_out"] for r in rows) / n,
-        "flops_vision": _mean([r["flops"]["vision"] for r in rows]), "flops_llm": _mean([r["flops"]["llm"] for r in rows]),
+        "flops_vision": _mean([r["flops"] and r["flops"]["vision"] for r in rows]),
+        "flops_llm": _mean([r["flops"] and r["flops"]["llm"] for r in rows]),
         "ttft_s": per_sample("ttft_s"), "decode_s_per_token": _mean([m["decode_s_per_token"] for _, m in measures]),
         "kv_cache_bytes": per_sample("kv_cache_bytes"), "peak_memory_bytes": _mean([m["peak_memory_bytes"]
                                                                                     for _, m in measures]),
@@ -168,9 +209,10 @@ def _summarise(method: str, retain: float, rows: list[dict], measures: list[tupl
 
 
 def evaluate(model, processor, examples, methods: list[str], retains: list[float], batch_size: int = 8,
-             max_new_tokens: int = 4, suffix: str = "", show_progress: bool = True, ablation: bool = False) -> list[dict]:
+             max_new_tokens: int = 4, suffix: str = "", show_progress: bool = True, ablation: bool = False,
+             num_frames: int = 16) -> list[dict]:
     """The unpatched reference (and, with ``ablation``, the mean-visual-token control), then every method at every
-    retention."""
+    retention. Video rows are answered from ``num_frames`` frames of their video."""
     from tqdm.auto import tqdm
 
     for method in methods:                      # unknown method or bad retention: fail before any work
@@ -184,7 +226,7 @@ def evaluate(model, processor, examples, methods: list[str], retains: list[float
         for method, retain, label in runs:
             bar.set_description(f"{label} @ {retain:g}")
             results.append(run_one(model, processor, examples, method, retain, batch_size, max_new_tokens, suffix, bar,
-                                   label))
+                                   label, num_frames))
     return results
 
 
@@ -221,9 +263,13 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         lines.append(f"{r['method']:<10} {r['retain']:>6.3f} {r['visual_tokens_out']:>7.1f} "
                      f"{r['layer_avg_retention']:>9.3f} {r['accuracy']:>8.1%} "
-                     f"{(r['flops_vision'] + r['flops_llm']) / 1e9:>7.2f} {r['ttft_s'] * 1e3:>8.1f} "
+                     f"{_gflops(r):>7} {r['ttft_s'] * 1e3:>8.1f} "
                      f"{r['kv_cache_bytes'] / 1024:>7.0f}")
     return "\n".join(lines)
+
+
+def _gflops(run: dict) -> str:
+    return "n/a" if run["flops_vision"] is None else f"{(run['flops_vision'] + run['flops_llm']) / 1e9:.2f}"
 
 
 def write(results: list[dict], path: str, **meta):

@@ -2,10 +2,11 @@
 import json
 
 import pytest
+import torch
 
 from vtr.cli import main
 from vtr.eval import evaluate
-from vtr.eval.data import load_examples
+from vtr.eval.data import load_examples, load_frames
 
 TEST_SPLIT = "assets/shapes-test/test.jsonl"
 
@@ -38,6 +39,40 @@ def test_runs_report_what_each_method_kept(random_model_dir):
     assert all(r["ttft_s"] > 0 and r["decode_s_per_token"] > 0 for r in runs)
     assert ref["peak_memory_bytes"] is None                   # measured on CUDA only
     assert set(ref["accuracy_by_family"]) == {"color", "exists", "count", "side", "small"}
+
+
+def test_qwen2_vl_vision_flops_match_torchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tiny_models import tiny_qwen2_vl
+    from vtr.eval.flops import qwen2_vl_vision_flops
+
+    model = tiny_qwen2_vl("eager")
+    vc = model.config.vision_config
+    grid = torch.tensor([[2, 8, 12], [1, 4, 4]])            # a 4-frame video and an image, in patches
+    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.visual(pixels, grid_thw=grid)
+    assert qwen2_vl_vision_flops(vc, grid.tolist()) == counter.get_total_flops()
+
+
+def test_video_rows_and_qwen2_vl(random_qwen_dir):
+    """vtr eval on the shipped video split with a Qwen2-VL: frames in, the same figures out, the mean control per
+    video."""
+    pytest.importorskip("decord")
+    from vtr.builtin import load_model
+
+    model, processor = load_model(str(random_qwen_dir))
+    examples = load_examples("assets/clips-test/test.jsonl")[:3]
+    ref, mean, quarter = evaluate.evaluate(model, processor, examples, ["fastv"], [0.25], batch_size=2, max_new_tokens=2,
+                                           show_progress=False, ablation=True, num_frames=8)
+    assert ref["visual_tokens_in"] == quarter["visual_tokens_in"] == 196 and quarter["visual_tokens_out"] == 49
+    assert quarter["flops_vision"] == ref["flops_vision"] > 0 and quarter["flops_llm"] < ref["flops_llm"]
+    assert set(ref["accuracy_by_family"]) == {"last", "first", "move"}
+    with evaluate.mean_visual_tokens(model):                 # every video's tokens become one repeated vector
+        video = processor.video_processor(videos=[load_frames(examples[0], 8)], return_tensors="pt")
+        features = model.model.get_video_features(**video).pooler_output[0]
+    assert torch.allclose(features, features.mean(0, keepdim=True).expand_as(features))
 
 
 def test_cli_writes_json_and_plot_with_the_mean_visual_control(random_model_dir, tmp_path, capsys):

@@ -82,7 +82,7 @@ def _eval(args):
         return
     results = evaluate.evaluate(model, processor, examples, methods, retains, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, suffix=args.suffix, show_progress=not args.quiet,
-                                ablation=args.ablation)
+                                ablation=args.ablation, num_frames=args.frames)
     print(evaluate.format_table(results))
     evaluate.write(results, args.out, model=args.model or "built-in tiny-llava", data=data, examples=len(examples),
                    skipped=skipped, device=str(model.device), attn_implementation=args.attn)
@@ -126,12 +126,14 @@ def main(argv=None):
 
     ev = sub.add_parser("eval", help="accuracy, retention, FLOPs, latency and KV cache per method and retention")
     ev.add_argument("--model", help="Hugging Face id or path (default: the shipped tiny trained LLaVA)")
-    ev.add_argument("--data", help="JSONL of image/question/answer (default: the shipped shapes test split)")
+    ev.add_argument("--data", help="JSONL of image or video, question, answer (default: the shipped shapes test split; "
+                    "the video split is assets/clips-test/test.jsonl)")
     ev.add_argument("--methods", default="random,fastervlm,divprune,fastv,pdrop")
     ev.add_argument("--retain", default="1,0.5,0.25,0.11")
     ev.add_argument("--limit", type=int, help="use only the first N examples")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=4)
+    ev.add_argument("--frames", type=int, default=16, help="frames sampled uniformly from each video row's video")
     ev.add_argument("--suffix", default="", help="appended to every question, e.g. ' Answer with one word.'")
     ev.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="a bad data line is fatal, or "
                     "skipped with a warning naming its file and line")
