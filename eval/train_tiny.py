@@ -197,21 +197,31 @@ def stacked_targets(examples) -> dict[str, torch.Tensor]:
 _per_token = ("mm_token_type_ids",)      # Qwen2-VL's processor marks each prompt token as text (0) or visual
 
 
-def batch(processor, seeds, questions: int = 16, device="cpu") -> dict:
+def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = False) -> dict:
     """A training batch. Each sequence is the example's prompt, its answer and </s>, then up to ``questions - 1`` more
     questions about the same scene, each followed by its answer and </s> (``shapes.scene_questions``; text tokens are
     cheap beside the image's, so each image is asked all it can answer); prompts are left-padded and the tails
-    right-padded. Labels only on answers and </s>; ``targets``: the per-patch classes of the auxiliary loss."""
+    right-padded. Labels only on answers and </s>; ``targets``: the per-patch classes of the auxiliary loss.
+    ``video``: clips (``vtr.eval.clips``) with their three questions instead, and no per-patch targets."""
     import random
 
-    examples = [shapes.make_example(s) for s in seeds]
+    from vtr.eval import clips
+
     tok = processor.tokenizer
-    texts = [chat_prompt(processor, e["question"]) for e in examples]
-    inputs = processor(images=[e["image"] for e in examples], text=texts, return_tensors="pt", padding=True)
+    if video:
+        examples = [clips.make_clip(s) for s in seeds]
+        texts = [chat_prompt(processor, e["question"], images=0, videos=1) for e in examples]
+        inputs = processor(videos=[e["frames"] for e in examples], text=texts, return_tensors="pt", padding=True)
+        ask = lambda seed, e: random.Random(seed).sample(clips.clip_questions(e["clip"]), 3)     # noqa: E731
+    else:
+        examples = [shapes.make_example(s) for s in seeds]
+        texts = [chat_prompt(processor, e["question"]) for e in examples]
+        inputs = processor(images=[e["image"] for e in examples], text=texts, return_tensors="pt", padding=True)
+        ask = lambda seed, e: shapes.scene_questions(e["scene"], random.Random(seed))          # noqa: E731
     tails = []
     for seed, e in zip(seeds, examples):
         tail = [tok.convert_tokens_to_ids(e["answer"]), tok.eos_token_id]
-        others = [qa for qa in shapes.scene_questions(e["scene"], random.Random(seed)) if qa[0] != e["question"]]
+        others = [qa for qa in ask(seed, e) if qa[0] != e["question"]]
         for question, answer, _ in others[:questions - 1]:
             tail += tok.convert_tokens_to_ids(question.split()) + [tok.convert_tokens_to_ids(answer), tok.eos_token_id]
         tails.append(tail)
@@ -222,10 +232,12 @@ def batch(processor, seeds, questions: int = 16, device="cpu") -> dict:
     mask = torch.cat([inputs["attention_mask"], tail_mask], dim=1)
     answer_or_eos = (ids == tok.eos_token_id) | torch.roll(ids == tok.convert_tokens_to_ids("?"), 1, dims=1)
     labels = ids.masked_fill(~(answer_or_eos & mask.bool()), -100)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            **{k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask", *_per_token)},
-            **{k: torch.cat([inputs[k], torch.zeros_like(tail_ids)], dim=1).to(device) for k in _per_token if k in inputs},
-            "targets": {k: t.to(device) for k, t in stacked_targets(examples).items()}}
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+           **{k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask", *_per_token)},
+           **{k: torch.cat([inputs[k], torch.zeros_like(tail_ids)], dim=1).to(device) for k in _per_token if k in inputs}}
+    if not video:
+        out["targets"] = {k: t.to(device) for k, t in stacked_targets(examples).items()}
+    return out
 
 
 def vision_batch(processor, seeds, device="cpu") -> dict:
@@ -248,16 +260,24 @@ def vision_batch(processor, seeds, device="cpu") -> dict:
 
 
 @torch.no_grad()
-def accuracy(model, processor, split: str = "val", n: int = 250) -> dict[str, float]:
+def accuracy(model, processor, split: str = "val", n: int = 250, video: bool = False) -> dict[str, float]:
     """Greedy exact match of the first generated word on ``n`` examples of a split (families round-robin): overall
-    and per family."""
+    and per family. ``video``: on clips (``vtr.eval.clips``) instead of images."""
+    from vtr.eval import clips
+
     model.eval()
-    hits = {f: [] for f in shapes.FAMILIES}
+    families = clips.FAMILIES if video else shapes.FAMILIES
+    hits = {f: [] for f in families}
     seeds = shapes.SPLITS[split]
     for start in range(0, n, 50):
-        chunk = [shapes.make_example(seeds[i], shapes.FAMILIES[i % 5]) for i in range(start, min(n, start + 50))]
-        inputs = processor(images=[e["image"] for e in chunk], text=[chat_prompt(processor, e["question"]) for e in chunk],
-                           return_tensors="pt", padding=True)
+        if video:
+            chunk = [clips.make_clip(seeds[i], families[i % 3]) for i in range(start, min(n, start + 50))]
+            inputs = processor(videos=[e["frames"] for e in chunk], text=[chat_prompt(
+                processor, e["question"], images=0, videos=1) for e in chunk], return_tensors="pt", padding=True)
+        else:
+            chunk = [shapes.make_example(seeds[i], families[i % 5]) for i in range(start, min(n, start + 50))]
+            inputs = processor(images=[e["image"] for e in chunk], text=[chat_prompt(processor, e["question"])
+                                                                        for e in chunk], return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1]
         for word, e in zip(processor.tokenizer.convert_ids_to_tokens(out.tolist()), chunk):
             hits[e["family"]].append(word == e["answer"])
@@ -279,9 +299,11 @@ def _projector(model) -> torch.nn.Module:
 
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
-          arch: str = "llava", val_examples: int = 250):
+          arch: str = "llava", val_examples: int = 250, video_every: int = 0):
     if threads:
         torch.set_num_threads(threads)
+    if video_every and arch != "qwen2_vl":
+        raise ValueError("video steps need a video-capable built-in model: --arch qwen2_vl")
     if init:                                   # go on training a saved model (the seeds continue past its steps)
         from transformers import AutoModelForImageTextToText
 
@@ -318,8 +340,9 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         the training-only heads and hook; training goes on from the same objects."""
         hooks = dict(projector._forward_hooks)
         projector._forward_hooks.clear()
-        recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps, "steps": steps, "steps_done": done,
-                  "batch_size": batch_size, "lr": lr, "seed": seed, "aux_weight": aux_weight, "questions": questions,
+        recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps,
+                  "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
         path = Path(out)
@@ -348,15 +371,18 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
     for step in range(steps):
-        inputs = batch(processor, seeds_at(vision_steps + step), questions)
-        targets = inputs.pop("targets")
+        video = bool(video_every) and step % video_every == video_every - 1
+        inputs = batch(processor, seeds_at(vision_steps + step), questions, video=video)
+        targets = inputs.pop("targets", None)
         loss = model(**inputs).loss
-        aux = aux_loss(heads, features["out"], targets)
+        aux = aux_loss(heads, features["out"], targets) if targets else torch.zeros(())
         update(opt, sched, params, loss + aux_weight * aux)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val["all"],
                         "val_by_family": val, "minutes": (time.time() - start) / 60})
+            if video_every:
+                log[-1]["video_val_by_family"] = accuracy(model, processor, n=val_examples // 2, video=True)
             print(json.dumps(log[-1]), flush=True)
             save(step + 1)
     model.eval()
@@ -379,9 +405,11 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=16, help="questions asked per training image, at most")
     p.add_argument("--init", help="a model saved by this script, to train further (its architecture)")
     p.add_argument("--arch", choices=ARCHS, default="llava")
+    p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
+                   "(qwen2_vl only); 0: images only")
     a = p.parse_args(argv)
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
-          a.questions, a.arch)
+          a.questions, a.arch, video_every=a.video_every)
 
 
 if __name__ == "__main__":

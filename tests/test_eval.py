@@ -170,12 +170,30 @@ def test_training_script_trains_the_qwen2_vl_architecture(tmp_path):
     from vtr.builtin import load_model
     from vtr.eval.train_tiny import train
 
-    train(str(tmp_path / "q"), steps=1, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1,
-          arch="qwen2_vl", val_examples=10)
+    train(str(tmp_path / "q"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=2, vision_steps=1,
+          arch="qwen2_vl", val_examples=6, video_every=2)              # step 2 is a video step
     recipe = json.loads((tmp_path / "q" / "training.json").read_text())
     assert recipe["arch"] == "qwen2_vl" and recipe["log"][0]["object_patch_accuracy"]
+    assert set(recipe["log"][-1]["video_val_by_family"]) == {"all", "last", "first", "move"}
     model, processor = load_model(str(tmp_path / "q"))
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and not model.model.visual.merger._forward_hooks
+
+
+def test_video_training_batch_asks_every_clip_question():
+    pytest.importorskip("torchvision")
+    from vtr.eval import clips
+    from vtr.eval.train_tiny import batch, build_processor
+
+    processor = build_processor("qwen2_vl")
+    inputs = batch(processor, [11, 12], video=True)
+    assert "targets" not in inputs and inputs["video_grid_thw"].tolist() == [[8, 14, 14]] * 2   # patches: 392 tokens
+    answers = processor.tokenizer.convert_ids_to_tokens(inputs["labels"][0][inputs["labels"][0] >= 0].tolist())
+    qa = clips.clip_questions(clips.make_clip(11)["clip"])
+    assert sorted(a for a in answers if a != "</s>") == sorted(a for _, a, _ in qa) and answers.count("</s>") == 3
+    assert inputs["mm_token_type_ids"].shape == inputs["input_ids"].shape
+    with pytest.raises(ValueError, match="--arch qwen2_vl"):
+        from vtr.eval.train_tiny import train
+        train("unused", steps=1, batch_size=1, lr=1e-3, seed=0, threads=None, log_every=1, video_every=2)
 
 
 def test_perturbations_and_jaccard_by_hand():
