@@ -160,11 +160,34 @@ def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
             "rows": rows, "cols": cols}
 
 
-def aux_heads(hidden: int, grid: int) -> torch.nn.ModuleDict:
-    """Linear probes on the projector output, one per ``patch_targets`` key (training only)."""
+class WordHead(torch.nn.Module):
+    """A per-patch classifier whose class vectors are the language model's input embeddings of the class names (a
+    learned vector for "none" first): the visual tokens of a red patch are pulled toward the word "red", so the
+    question's words find them by attention without first learning a private code."""
+
+    def __init__(self, embeddings: torch.nn.Embedding, word_ids: list[int], none: bool = True):
+        super().__init__()
+        self.embeddings = embeddings                  # the model's own: the loss trains them too
+        self.register_buffer("ids", torch.tensor(word_ids), persistent=False)
+        self.none = torch.nn.Parameter(torch.zeros(1, embeddings.embedding_dim)) if none else None
+        self.bias = torch.nn.Parameter(torch.zeros(len(word_ids) + bool(none)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        words = self.embeddings.weight[self.ids]
+        weight = words if self.none is None else torch.cat([self.none, words])
+        return features @ weight.T + self.bias
+
+
+def aux_heads(hidden: int, grid: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None) -> torch.nn.ModuleDict:
+    """Probes on the projector output, one per ``patch_targets`` key (training only). With the model's
+    ``embeddings`` and ``tokenizer``, colour and shape are ``WordHead``s over the colour and shape words."""
     classes = {"colors": len(shapes.COLORS) + 1, "shapes": len(shapes.SHAPES) + 1, "sizes": len(shapes.SIZES) + 1,
                "centres": 2, "rows": grid, "cols": grid}
-    return torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in classes.items()})
+    heads = {k: torch.nn.Linear(hidden, n) for k, n in classes.items()}
+    if embeddings is not None:
+        for key, words in (("colors", list(shapes.COLORS)), ("shapes", list(shapes.SHAPES))):
+            heads[key] = WordHead(embeddings, tokenizer.convert_tokens_to_ids(words))
+    return torch.nn.ModuleDict(heads)
 
 
 def aux_loss(heads, features: torch.Tensor, targets: dict) -> torch.Tensor:
@@ -299,7 +322,7 @@ def _projector(model) -> torch.nn.Module:
 
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
-          arch: str = "llava", val_examples: int = 250, video_every: int = 0):
+          arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True):
     if threads:
         torch.set_num_threads(threads)
     if video_every and arch != "qwen2_vl":
@@ -317,7 +340,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         processor = build_processor(arch)
         model, history, first_step = build_model(processor, seed, arch).train(), [], 0
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
-    heads = aux_heads(model.config.text_config.hidden_size, grid)
+    heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
+                      processor.tokenizer)
     features = {}
     projector = _projector(model)
     # The projector's output as (images, grid * grid, hidden): Qwen2-VL's merger returns every image's tokens in one run.
@@ -343,7 +367,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps,
                   "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
-                  "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
+                  "word_heads": word_heads, "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
         path = Path(out)
         model.save_pretrained(path)
@@ -367,7 +391,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                         "object_patch_accuracy": aux_accuracy(heads, features["out"], targets)})
             print(json.dumps(log[-1]), flush=True)
     # Phase 2: the whole model on the questions, the auxiliary loss kept on.
-    params = list(model.parameters()) + list(heads.parameters())
+    params = list({id(p): p for p in [*model.parameters(), *heads.parameters()]}.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
     for step in range(steps):
@@ -405,11 +429,13 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=16, help="questions asked per training image, at most")
     p.add_argument("--init", help="a model saved by this script, to train further (its architecture)")
     p.add_argument("--arch", choices=ARCHS, default="llava")
+    p.add_argument("--free-heads", action="store_true", help="colour and shape probes with their own weights, not "
+                   "tied to the colour and shape words' embeddings")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
                    "(qwen2_vl only); 0: images only")
     a = p.parse_args(argv)
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
-          a.questions, a.arch, video_every=a.video_every)
+          a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads)
 
 
 if __name__ == "__main__":
