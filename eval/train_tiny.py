@@ -135,11 +135,9 @@ def _qwen2_vl(tokenizer, seed: int):
     return model
 
 
-def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
-    """Per-patch classes for the auxiliary loss, row-major over the grid, (grid * grid,) each: the colour (0:
-    background, 1..6), shape (0, 1..4) and size (0, 1..3) of the object covering most of the patch (at least an eighth
-    of it, so small objects keep a patch); whether an object's centre lies in the patch (what counting needs: one mark
-    per object, however many patches it covers); and the patch's row and column (what the side questions need)."""
+def patch_owners(scene, grid: int) -> torch.Tensor:
+    """The index of the object covering most of each patch (at least an eighth of it, so small objects keep a patch),
+    -1 for background; row-major, (grid * grid,)."""
     import numpy as np
 
     owner = shapes.object_map(scene).astype(np.int64)
@@ -147,7 +145,26 @@ def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
     cells = (np.arange(grid * cell) // cell)[:, None] * grid + (np.arange(grid * cell) // cell)[None, :]
     counts = np.bincount((cells * n + owner).ravel(), minlength=grid * grid * n).reshape(grid * grid, n)
     counts[:, 0] = cell * cell // 8                   # background wins unless an object covers an eighth
-    winner = torch.from_numpy(counts.argmax(-1))
+    return torch.from_numpy(counts.argmax(-1)) - 1
+
+
+def question_objects(scene, question: str) -> list[int]:
+    """Indices of the objects a shapes question is about: those of its shape, and of its colour ("is there a red
+    circle") or size ("the small circle") where it names one."""
+    words = question.split()
+    shape = next(w.removesuffix("s") for w in words if w.removesuffix("s") in shapes.SHAPES)
+    color = next((w for w in words if w in shapes.COLORS), None)
+    return [i for i, o in enumerate(scene.objects) if o.shape == shape and color in (None, o.color)
+            and ("small" not in words or o.size == "small")]
+
+
+def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
+    """Per-patch classes for the auxiliary loss, row-major over the grid, (grid * grid,) each: the colour (0:
+    background, 1..6), shape (0, 1..4) and size (0, 1..3) of the object covering most of the patch (at least an eighth
+    of it, so small objects keep a patch); whether an object's centre lies in the patch (what counting needs: one mark
+    per object, however many patches it covers); and the patch's row and column (what the side questions need)."""
+    winner = patch_owners(scene, grid) + 1
+    cell = shapes.IMAGE_SIZE // grid
     objects = scene.objects
     colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in objects])
     kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in objects])
@@ -241,13 +258,14 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
         texts = [chat_prompt(processor, e["question"]) for e in examples]
         inputs = processor(images=[e["image"] for e in examples], text=texts, return_tensors="pt", padding=True)
         ask = lambda seed, e: shapes.scene_questions(e["scene"], random.Random(seed))          # noqa: E731
-    tails = []
+    tails, asked = [], []
     for seed, e in zip(seeds, examples):
         tail = [tok.convert_tokens_to_ids(e["answer"]), tok.eos_token_id]
-        others = [qa for qa in ask(seed, e) if qa[0] != e["question"]]
-        for question, answer, _ in others[:questions - 1]:
+        others = [qa for qa in ask(seed, e) if qa[0] != e["question"]][:questions - 1]
+        for question, answer, _ in others:
             tail += tok.convert_tokens_to_ids(question.split()) + [tok.convert_tokens_to_ids(answer), tok.eos_token_id]
         tails.append(tail)
+        asked.append([e["question"]] + [q for q, _, _ in others])
     width = max(map(len, tails))
     tail_ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in tails])
     tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails])
@@ -260,7 +278,48 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
            **{k: torch.cat([inputs[k], torch.zeros_like(tail_ids)], dim=1).to(device) for k in _per_token if k in inputs}}
     if not video:
         out["targets"] = {k: t.to(device) for k, t in stacked_targets(examples).items()}
+        out["focus"] = focus_masks(examples, asked).to(device)
     return out
+
+
+def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
+    """(images, questions, patches) bool: for each question of each sequence, in order, the patches of the objects it
+    is about (none for an "is there" question answered no)."""
+    grid = shapes.IMAGE_SIZE // 16
+    out = torch.zeros(len(examples), max(map(len, asked)), grid * grid, dtype=torch.bool)
+    for b, (e, questions) in enumerate(zip(examples, asked)):
+        owners = patch_owners(e["scene"], grid)
+        for q, question in enumerate(questions):
+            out[b, q] = torch.isin(owners, torch.tensor(question_objects(e["scene"], question), dtype=torch.long))
+    return out
+
+
+def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, question_mark: int) -> torch.Tensor:
+    """How little of one attention head's weight, at each question's "?" (where the answer is predicted), falls on the
+    patches of the objects the question is about: the mean of -log(that weight) over the questions that have such
+    patches. Head 0 of the decoder layer whose input ``captured`` holds, recomputed from its own projections and RoPE
+    (the layer itself runs sdpa, which returns no weights)."""
+    from vtr.kernels import apply_rope
+
+    layer, hidden, (cos, sin) = captured["layer"], captured["hidden"], captured["rope"]
+    attn, ids, mask = layer.self_attn, inputs["input_ids"], inputs["attention_mask"].bool()
+    x = layer.input_layernorm(hidden)
+    b, n, d = *ids.shape, attn.head_dim
+    q = apply_rope(attn.q_proj(x).view(b, n, -1, d)[:, :, :1].transpose(1, 2), cos, sin)[:, 0]
+    k = apply_rope(attn.k_proj(x).view(b, n, -1, d)[:, :, :1].transpose(1, 2), cos, sin)[:, 0]
+    scores = (q @ k.transpose(1, 2)) * attn.scaling
+    allowed = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)            # (B, L, L)
+    visual = (ids == model.config.image_token_id).nonzero()[:, 1].view(b, -1)    # (B, patches), every image alike
+    losses = []
+    for i in range(b):
+        marks = (ids[i] == question_mark).nonzero()[:, 0][: focus.shape[1]]
+        on_visual = weights[i, marks][:, visual[i]]                              # (questions, patches)
+        wanted = focus[i, : len(marks)]
+        has = wanted.any(-1)
+        if has.any():
+            losses.append(-torch.log((on_visual * wanted).sum(-1)[has] + 1e-6))
+    return torch.cat(losses).mean() if losses else hidden.new_zeros(())
 
 
 def vision_batch(processor, seeds, device="cpu") -> dict:
@@ -322,7 +381,8 @@ def _projector(model) -> torch.nn.Module:
 
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
-          arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True):
+          arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
+          focus_weight: float = 1.0, focus_layer: int = 1):
     if threads:
         torch.set_num_threads(threads)
     if video_every and arch != "qwen2_vl":
@@ -367,7 +427,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps,
                   "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
-                  "word_heads": word_heads, "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
+                  "word_heads": word_heads,
+                  "focus_weight": focus_weight, "focus_layer": focus_layer, "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
         path = Path(out)
         model.save_pretrained(path)
@@ -390,26 +451,36 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
             log.append({"vision_step": step + 1, "aux_loss": aux.item(), "minutes": (time.time() - start) / 60,
                         "object_patch_accuracy": aux_accuracy(heads, features["out"], targets)})
             print(json.dumps(log[-1]), flush=True)
-    # Phase 2: the whole model on the questions, the auxiliary loss kept on.
+    # Phase 2: the whole model on the questions, the auxiliary losses kept on. The focus loss reads one decoder layer's
+    # input through a pre-hook (removed with the others before saving).
+    captured, question_mark = {}, processor.tokenizer.convert_tokens_to_ids("?")
+    decoder = model.model.language_model.layers[focus_layer]
+    focus_hook = decoder.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(layer=m, hidden=args[0] if args else kwargs["hidden_states"],
+                                                rope=kwargs["position_embeddings"]), with_kwargs=True)
     params = list({id(p): p for p in [*model.parameters(), *heads.parameters()]}.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
     for step in range(steps):
         video = bool(video_every) and step % video_every == video_every - 1
         inputs = batch(processor, seeds_at(vision_steps + step), questions, video=video)
-        targets = inputs.pop("targets", None)
+        targets, focus = inputs.pop("targets", None), inputs.pop("focus", None)
         loss = model(**inputs).loss
         aux = aux_loss(heads, features["out"], targets) if targets else torch.zeros(())
-        update(opt, sched, params, loss + aux_weight * aux)
+        guide = (focus_loss(model, captured, inputs, focus, question_mark) if focus is not None and focus_weight
+                 else torch.zeros(()))
+        update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
-            log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "val_accuracy": val["all"],
+            log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "focus_loss": guide.item(),
+                        "val_accuracy": val["all"],
                         "val_by_family": val, "minutes": (time.time() - start) / 60})
             if video_every:
                 log[-1]["video_val_by_family"] = accuracy(model, processor, n=val_examples // 2, video=True)
             print(json.dumps(log[-1]), flush=True)
             save(step + 1)
     model.eval()
+    focus_hook.remove()
     save(steps)
     projector._forward_hooks.clear()
     return model, processor
@@ -429,13 +500,17 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=16, help="questions asked per training image, at most")
     p.add_argument("--init", help="a model saved by this script, to train further (its architecture)")
     p.add_argument("--arch", choices=ARCHS, default="llava")
+    p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the loss that steers one attention "
+                   "head at each question's '?' to the patches of the objects it names; 0: off")
+    p.add_argument("--focus-layer", type=int, default=1, help="the decoder layer of that head")
     p.add_argument("--free-heads", action="store_true", help="colour and shape probes with their own weights, not "
                    "tied to the colour and shape words' embeddings")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
                    "(qwen2_vl only); 0: images only")
     a = p.parse_args(argv)
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
-          a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads)
+          a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
+          focus_weight=a.focus_weight, focus_layer=a.focus_layer)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,39 @@ def test_patch_targets_by_hand():
     assert t["rows"][5].tolist() == [5] * 14 and t["cols"][5].tolist() == list(range(14))
 
 
+def test_question_objects_and_focus_loss_match_the_eager_attention():
+    from vtr.eval import shapes as S
+    from vtr.eval.train_tiny import batch, build_model, build_processor, focus_loss, question_objects
+
+    scene = S.Scene([S.Obj("circle", "red", "small", 20, 20), S.Obj("circle", "blue", "large", 100, 100),
+                     S.Obj("square", "red", "medium", 180, 40)])
+    assert question_objects(scene, "how many circles are there ?") == [0, 1]
+    assert question_objects(scene, "is there a red circle ?") == [0]
+    assert question_objects(scene, "what color is the small circle ?") == [0]
+    assert question_objects(scene, "is there a blue square ?") == []
+    processor = build_processor()
+    model = build_model(processor)
+    model.set_attn_implementation("eager")
+    inputs = batch(processor, [1_000_000, 1_000_001], questions=3)
+    inputs.pop("targets")
+    focus = inputs.pop("focus")
+    captured = {}
+    model.model.language_model.layers[1].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
+                                                else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
+    eager = model(**inputs, output_attentions=True).attentions[1][:, 0]           # layer 1, head 0: (B, L, L)
+    mark = processor.tokenizer.convert_tokens_to_ids("?")
+    visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(2, -1)
+    expected = []
+    for i in range(2):
+        marks = (inputs["input_ids"][i] == mark).nonzero()[:, 0]
+        wanted = focus[i, :len(marks)]
+        mass = (eager[i, marks][:, visual[i]] * wanted).sum(-1)
+        expected.append(-torch.log(mass[wanted.any(-1)] + 1e-6))
+    assert focus_loss(model, captured, inputs, focus, mark).item() == pytest.approx(torch.cat(expected).mean().item(),
+                                                                                    rel=1e-5)
+
+
 def test_training_script_saves_a_loadable_model(tmp_path):
     """Two steps of the recipe, then two more from the saved model: what the shipped model was trained with."""
     from vtr.builtin import load_model
