@@ -296,9 +296,10 @@ def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
 
 def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, question_mark: int) -> torch.Tensor:
     """How little of one attention head's weight, at each question's "?" (where the answer is predicted), falls on the
-    patches of the objects the question is about: the mean of -log(that weight) over the questions that have such
-    patches. Head 0 of the decoder layer whose input ``captured`` holds, recomputed from its own projections and RoPE
-    (the layer itself runs sdpa, which returns no weights)."""
+    patches of the objects the question is about, or, when there are none ("is there a red circle ?" answered no), on
+    the sequence's first token (<s>, the usual attention sink: "nothing matched"): the mean of -log(that weight). Head
+    0 of the decoder layer whose input ``captured`` holds, recomputed from its own projections and RoPE (the layer
+    itself runs sdpa, which returns no weights)."""
     from vtr.kernels import apply_rope
 
     layer, hidden, (cos, sin) = captured["layer"], captured["hidden"], captured["rope"]
@@ -314,12 +315,11 @@ def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, questio
     losses = []
     for i in range(b):
         marks = (ids[i] == question_mark).nonzero()[:, 0][: focus.shape[1]]
-        on_visual = weights[i, marks][:, visual[i]]                              # (questions, patches)
         wanted = focus[i, : len(marks)]
-        has = wanted.any(-1)
-        if has.any():
-            losses.append(-torch.log((on_visual * wanted).sum(-1)[has] + 1e-6))
-    return torch.cat(losses).mean() if losses else hidden.new_zeros(())
+        mass = (weights[i, marks][:, visual[i]] * wanted).sum(-1)               # (questions,)
+        sink = weights[i, marks, int(mask[i].nonzero()[0])]
+        losses.append(-torch.log(torch.where(wanted.any(-1), mass, sink) + 1e-6))
+    return torch.cat(losses).mean()
 
 
 def vision_batch(processor, seeds, device="cpu") -> dict:

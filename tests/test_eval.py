@@ -158,22 +158,24 @@ def test_question_objects_and_focus_loss_match_the_eager_attention():
     processor = build_processor()
     model = build_model(processor)
     model.set_attn_implementation("eager")
-    inputs = batch(processor, [1_000_000, 1_000_001], questions=3)
+    inputs = batch(processor, [1_000_000, 1_000_009, 1_000_010], questions=3)
     inputs.pop("targets")
     focus = inputs.pop("focus")
+    assert not focus.any(-1).all()                          # an "is there" question answered no is among them
     captured = {}
     model.model.language_model.layers[1].register_forward_pre_hook(
         lambda m, args, kwargs: captured.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
                                                 else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
     eager = model(**inputs, output_attentions=True).attentions[1][:, 0]           # layer 1, head 0: (B, L, L)
     mark = processor.tokenizer.convert_tokens_to_ids("?")
-    visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(2, -1)
+    visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(3, -1)
     expected = []
-    for i in range(2):
+    for i in range(3):
         marks = (inputs["input_ids"][i] == mark).nonzero()[:, 0]
         wanted = focus[i, :len(marks)]
         mass = (eager[i, marks][:, visual[i]] * wanted).sum(-1)
-        expected.append(-torch.log(mass[wanted.any(-1)] + 1e-6))
+        first = int(inputs["attention_mask"][i].nonzero()[0])                       # <s>: "nothing matched"
+        expected.append(-torch.log(torch.where(wanted.any(-1), mass, eager[i, marks, first]) + 1e-6))
     assert focus_loss(model, captured, inputs, focus, mark).item() == pytest.approx(torch.cat(expected).mean().item(),
                                                                                     rel=1e-5)
 
