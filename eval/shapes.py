@@ -206,8 +206,8 @@ def _small(rng):
 
 
 def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every well-posed (question, answer, family) of the five families about one scene - one "yes" and one "no" for
-    exists - shuffled. Training asks several per image, so each image costs one vision pass for several answers."""
+    """Every well-posed (question, answer, family) of the five families about one scene - one "yes" and one "no" (a
+    near miss where possible) for exists - shuffled. Training asks several per image, so each image costs one vision pass for several answers."""
     qa = []
     middle = (IMAGE_SIZE - 1) / 2
     for shape in SHAPES:
@@ -226,7 +226,10 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
             qa.append((TEMPLATES["small"].format(shape=shape), small[0].color, "small"))
     present = sorted({(o.shape, o.color) for o in scene.objects})
     absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
-    for (shape, color), answer in ((rng.choice(present), "yes"), (rng.choice(absent), "no")):
+    # The "no" is a near miss where the scene has one (its shape in another colour, or its colour on another shape),
+    # as in the exists family: a question a model cannot answer from one attribute alone.
+    near = [(s, c) for s, c in absent if any(o.shape == s or o.color == c for o in scene.objects)]
+    for (shape, color), answer in ((rng.choice(present), "yes"), (rng.choice(near or absent), "no")):
         qa.append((TEMPLATES["exists"].format(color=color, shape=shape), answer, "exists"))
     rng.shuffle(qa)
     return qa

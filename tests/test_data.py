@@ -73,6 +73,7 @@ def test_scene_questions_by_hand():
         if q.startswith("is there"):
             _, _, _, color, shape, _ = q.split()
             assert (a == "yes") == any(o.shape == shape and o.color == color for o in scene.objects)
+            assert any(o.shape == shape or o.color == color for o in scene.objects)     # a near miss, if a "no"
 
 
 def test_objects_in_bounds_and_apart():
