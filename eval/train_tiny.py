@@ -1,16 +1,19 @@
-"""Train the tiny built-in LLaVA on the synthetic shapes QA (``vtr.eval.shapes``), from scratch, on a CPU.
+"""Train the tiny built-in models on the synthetic shapes QA (``vtr.eval.shapes``), from scratch, on a CPU.
 
-    python -m vtr.eval.train_tiny --out assets/tiny-llava --steps 3000
+    python -m vtr.eval.train_tiny --out my-tiny-llava --vision-steps 1200 --steps 3000 --lr 2e-3
+    python -m vtr.eval.train_tiny --out my-tiny-qwen --arch qwen2_vl --vision-steps 1200 --steps 3000 --video-every 4
 
-The result is a stock ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP projector, Llama language model) with a
-word-level tokenizer and a ``LlavaProcessor``, saved with ``save_pretrained`` so that
-``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)`` load it like any
-llava-hf checkpoint. Examples are generated on the fly from the train split's seeds; each training sequence asks up to six questions about
-its image (the example's own first, then others about the same scene). The loss is the answers' and end-of-sequence
-tokens' cross-entropy plus, during training only, an auxiliary per-patch loss: two linear heads on the
-projector output predict the colour and the shape of the object covering each patch. Without it the from-scratch
-vision tower stays at chance for the first thousand steps; the heads are dropped before saving, so the saved model is
-a stock LLaVA.
+The result is a stock ``LlavaForConditionalGeneration`` (or ``Qwen2VLForConditionalGeneration``) with a word-level
+tokenizer and the architecture's processor, saved with ``save_pretrained`` so that ``from_pretrained(path)`` loads it
+like a hub checkpoint. Examples are generated on the fly from the train split's seeds.
+
+Each training sequence is one image, then every question its scene allows (up to 16), each followed by its answer and
+</s>. The loss is the cross-entropy of the answers and </s>, plus two training-only terms:
+- per-patch probes on the projector output (colour, shape, size, object centre, row, column; the colour and shape
+  probes are the words' input embeddings);
+- a focus loss steering one attention head at each "?" to the patches the question names.
+A vision-only warm-up trains the tower and projector on the probes first. Probes and hooks are dropped before saving,
+so the saved model is the stock architecture. The README's "The built-in model" says what each piece fixed.
 """
 from __future__ import annotations
 
@@ -427,8 +430,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps,
                   "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
-                  "word_heads": word_heads,
-                  "focus_weight": focus_weight, "focus_layer": focus_layer, "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
+                  "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
+                  "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
         path = Path(out)
         model.save_pretrained(path)
@@ -473,8 +476,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "focus_loss": guide.item(),
-                        "val_accuracy": val["all"],
-                        "val_by_family": val, "minutes": (time.time() - start) / 60})
+                        "val_accuracy": val["all"], "val_by_family": val, "minutes": (time.time() - start) / 60})
             if video_every:
                 log[-1]["video_val_by_family"] = accuracy(model, processor, n=val_examples // 2, video=True)
             print(json.dumps(log[-1]), flush=True)
