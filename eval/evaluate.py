@@ -86,15 +86,16 @@ def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
-def _visual_ids(config) -> list[int]:
-    return [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the image and video placeholders of ``input_ids``, the tokens vtr reduces."""
+    ids = torch.tensor(adapter_for(model).visual_token_ids, device=input_ids.device)
+    return torch.isin(input_ids, ids)
 
 
-def _flops(config, inputs, stats: list[dict] | None) -> list[dict]:
-    """Analytic prefill FLOPs of each sample, over its unpadded tokens: LLaVA-style models (a fixed number of tokens
-    per image) and Qwen2-VL (the patch grids the processor reports); None for the others."""
-    ids = inputs["input_ids"]
-    visual = torch.isin(ids, torch.tensor(_visual_ids(config), device=ids.device))
+def _flops(config, inputs, visual: torch.Tensor, stats: list[dict] | None) -> list[dict]:
+    """Analytic prefill FLOPs of each sample, over its unpadded tokens (``visual``: the placeholder mask): LLaVA-style
+    models (a fixed number of tokens per image) and Qwen2-VL (the patch grids the processor reports); None for the
+    others."""
     text = (inputs["attention_mask"].bool() & ~visual).sum(1).tolist()
     layers = config.text_config.num_hidden_layers
     qwen = hasattr(config.vision_config, "spatial_merge_size") and hasattr(config.vision_config, "embed_dim")
@@ -114,7 +115,7 @@ def _flops(config, inputs, stats: list[dict] | None) -> list[dict]:
             continue
         mine = []
         for kind, token in (("image", config.image_token_id), ("video", config.video_token_id)):
-            tokens = int((ids[b] == token).sum())
+            tokens = int((inputs["input_ids"][b] == token).sum())
             while tokens > 0:
                 mine.append(grids[kind].pop(0))
                 tokens -= mine[-1][0] * mine[-1][1] * mine[-1][2] // group
@@ -166,9 +167,9 @@ def run_one(model, processor, examples, method: str | None, retain: float, batch
             with vtr.patch(model, method, retain=retain) as handle:
                 result = _answer_batch(model, processor, inputs, max_new_tokens)
                 stats = handle.stats()
-        flops = _flops(model.config, inputs, stats)
-        ids = inputs["input_ids"]
-        visual = torch.isin(ids, torch.tensor(_visual_ids(model.config), device=ids.device)).sum(1).tolist()
+        mask = visual_token_mask(model, inputs["input_ids"])
+        flops = _flops(model.config, inputs, mask, stats)
+        visual = mask.sum(1).tolist()
         for b, (example, text) in enumerate(zip(chunk, result["texts"])):
             s = stats[b] if stats else {"visual_tokens_in": visual[b], "visual_tokens_out": visual[b],
                                         "layer_avg_retention": 1.0}

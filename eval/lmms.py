@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from vtr.builtin import chat_prompt, model_inputs
+from vtr.eval.evaluate import visual_token_mask
 
 try:
     from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -159,9 +160,7 @@ class VTRModel(lmms):
         if self.handle is not None and has_visuals:
             return self.handle.stats()       # the batch's prefill, which generate() just ran
         # Unpatched (method=none), or no image or video: every visual token is kept.
-        config = self.model.config
-        ids = [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
-        visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).sum(1).tolist()
+        visual = visual_token_mask(self.model, input_ids).sum(1).tolist()
         return [{"visual_tokens_in": n, "visual_tokens_out": n, "retention": 1.0, "layer_avg_retention": 1.0}
                 for n in visual]
 
