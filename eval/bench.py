@@ -24,9 +24,11 @@ import vtr
 from vtr.builtin import llava_inputs, tiny_llava
 from vtr.eval.flops import prefill_flops
 
-CPU_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=128, vision_layers=6, hidden=512, layers=8, heads=8,
+# LLaVA-1.5-7B's depth (32 layers, so FastV's K=2 and PyramidDrop's 8/16/24 sit where they do in the real model) and
+# its proportions (MLP 2.7x the width; the vision tower ~1/21 of the language model's FLOPs per token), widths / 8.
+CPU_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=9, hidden=512, layers=32, heads=8,
                  kv_heads=8, intermediate=1376, vocab=1024)
-QUICK_SHAPE = dict(CPU_SHAPE, image_size=112, vision_layers=2, hidden=128, intermediate=344)
+QUICK_SHAPE = dict(CPU_SHAPE, image_size=112, vision_hidden=128, vision_layers=2, hidden=128, layers=8, intermediate=344)
 
 
 def _once(fn) -> float:
