@@ -1,11 +1,12 @@
 """``vtr bench``: prefill time of each method beside the unpatched model, the ideal and the analytic speedup.
 
-The model is LLaVA-1.5-shaped (336 px, 14 px patches: 576 visual tokens, 35 prompt tokens before the image) with
-scaled-down widths so it runs on a CPU; weights are random, which does not change the time. Ideal: the stock modules
+The model is LLaVA-1.5-shaped (336 px, 14 px patches: 576 visual tokens, 35 prompt tokens before the image): on a CPU
+with LLaVA-1.5-7B's depth and widths / 8, in float32; on a GPU (``device="cuda"``) at full size, in bfloat16. Weights
+are random, which does not change the time. Ideal: the stock modules
 run directly on the already-pruned sequence (kept sets taken from the patched run) - the limit no hook can beat.
 Overhead: patched minus ideal, as a share of the patched prefill (end to end, so it carries the machine's noise);
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
-Decode: tokens/s of 16 greedy tokens after the prefill (generate() minus its prefill), as a ratio to the unpatched
+Decode: tokens/s of 16 greedy tokens, from the first generated token to the last, as a ratio to the unpatched
 model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak memory where CUDA counts it.
 For FastV, a naive row: the same selection taken from the eager model's attention weights, as the method's forks do.
 """
@@ -22,6 +23,7 @@ from transformers.masking_utils import create_causal_mask
 
 import vtr
 from vtr.builtin import llava_inputs, tiny_llava
+from vtr.eval.evaluate import StepClock, cache_bytes
 from vtr.eval.flops import prefill_flops
 
 # LLaVA-1.5-7B's depth (32 layers, so FastV's K=2 and PyramidDrop's 8/16/24 sit where they do in the real model) and
@@ -29,11 +31,22 @@ from vtr.eval.flops import prefill_flops
 CPU_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=9, hidden=512, layers=32, heads=8,
                  kv_heads=8, intermediate=1376, vocab=1024)
 QUICK_SHAPE = dict(CPU_SHAPE, image_size=112, vision_hidden=128, vision_layers=2, hidden=128, layers=8, intermediate=344)
+# llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 (24 layers, the last unused), Vicuna-7B
+LLAVA_7B_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_intermediate=4096,
+                      vision_heads=16, hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064)
+SHAPES = {"cpu": CPU_SHAPE, "quick": QUICK_SHAPE, "llava-1.5-7b": LLAVA_7B_SHAPE}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _once(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -52,7 +65,7 @@ def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict
     embeds = lm.embed_tokens(ids)
     features = torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
     embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
-    seq = torch.arange(ids.shape[1]) if pre_llm is None else pre_llm
+    seq = torch.arange(ids.shape[1], device=ids.device) if pre_llm is None else pre_llm
     h, pos, cache = embeds[:, seq], seq[None], DynamicCache(config=lm.config)
     if not llm_stages:
         h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
@@ -75,19 +88,18 @@ DECODE_TOKENS = 16
 
 
 @torch.no_grad()
-def _cache_and_decode(model, inputs, repeats: int) -> tuple[int, float, int | None]:
-    """(KV-cache bytes after prefill, decode tokens/s over ``DECODE_TOKENS`` greedy tokens, peak memory of a
-    generate() in bytes where CUDA counts it, else None). Decode time is generate() minus its prefill."""
-    cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
-    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    run = dict(max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
+def _decode(model, inputs) -> tuple[float, int | None]:
+    """Tokens/s of one greedy generate() of ``DECODE_TOKENS`` tokens, timed from its first token to its last (so the
+    prefill is left out), and its peak memory in bytes where CUDA counts it, else None."""
     cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    generate = _timed(lambda: model.generate(**inputs, **run), repeats)
-    prefill = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    return kv, (DECODE_TOKENS - 1) / max(generate - prefill, 1e-9), peak
+    clock = StepClock()                  # one call for the prompt, then one per generated token
+    model.generate(**inputs, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False,
+                   streamer=clock)
+    times = clock.times
+    return (len(times) - 2) / (times[-1] - times[1]), torch.cuda.max_memory_allocated() if cuda else None
 
 
 @torch.no_grad()
@@ -103,14 +115,15 @@ def _naive_fastv_prefill(model, inputs, layer: int, keep: int):
         torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)))
     weights = []
     hook = lm.layers[layer - 1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        h, pos, cache = embeds, torch.arange(ids.shape[1])[None], DynamicCache(config=lm.config)
+        h, pos, cache = embeds, torch.arange(ids.shape[1], device=ids.device)[None], DynamicCache(config=lm.config)
         for i, block in enumerate(lm.layers):
             if i == 0 or i == layer:
                 if i == layer:                           # the row of the real attention weights picks the survivors
                     row = weights[-1][0, :, -1, visual].mean(0)
-                    kept = torch.ones(h.shape[1], dtype=torch.bool)
+                    kept = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
                     kept[visual] = False
                     kept[visual[row.topk(keep).indices]] = True
                     h, pos = h[:, kept], pos[:, kept]
@@ -121,8 +134,12 @@ def _naive_fastv_prefill(model, inputs, layer: int, keep: int):
                       use_cache=True)
         return model.lm_head(lm.norm(h)[:, -1])
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(implementation)
         hook.remove()
+
+
+def _peak(peaks: list[int | None]) -> int | None:
+    return None if not peaks or peaks[0] is None else max(peaks)
 
 
 def _kept_positions(model, input_ids, kept_visual):
@@ -133,11 +150,17 @@ def _kept_positions(model, input_ids, kept_visual):
 
 
 def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool = False, threads: int | None = None,
-        out: str | None = "bench.json") -> dict:
+        out: str | None = "bench.json", device: str = "cpu", shape: str | None = None) -> dict:
+    """``shape``: a key of ``SHAPES`` (default: "llava-1.5-7b" on CUDA in bfloat16, "cpu" elsewhere in float32;
+    ``quick``: "quick")."""
     if threads:
         torch.set_num_threads(threads)
-    shape = QUICK_SHAPE if quick else CPU_SHAPE
-    model = tiny_llava(seed=0, **shape)
+    cuda = torch.device(device).type == "cuda"
+    name = "quick" if quick else shape or ("llava-1.5-7b" if cuda else "cpu")
+    if name not in SHAPES:
+        raise ValueError(f"unknown bench shape {name!r}; choose from {', '.join(SHAPES)}")
+    shape = SHAPES[name]
+    model = tiny_llava(seed=0, dtype=torch.bfloat16 if cuda else torch.float32, device=device, **shape)
     config = model.config
     per_image = config.image_seq_length
     prompt = [1] + list(range(10, 44)) + [config.image_token_id] + list(range(50, 65))   # 35 tokens, image, 15
@@ -146,7 +169,8 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
     with torch.no_grad():
         unpatched = _timed(prefill, repeats)
-    base_kv, base_decode, base_peak = _cache_and_decode(model, inputs, repeats)
+        base_kv = cache_bytes(prefill().past_key_values)
+    all_base_rates = []
     base_flops = prefill_flops(config, 1, per_image, [length] * config.text_config.num_hidden_layers)
     rows = []
     for method in methods:
@@ -159,18 +183,25 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                 stats = handle.stats()[0]
             pre = [k for s, k in zip(stages, kept) if s.layer is None]
             llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
-            base_times, patched_times, ideal_times, hook_times = [], [], [], []
-            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all three alike
+            base_times, patched_times, ideal_times, hook_times, rates, peaks, base_rates, base_peaks = ([] for _ in range(8))
+            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all of them alike
                 with torch.no_grad():
                     base_times.append(_once(prefill))
+                    rate, peak = _decode(model, inputs)
+                    base_rates.append(rate)
+                    base_peaks.append(peak)
                     with vtr.patch(model, method, retain=retain) as handle:
                         patched_times.append(_once(prefill))
                         hook_times.append(handle._engine.hook_seconds)
+                        rate, peak = _decode(model, inputs)
+                        rates.append(rate)
+                        peaks.append(peak)
                     ideal_times.append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
-            base, patched, ideal, hooks = (statistics.median(t[1:])
-                                           for t in (base_times, patched_times, ideal_times, hook_times))
-            with vtr.patch(model, method, retain=retain):
-                kv, decode, peak = _cache_and_decode(model, inputs, repeats)
+            base, patched, ideal, hooks, decode, base_decode = (statistics.median(t[1:]) for t in (
+                base_times, patched_times, ideal_times, hook_times, rates, base_rates))
+            all_base_rates += base_rates[1:]
+            with vtr.patch(model, method, retain=retain), torch.no_grad():
+                kv = cache_bytes(prefill().past_key_values)
             naive = None
             if method == "fastv":                      # the fork's way, for what recomputing one row saves
                 plugin = vtr.api.resolve(method, retain)[0]
@@ -187,14 +218,14 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                 "hook_s": hooks, "hook_share": hooks / patched,
                 "kv_cache_bytes": kv, "kv_cache_ratio": kv / base_kv,
                 "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode,
-                "peak_memory_bytes": peak,
+                "peak_memory_bytes": _peak(peaks), "peak_memory_ratio": _peak(peaks) and _peak(peaks) / _peak(base_peaks),
                 "naive_s": naive, "naive_speedup": None if naive is None else base / naive,
             })
     result = {
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "shape": shape, "visual_tokens": per_image, "prompt_tokens": length,
+        "device": _device_name(device), "torch": torch.__version__, "dtype": str(model.dtype), "shape_name": name,
+        "shape": shape, "visual_tokens": per_image, "prompt_tokens": length,
         "repeats": repeats, "unpatched_prefill_s": unpatched, "unpatched_kv_cache_bytes": base_kv,
-        "unpatched_decode_tokens_per_s": base_decode, "unpatched_peak_memory_bytes": base_peak, "rows": rows,
+        "unpatched_decode_tokens_per_s": statistics.median(all_base_rates), "rows": rows,
     }
     if out:
         with open(out, "w") as f:
@@ -202,19 +233,29 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
     return result
 
 
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def format_table(result: dict) -> str:
-    lines = [f"device: {result['device']}, torch {result['torch']}; {result['visual_tokens']} visual tokens, "
+    peak = result["rows"] and result["rows"][0]["peak_memory_ratio"] is not None
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, shape {result['shape_name']}; "
+             f"{result['visual_tokens']} visual tokens, "
              f"prompt {result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
              f"(median of {result['repeats']})",
              f"unpatched decode {result['unpatched_decode_tokens_per_s']:.1f} tokens/s, KV cache "
              f"{result['unpatched_kv_cache_bytes'] / 2 ** 20:.1f} MiB",
              f"{'method':<10} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
-             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5}"]
+             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5}" +
+             (f" {'peak':>5}" if peak else "")]
     for r in result["rows"]:
         lines.append(f"{r['method']:<10} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
                      f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {r['analytic_speedup']:>7.2f}x "
                      f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
-                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%}")
+                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%}" +
+                     (f" {r['peak_memory_ratio']:>5.0%}" if peak else ""))
         if r["naive_s"] is not None:
             lines.append(f"{'':<10} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
                          "eager attention weights, as a fork computes them")

@@ -39,7 +39,7 @@ def is_correct(prediction: str, answer: str) -> bool:
     return bool(want) and normalise(prediction)[:len(want)] == want
 
 
-class _Clock(BaseStreamer):
+class StepClock(BaseStreamer):
     """Times of ``generate()``'s streamer calls: one for the prompt, then one per generated step."""
 
     def __init__(self):
@@ -52,7 +52,7 @@ class _Clock(BaseStreamer):
         pass
 
 
-def _cache_bytes(cache) -> int:
+def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                if t is not None)
 
@@ -71,7 +71,7 @@ def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    clock = _Clock()
+    clock = StepClock()
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
@@ -82,7 +82,7 @@ def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:
     return {"texts": processor.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True),
             "ttft_s": times[1] - start,
             "decode_s_per_token": (times[-1] - times[1]) / steps if steps > 0 else None,
-            "kv_cache_bytes": _cache_bytes(out.past_key_values),
+            "kv_cache_bytes": cache_bytes(out.past_key_values),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 

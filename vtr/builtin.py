@@ -16,9 +16,11 @@ IMAGE_TOKEN_ID = 3
 
 def llava_config(image_size: int = 56, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 3,
                  hidden: int = 64, layers: int = 8, heads: int = 4, kv_heads: int = 2, intermediate: int | None = None,
-                 vocab: int = 96, attn_implementation: str = "sdpa") -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
-                              num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden // 16),
+                 vocab: int = 96, attn_implementation: str = "sdpa", vision_intermediate: int | None = None,
+                 vision_heads: int | None = None) -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_intermediate or vision_hidden * 2,
+                              num_hidden_layers=vision_layers,
+                              num_attention_heads=vision_heads or max(1, vision_hidden // 16),
                               image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
     text = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
@@ -29,11 +31,14 @@ def llava_config(image_size: int = 56, patch_size: int = 8, vision_hidden: int =
     return config
 
 
-def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.float32, **shape) -> LlavaForConditionalGeneration:
-    """A randomly initialised LLaVA of the given shape, in eval mode."""
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.float32, device="cpu",
+               **shape) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA of the given shape, in eval mode, built on ``device`` (a 7B-sized one
+    initialises in seconds on a GPU)."""
     torch.manual_seed(seed)
     config = llava_config(attn_implementation=attn_implementation, **shape)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model
 
@@ -52,12 +57,12 @@ def llava_inputs(model, prompts: list[list[int]], seed: int = 0) -> dict:
         rows.append(row)
     width = max(map(len, rows))
     pad = config.text_config.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     images = sum(p.count(config.image_token_id) for p in prompts)
     g = torch.Generator().manual_seed(seed)
     size = config.vision_config.image_size
-    pixel_values = torch.randn(images, 3, size, size, generator=g).to(model.dtype)
+    pixel_values = torch.randn(images, 3, size, size, generator=g).to(model.device, model.dtype)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 

@@ -42,7 +42,8 @@ def _bench(args):
     else:
         module = bench
         result = bench.run(args.methods.split(","), [float(r) for r in args.retain.split(",")], repeats=args.repeats,
-                           quick=args.quick, threads=args.threads, out=args.out)
+                           quick=args.quick, threads=args.threads, out=args.out, device=args.device,
+                           shape=args.shape)
     print(module.format_table(result))
     if args.out:
         print(f"written to {args.out}")
@@ -154,6 +155,11 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--threads", type=int)
     bench.add_argument("--quick", action="store_true", help="a smaller model, for a smoke run")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (image bench; default: %(default)s)")
+    bench.add_argument("--shape", choices=["cpu", "quick", "llava-1.5-7b"],
+                       help="image bench model: LLaVA-1.5-7B's depth at widths / 8 in float32 (cpu), a smoke-run "
+                            "model (quick) or the full 7B in bfloat16 (llava-1.5-7b); default: llava-1.5-7b on CUDA, "
+                            "cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
     bench.add_argument("--plot", default="", help="PNG of measured, ideal and analytic speedup against retention "
                        "(LLaVA-1.5 bench)")
