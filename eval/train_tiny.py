@@ -123,8 +123,9 @@ def _qwen2_vl(tokenizer, seed: int):
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 2 - 2 * third, third, third]}
     text = dict(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                max_position_embeddings=4096, rope_parameters=rope, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                max_position_embeddings=4096, rope_parameters=rope, rms_norm_eps=1e-6,      # the LLaVA's (Llama's)
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
     vision = dict(depth=s["vision_layers"], embed_dim=s["vision_hidden"], hidden_size=s["hidden"],
                   num_heads=s["vision_hidden"] // 16, mlp_ratio=2, in_channels=3, patch_size=s["patch_size"],
                   spatial_merge_size=s["merge"], temporal_patch_size=2)
@@ -382,14 +383,49 @@ def _projector(model) -> torch.nn.Module:
     return model.model.visual.merger if hasattr(model.model, "visual") else model.model.multi_modal_projector
 
 
+def load_teacher(path: str, model, tokenizer):
+    """A LLaVA saved by this script, frozen, as a Qwen2-VL student's teacher: the student's language model starts as
+    a copy of the teacher's (same shape; embedding and output rows matched by token, the Qwen2 q/k/v biases zero), so
+    only its vision tower has to be trained to give the visual tokens the teacher's projector gives."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    teacher = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    teacher_processor = AutoProcessor.from_pretrained(path)
+    source, target = teacher.model.language_model, model.model.language_model
+    missing = {k for k in target.state_dict() if not k.endswith((".bias", "embed_tokens.weight"))} - set(
+        source.state_dict())
+    if missing:
+        raise ValueError(f"the teacher's language model does not match the student's: {sorted(missing)[:3]}")
+    rows = teacher_processor.tokenizer.get_vocab()
+    with torch.no_grad():
+        target.load_state_dict({k: v for k, v in source.state_dict().items() if k != "embed_tokens.weight"},
+                               strict=False)
+        for name, bias in target.named_parameters():
+            if name.endswith(".bias"):
+                bias.zero_()
+        for student, given in ((target.embed_tokens.weight, source.embed_tokens.weight),
+                               (model.lm_head.weight, teacher.lm_head.weight)):
+            for token, i in tokenizer.get_vocab().items():
+                if token in rows:
+                    student[i] = given[rows[token]]
+    return teacher, teacher_processor
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared error of the student's visual tokens against the teacher's, relative to the teacher's mean square."""
+    return (student - teacher).pow(2).mean() / teacher.pow(2).mean()
+
+
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
-          focus_weight: float = 1.0, focus_layer: int = 1):
+          focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0):
     if threads:
         torch.set_num_threads(threads)
     if video_every and arch != "qwen2_vl":
         raise ValueError("video steps need a video-capable built-in model: --arch qwen2_vl")
+    if teacher and (arch != "qwen2_vl" or init):
+        raise ValueError("--teacher starts a new Qwen2-VL (--arch qwen2_vl) from a trained tiny LLaVA")
     if init:                                   # go on training a saved model (the seeds continue past its steps)
         from transformers import AutoModelForImageTextToText
 
@@ -402,6 +438,9 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     else:
         processor = build_processor(arch)
         model, history, first_step = build_model(processor, seed, arch).train(), [], 0
+    teacher_name = teacher
+    if teacher:
+        teacher, teacher_processor = load_teacher(teacher, model, processor.tokenizer)
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
     heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
                       processor.tokenizer)
@@ -409,6 +448,14 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     projector = _projector(model)
     # The projector's output as (images, grid * grid, hidden): Qwen2-VL's merger returns every image's tokens in one run.
     projector.register_forward_hook(lambda m, a, out: features.update(out=out.reshape(-1, grid * grid, out.shape[-1])))
+
+    def distilled(seeds) -> torch.Tensor:
+        """The distillation term on the images of ``seeds`` (the student's features must be in ``features``)."""
+        if not teacher:
+            return torch.zeros(())
+        pixels = vision_batch(teacher_processor, seeds)["pixel_values"]
+        return distill_loss(features["out"], torch.cat(list(teacher.model.get_image_features(
+            pixel_values=pixels).pooler_output)).view_as(features["out"]))
     train_seeds = shapes.SPLITS["train"]
     start, log = time.time(), []
 
@@ -431,6 +478,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
+                  "teacher": teacher_name, "distill_weight": distill_weight if teacher_name else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
         path = Path(out)
@@ -449,9 +497,11 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         targets = inputs.pop("targets")
         model.model.get_image_features(**inputs)
         aux = aux_loss(heads, features["out"], targets)
-        update(opt, sched, params, aux)
+        distill = distilled(seeds_at(step))
+        update(opt, sched, params, aux + distill_weight * distill)
         if (step + 1) % log_every == 0 or step + 1 == vision_steps:
-            log.append({"vision_step": step + 1, "aux_loss": aux.item(), "minutes": (time.time() - start) / 60,
+            log.append({"vision_step": step + 1, "aux_loss": aux.item(), "distill_loss": distill.item(),
+                        "minutes": (time.time() - start) / 60,
                         "object_patch_accuracy": aux_accuracy(heads, features["out"], targets)})
             print(json.dumps(log[-1]), flush=True)
     # Phase 2: the whole model on the questions, the auxiliary losses kept on. The focus loss reads one decoder layer's
@@ -470,12 +520,14 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         targets, focus = inputs.pop("targets", None), inputs.pop("focus", None)
         loss = model(**inputs).loss
         aux = aux_loss(heads, features["out"], targets) if targets else torch.zeros(())
+        distill = distilled(seeds_at(vision_steps + step)) if not video else torch.zeros(())
         guide = (focus_loss(model, captured, inputs, focus, question_mark) if focus is not None and focus_weight
                  else torch.zeros(()))
-        update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide)
+        update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide + distill_weight * distill)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "focus_loss": guide.item(),
+                        "distill_loss": distill.item(),
                         "val_accuracy": val["all"], "val_by_family": val, "minutes": (time.time() - start) / 60})
             if video_every:
                 log[-1]["video_val_by_family"] = accuracy(model, processor, n=val_examples // 2, video=True)
@@ -509,10 +561,13 @@ def main(argv=None):
                    "tied to the colour and shape words' embeddings")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
                    "(qwen2_vl only); 0: images only")
+    p.add_argument("--teacher", help="qwen2_vl: a tiny LLaVA saved by this script (e.g. the shipped assets/tiny-llava): "
+                   "the language model starts as its copy and the visual tokens are distilled from its projector's")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation loss (--teacher)")
     a = p.parse_args(argv)
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
-          focus_weight=a.focus_weight, focus_layer=a.focus_layer)
+          focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight)
 
 
 if __name__ == "__main__":

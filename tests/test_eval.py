@@ -212,6 +212,30 @@ def test_training_script_trains_the_qwen2_vl_architecture(tmp_path):
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and not model.model.visual.merger._forward_hooks
 
 
+def test_teacher_gives_the_qwen2_vl_student_its_language_model(tmp_path):
+    """--teacher: the student's language model is the shipped LLaVA's (text-only logits equal, word by word), and a
+    step of each phase runs with the distillation term."""
+    pytest.importorskip("torchvision")
+    from vtr.builtin import shipped_model_path
+    from vtr.eval.train_tiny import build_model, build_processor, load_teacher, train
+
+    processor = build_processor("qwen2_vl")
+    student = build_model(processor, arch="qwen2_vl").eval()
+    teacher, teacher_processor = load_teacher(str(shipped_model_path()), student, processor.tokenizer)
+    words = "what color is the small circle ?".split()
+    ids = {name: torch.tensor([[tok.bos_token_id] + tok.convert_tokens_to_ids(words)])
+           for name, tok in (("student", processor.tokenizer), ("teacher", teacher_processor.tokenizer))}
+    vocab = [w for w in teacher_processor.tokenizer.get_vocab() if w in processor.tokenizer.get_vocab()]
+    with torch.no_grad():
+        got = student(input_ids=ids["student"]).logits[0, :, processor.tokenizer.convert_tokens_to_ids(vocab)]
+        want = teacher(input_ids=ids["teacher"]).logits[0, :, teacher_processor.tokenizer.convert_tokens_to_ids(vocab)]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    train(str(tmp_path / "s"), steps=1, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1,
+          arch="qwen2_vl", val_examples=4, teacher=str(shipped_model_path()))
+    log = json.loads((tmp_path / "s" / "training.json").read_text())["log"]
+    assert [r.get("vision_step", r.get("step")) for r in log] == [1, 1] and all(r["distill_loss"] > 0 for r in log)
+
+
 def test_video_training_batch_asks_every_clip_question():
     pytest.importorskip("torchvision")
     from vtr.eval import clips
