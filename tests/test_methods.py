@@ -53,6 +53,35 @@ def test_divprune_greedy_paths_agree_with_the_definition():
     assert torch.equal(_greedy_torch(sim, first, 12), _greedy_numpy(sim, first, 12))
 
 
+TRITON_GREEDY = """
+import torch
+from vtr.kernels import _greedy_torch
+from vtr.kernels_triton import max_min_greedy
+x = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(0))
+x[1, 5] = x[1, 7]                                   # a tie: both take the first index
+xn = torch.nn.functional.normalize(x, dim=-1)
+sim = xn @ xn.transpose(1, 2)
+sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+first = sim.amax(1).argmin(1)
+for k in (1, 12, 40):
+    assert torch.equal(max_min_greedy(sim, first, k), _greedy_torch(sim, first, k)), k
+print("same")
+"""
+
+
+def test_triton_greedy_kernel_equals_the_torch_loop():
+    """The fused Triton max-min kernel (one launch for all k steps) picks what the PyTorch loop picks; run by Triton's
+    interpreter on the CPU (a fresh process: the interpreter is chosen when the kernel module is imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", TRITON_GREEDY], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.stdout.strip() == "same", run.stderr[-2000:]
+
+
 def test_topk_per_group_by_hand():
     scores = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.2, 0.4])
     group = torch.tensor([0, 0, 0, 1, 1, 1])

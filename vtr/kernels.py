@@ -1,7 +1,8 @@
 """Selection kernels shared by the plugins and the engine, on plain tensors.
 
 None of them needs the model's attention weights: attention rows are recomputed for the few queries a method needs
-(O(queries x keys) memory), and selection steps are vectorised over every image or sample of the batch.
+(O(queries x keys) memory), and selection steps are vectorised over every image or sample of the batch. On CUDA the
+greedy max-min loop runs as one fused Triton kernel where Triton is installed (``vtr.kernels_triton``).
 """
 from __future__ import annotations
 
@@ -86,8 +87,20 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     sim = xn @ xn.transpose(1, 2)                             # (I, P, P)
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))         # a token is not its own neighbour
     first = sim.amax(dim=1).argmin(dim=1)                     # the largest nearest-neighbour distance
-    greedy = _greedy_numpy if sim.device.type == "cpu" else _greedy_torch
-    return greedy(sim, first, k)
+    if sim.device.type == "cpu":
+        return _greedy_numpy(sim, first, k)
+    if sim.is_cuda and _triton() is not None:
+        return _triton().max_min_greedy(sim, first, k)
+    return _greedy_torch(sim, first, k)
+
+
+def _triton():
+    """``vtr.kernels_triton`` where Triton is installed, else None."""
+    try:
+        from vtr import kernels_triton
+    except ImportError:
+        return None
+    return kernels_triton
 
 
 def _greedy_torch(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
