@@ -8,7 +8,8 @@ Overhead: patched minus ideal, as a share of the patched prefill (end to end, so
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
 Decode: tokens/s of 16 greedy tokens, from the first generated token to the last, as a ratio to the unpatched
 model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak memory where CUDA counts it.
-For FastV, a naive row: the same selection taken from the eager model's attention weights, as the method's forks do.
+For FastV and FasterVLM, a naive row: the same selection taken from the eager model's attention weights, as the
+methods' own code does it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
@@ -56,25 +58,32 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(_once(fn) for _ in range(repeats))
 
 
-@torch.no_grad()
-def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor]):
-    """Stock modules on the pruned sequence (one sample): vision tower and projector on every token, the decoder on
-    the kept ones; layers before an in-LLM stage see the longer sequence."""
-    core, lm = model.model, model.model.language_model
+def _embeds(model, inputs, features: torch.Tensor | None = None) -> torch.Tensor:
+    """The prompt's input embeddings with the image features in place (default: the stock tower and projector's)."""
     ids = inputs["input_ids"]
-    embeds = lm.embed_tokens(ids)
-    features = torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
-    embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
-    seq = torch.arange(ids.shape[1], device=ids.device) if pre_llm is None else pre_llm
+    if features is None:
+        features = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+    visual = (ids == model.config.image_token_id)[..., None]
+    return model.model.language_model.embed_tokens(ids).masked_scatter(visual, features)
+
+
+@torch.no_grad()
+def _prefill_on(model, embeds, pre_llm: torch.Tensor | None, llm_stages: dict):
+    """The stock decoder on the pruned sequence (one sample), the last position's logits: ``pre_llm`` the positions
+    that enter (None: all); ``llm_stages``: layer -> the positions kept from that layer on, or a function giving
+    them when the layer is reached. Layers before a stage see the longer sequence."""
+    lm = model.model.language_model
+    seq = torch.arange(embeds.shape[1], device=embeds.device) if pre_llm is None else pre_llm
     h, pos, cache = embeds[:, seq], seq[None], DynamicCache(config=lm.config)
     if not llm_stages:
         h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
         return model.lm_head(h[:, -1])
-    current, mask = seq, None
+    current = seq
     for i, layer in enumerate(lm.layers):
         if i == 0 or i in llm_stages:
             if i in llm_stages:
-                keep = torch.isin(current, llm_stages[i])
+                kept = llm_stages[i]() if callable(llm_stages[i]) else llm_stages[i]
+                keep = torch.isin(current, kept)
                 h, pos, current = h[:, keep], pos[:, keep], current[keep]
             mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
                                       position_ids=pos, layer_idx=i)
@@ -82,6 +91,67 @@ def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict
         h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, past_key_values=cache,
                   use_cache=True)
     return model.lm_head(lm.norm(h)[:, -1])
+
+
+def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor]):
+    """Stock modules on the pruned sequence: vision tower and projector on every token, the decoder on the kept ones."""
+    return _prefill_on(model, _embeds(model, inputs), pre_llm, llm_stages)
+
+
+@contextmanager
+def _eager(module):
+    """``module`` (a model or its vision tower) on eager attention, which returns weights, then back."""
+    implementation = module.config._attn_implementation
+    module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(implementation)
+
+
+def _text_and_visual(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = inputs["input_ids"][0]
+    return (ids != model.config.image_token_id).nonzero()[:, 0], (ids == model.config.image_token_id).nonzero()[:, 0]
+
+
+@torch.no_grad()
+def _naive_fastv_prefill(model, inputs, layer: int, keep: int):
+    """FastV the way a fork does it: the model switched to eager attention, layer K-1's attention weights taken from
+    the layer itself (the whole N x N matrix), the last token's row (head mean) choosing the visual tokens kept from
+    layer K on. What vtr's recomputed row saves is this run's time beside the patched one."""
+    text, visual = _text_and_visual(model, inputs)
+    weights = []
+    hook = model.model.language_model.layers[layer - 1].self_attn.register_forward_hook(
+        lambda m, a, out: weights.append(out[1]))
+
+    def chosen():                                  # the row of the real attention weights picks the survivors
+        return torch.cat([text, visual[weights[-1][0, :, -1, visual].mean(0).topk(keep).indices]])
+
+    try:
+        with _eager(model):
+            return _prefill_on(model, _embeds(model, inputs), None, {layer: chosen})
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def _naive_fastervlm_prefill(model, inputs, keep: int):
+    """FasterVLM the way its code does it: the vision tower switched to eager attention and asked for every layer's
+    attention weights, the [CLS] row of the feature layer (head mean) choosing the patches, then the stock decoder on
+    the kept sequence."""
+    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
+    with _eager(tower):
+        out = tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+    features = model.model.multi_modal_projector(out.hidden_states[layer][0, 1:])
+    text, visual = _text_and_visual(model, inputs)
+    kept = visual[out.attentions[layer][0, :, 0, 1:].mean(0).topk(keep).indices]
+    return _prefill_on(model, _embeds(model, inputs, features), torch.cat([text, kept]).sort().values, {})
+
+
+# method -> its naive reference (the selection from the model's own attention weights), given the plugin and the
+# number of visual tokens vtr kept
+NAIVE = {"fastv": lambda model, inputs, plugin, keep: _naive_fastv_prefill(model, inputs, plugin.layer, keep),
+         "fastervlm": lambda model, inputs, plugin, keep: _naive_fastervlm_prefill(model, inputs, keep)}
 
 
 DECODE_TOKENS = 16
@@ -102,51 +172,13 @@ def _decode(model, inputs) -> tuple[float, int | None]:
     return (len(times) - 2) / (times[-1] - times[1]), torch.cuda.max_memory_allocated() if cuda else None
 
 
-@torch.no_grad()
-def _naive_fastv_prefill(model, inputs, layer: int, keep: int):
-    """FastV the way a fork does it: the model switched to eager attention, layer K-1's attention weights taken from
-    the layer itself (the whole N x N matrix), the last token's row (head mean) choosing the visual tokens kept from
-    layer K on. What vtr's recomputed row saves is this run's time beside the patched one."""
-    core, lm = model.model, model.model.language_model
-    ids = inputs["input_ids"]
-    visual = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
-    embeds = lm.embed_tokens(ids).masked_scatter(
-        (ids == model.config.image_token_id)[..., None],
-        torch.cat(list(core.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)))
-    weights = []
-    hook = lm.layers[layer - 1].self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        h, pos, cache = embeds, torch.arange(ids.shape[1], device=ids.device)[None], DynamicCache(config=lm.config)
-        for i, block in enumerate(lm.layers):
-            if i == 0 or i == layer:
-                if i == layer:                           # the row of the real attention weights picks the survivors
-                    row = weights[-1][0, :, -1, visual].mean(0)
-                    kept = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
-                    kept[visual] = False
-                    kept[visual[row.topk(keep).indices]] = True
-                    h, pos = h[:, kept], pos[:, kept]
-                mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None,
-                                          past_key_values=cache, position_ids=pos, layer_idx=i)
-                rope = lm.rotary_emb(h, pos)
-            h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, past_key_values=cache,
-                      use_cache=True)
-        return model.lm_head(lm.norm(h)[:, -1])
-    finally:
-        model.set_attn_implementation(implementation)
-        hook.remove()
-
-
 def _peak(peaks: list[int | None]) -> int | None:
     return None if not peaks or peaks[0] is None else max(peaks)
 
 
-def _kept_positions(model, input_ids, kept_visual):
-    visual = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
-    keep = input_ids[0] != model.config.image_token_id
-    keep[visual[kept_visual]] = True
-    return keep.nonzero()[:, 0]
+def _kept_positions(model, inputs, kept_visual: torch.Tensor) -> torch.Tensor:
+    text, visual = _text_and_visual(model, inputs)
+    return torch.cat([text, visual[kept_visual]]).sort().values
 
 
 def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool = False, threads: int | None = None,
@@ -178,7 +210,7 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
             with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
                 prefill()
                 stages = handle._engine.stages
-                kept = [_kept_positions(model, inputs["input_ids"], handle.kept(stage=s)[0])
+                kept = [_kept_positions(model, inputs, handle.kept(stage=s)[0])
                         for s in range(len(stages))]
                 stats = handle.stats()[0]
             pre = [k for s, k in zip(stages, kept) if s.layer is None]
@@ -203,10 +235,9 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
             with vtr.patch(model, method, retain=retain), torch.no_grad():
                 kv = cache_bytes(prefill().past_key_values)
             naive = None
-            if method == "fastv":                      # the fork's way, for what recomputing one row saves
+            if method in NAIVE:                        # the forks' way, for what recomputing a few rows saves
                 plugin = vtr.api.resolve(method, retain)[0]
-                naive = _timed(lambda: _naive_fastv_prefill(model, inputs, plugin.layer,
-                                                            stats["visual_tokens_out"]), repeats)
+                naive = _timed(lambda: NAIVE[method](model, inputs, plugin, stats["visual_tokens_out"]), repeats)
             text = length - per_image
             flops = prefill_flops(config, 1, per_image, [text + n for n in stats["tokens_per_layer"]])
             rows.append({

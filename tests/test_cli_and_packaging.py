@@ -131,3 +131,12 @@ def test_the_benchs_naive_fastv_keeps_what_vtr_keeps(llava, llava_single):
         patched = llava(**llava_single).logits[:, -1]
     torch.testing.assert_close(_naive_fastv_prefill(llava, llava_single, 2, 7), patched, atol=1e-4, rtol=0)
     assert llava.config._attn_implementation == "sdpa"                  # switched back
+
+
+def test_the_benchs_naive_fastervlm_keeps_what_vtr_keeps(llava, llava_single):
+    from vtr.eval.bench import _naive_fastervlm_prefill
+
+    with vtr.patch(llava, "fastervlm", budget=5), torch.no_grad():
+        patched = llava(**llava_single).logits[:, -1]
+    torch.testing.assert_close(_naive_fastervlm_prefill(llava, llava_single, 5), patched, atol=1e-4, rtol=0)
+    assert llava.config.vision_config._attn_implementation == "sdpa"
