@@ -94,7 +94,7 @@ class Record:
     frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
     frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts
                                                # in its video's last frame)
-    entry_counts: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I,) tokens at its entry
+    stage_keep: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I, stages) tokens kept
     prefill: bool = True
     # per forward pass
     step_kwargs: dict[tuple, dict] = field(default_factory=dict)   # (layout index, hide) -> rewritten kwargs
@@ -837,11 +837,11 @@ class Engine(HookSet):
         plugin = stage.plugin
         image = (rec.frame_of if plugin.per_frame else rec.image_of).gather(1, orig)[visual]
         images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
-        if stage.step == 0:
-            rec.entry_counts[id(plugin)] = torch.bincount(image, minlength=images)
-        entry = rec.entry_counts[id(plugin)]
-        k = torch.tensor([plugin.stage_counts(int(n), stage.steps)[stage.step] for n in entry.tolist()],
-                         device=hidden.device)
+        if stage.step == 0:            # every stage's counts at the method's entry: one host sync, not one per stage
+            entry = torch.bincount(image, minlength=images).tolist()
+            rec.stage_keep[id(plugin)] = torch.tensor([plugin.stage_counts(n, stage.steps) for n in entry],
+                                                      device=hidden.device).view(images, stage.steps)
+        k = rec.stage_keep[id(plugin)][:, stage.step]
         text = layout.mask & ~rec.visual.gather(1, orig)
         signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, text=text,
                           state=rec.plugin_state.setdefault(id(plugin), {}), **taken)
