@@ -98,7 +98,7 @@ def _flops(config, inputs, visual: torch.Tensor, stats: list[dict] | None) -> li
     others."""
     text = (inputs["attention_mask"].bool() & ~visual).sum(1).tolist()
     layers = config.text_config.num_hidden_layers
-    qwen = hasattr(config.vision_config, "spatial_merge_size") and hasattr(config.vision_config, "embed_dim")
+    qwen = any(hasattr(config.vision_config, k) for k in ("embed_dim", "fullatt_block_indexes"))   # Qwen2(.5)-VL
     if not qwen and not hasattr(config, "image_seq_length"):
         return [None] * len(text)
     if qwen:                                      # each sample's grids, in the order the processor lists them

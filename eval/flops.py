@@ -33,17 +33,29 @@ def prefill_flops(config, images: int, visual_per_image: int, lengths_per_layer:
 
 
 def qwen2_vl_vision_flops(vision_config, grids: list[tuple[int, int, int]]) -> float:
-    """Qwen2-VL's vision tower and merger on images/videos of (t, h, w) patch grids: the patch embedding (a linear map
-    of temporal_patch_size x patch x patch x 3 pixels), full attention within each temporal slice of h x w patches,
-    and the merger's two linear layers on every ``spatial_merge_size``^2 patches."""
-    e, depth = vision_config.embed_dim, vision_config.depth
-    f = int(e * vision_config.mlp_ratio)
-    pixels = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
-    group = vision_config.spatial_merge_size ** 2
+    """Qwen2-VL's (or Qwen2.5-VL's) vision tower and merger on images/videos of (t, h, w) patch grids: the patch
+    embedding (a linear map of temporal_patch_size x patch x patch x 3 pixels), the blocks' linear layers, attention
+    within each temporal slice of h x w patches (Qwen2.5-VL: within windows of ``window_size`` pixels, except in its
+    full-attention blocks), and the merger's two linear layers on every ``spatial_merge_size``^2 patches."""
+    v = vision_config
+    windowed = hasattr(v, "fullatt_block_indexes")                  # Qwen2.5-VL
+    e = v.hidden_size if windowed else v.embed_dim
+    out = v.out_hidden_size if windowed else v.hidden_size
+    mlp = 3 * e * v.intermediate_size if windowed else 2 * e * int(e * v.mlp_ratio)   # 2.5: gated MLP
+    pixels = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    merge = v.spatial_merge_size
+    group = merge ** 2
     total = 0.0
     for t, h, w in grids:
         patches = t * h * w
-        per_layer = 2 * patches * (4 * e * e + 2 * e * f) + 2 * 2 * t * (h * w) ** 2 * e
-        merger = 2 * (patches // group) * ((group * e) ** 2 + group * e * vision_config.hidden_size)
-        total += 2 * patches * pixels * e + depth * per_layer + merger
+        full = 2 * 2 * t * (h * w) ** 2 * e                      # scores and weighting, per temporal slice
+        layers = [full] * v.depth
+        if windowed:                                             # windows of side ``span`` merged tokens
+            span, rows, cols = v.window_size // merge // v.patch_size, h // merge, w // merge
+            sides = [[min(span, n - i) for i in range(0, n, span)] for n in (rows, cols)]
+            local = 2 * 2 * t * sum((a * b * group) ** 2 for a in sides[0] for b in sides[1]) * e
+            layers = [full if i in v.fullatt_block_indexes else local for i in range(v.depth)]
+        linear = 2 * patches * (4 * e * e + mlp)
+        merger = 2 * (patches // group) * ((group * e) ** 2 + group * e * out)
+        total += 2 * patches * pixels * e + v.depth * linear + sum(layers) + merger
     return total

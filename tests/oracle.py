@@ -12,6 +12,8 @@ import math
 import torch
 from transformers import DynamicCache
 
+from vtr.eval.stock import encode, stock_positions
+
 
 def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
     ids = [i for i in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if i is not None]
@@ -29,27 +31,6 @@ def sequence_after(model, input_ids, kept_visual: torch.Tensor) -> torch.Tensor:
 
 def _causal(q: int, kv: int, dtype) -> torch.Tensor:
     return torch.full((q, kv), torch.finfo(dtype).min, dtype=dtype).triu(1 + kv - q)[None, None]
-
-
-def stock_positions(model, inputs: dict) -> tuple[torch.Tensor, int]:
-    """(positions of the full prompt, (..., 1, L); offset of a new token's position from its index in the sequence)."""
-    length = inputs["input_ids"].shape[1]
-    if "mm_token_type_ids" not in inputs:
-        return torch.arange(length)[None], 0
-    positions, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                   image_grid_thw=inputs.get("image_grid_thw"),
-                                                   video_grid_thw=inputs.get("video_grid_thw"))
-    return positions, int(deltas[0])
-
-
-def encode(model, inputs: dict):
-    """The stock vision pass of the inputs' images or videos."""
-    if "video_grid_thw" in inputs:
-        return model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    if "pixel_values_videos" in inputs:
-        return model.model.get_video_features(inputs["pixel_values_videos"])
-    return model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes",
-                                                                     "batch_num_images") if k in inputs})
 
 
 @torch.no_grad()

@@ -41,15 +41,16 @@ def test_runs_report_what_each_method_kept(random_model_dir):
     assert set(ref["accuracy_by_family"]) == {"color", "exists", "count", "side", "small"}
 
 
-def test_qwen2_vl_vision_flops_match_torchs_flop_counter():
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen2_vl_vision_flops_match_torchs_flop_counter(version):
     from torch.utils.flop_counter import FlopCounterMode
 
     from tiny_models import tiny_qwen2_vl
     from vtr.eval.flops import qwen2_vl_vision_flops
 
-    model = tiny_qwen2_vl("eager")
+    model = tiny_qwen2_vl("eager", version)
     vc = model.config.vision_config
-    grid = torch.tensor([[2, 8, 12], [1, 4, 4]])            # a 4-frame video and an image, in patches
+    grid = torch.tensor([[2, 8, 12], [1, 4, 4], [1, 6, 10]])   # a 4-frame video and images (2.5: partial windows)
     pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.model.visual(pixels, grid_thw=grid)
