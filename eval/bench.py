@@ -1,15 +1,16 @@
 """``vtr bench``: prefill time of each method beside the unpatched model, the ideal and the analytic speedup.
 
-The model is LLaVA-1.5-shaped (336 px, 14 px patches: 576 visual tokens, 35 prompt tokens before the image): on a CPU
-with LLaVA-1.5-7B's depth and widths / 8, in float32; on a GPU (``device="cuda"``) at full size, in bfloat16. Weights
-are random, which does not change the time. Ideal: the stock modules
-run directly on the already-pruned sequence (kept sets taken from the patched run) - the limit no hook can beat.
+The model (``vtr.eval.bench_models``) is LLaVA-1.5-, LLaVA-NeXT- or Qwen2.5-VL-shaped, with one image between 35 and
+15 prompt tokens: on a CPU with the 7B's depth and widths / 8, in float32; on a GPU (``device="cuda"``) at full size,
+in bfloat16. Weights are random, which does not change the time. Ideal: the stock modules run directly on the
+already-pruned sequence (kept sets taken from the patched run), at the positions the stock model gives them - the
+limit no hook can beat.
 Overhead: patched minus ideal, as a share of the patched prefill (end to end, so it carries the machine's noise);
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
 Decode: tokens/s of 16 greedy tokens, from the first generated token to the last, as a ratio to the unpatched
 model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak memory where CUDA counts it.
-For FastV and FasterVLM, a naive row: the same selection taken from the eager model's attention weights, as the
-methods' own code does it.
+For FastV (and FasterVLM on LLaVA-1.5), a naive row: the same selection taken from the eager model's attention
+weights, as the methods' own code does it.
 """
 from __future__ import annotations
 
@@ -24,19 +25,9 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 import vtr
-from vtr.builtin import llava_inputs, tiny_llava
-from vtr.eval.evaluate import StepClock, cache_bytes
-from vtr.eval.flops import prefill_flops
-
-# LLaVA-1.5-7B's depth (32 layers, so FastV's K=2 and PyramidDrop's 8/16/24 sit where they do in the real model) and
-# its proportions (MLP 2.7x the width; the vision tower ~1/21 of the language model's FLOPs per token), widths / 8.
-CPU_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=9, hidden=512, layers=32, heads=8,
-                 kv_heads=8, intermediate=1376, vocab=1024)
-QUICK_SHAPE = dict(CPU_SHAPE, image_size=112, vision_hidden=128, vision_layers=2, hidden=128, layers=8, intermediate=344)
-# llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 (24 layers, the last unused), Vicuna-7B
-LLAVA_7B_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_intermediate=4096,
-                      vision_heads=16, hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064)
-SHAPES = {"cpu": CPU_SHAPE, "quick": QUICK_SHAPE, "llava-1.5-7b": LLAVA_7B_SHAPE}
+from vtr.eval import bench_models
+from vtr.eval.evaluate import StepClock, cache_bytes, sample_flops, visual_token_mask
+from vtr.eval.stock import encode, stock_positions
 
 
 def _sync():
@@ -59,22 +50,23 @@ def _timed(fn, repeats: int) -> float:
 
 
 def _embeds(model, inputs, features: torch.Tensor | None = None) -> torch.Tensor:
-    """The prompt's input embeddings with the image features in place (default: the stock tower and projector's)."""
+    """The prompt's input embeddings with the image features in place (default: the stock vision pass's)."""
     ids = inputs["input_ids"]
     if features is None:
-        features = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
-    visual = (ids == model.config.image_token_id)[..., None]
-    return model.model.language_model.embed_tokens(ids).masked_scatter(visual, features)
+        features = torch.cat(list(encode(model, inputs).pooler_output))
+    visual = visual_token_mask(model, ids)[..., None]
+    return model.model.language_model.embed_tokens(ids).masked_scatter(visual, features.to(model.dtype))
 
 
 @torch.no_grad()
-def _prefill_on(model, embeds, pre_llm: torch.Tensor | None, llm_stages: dict):
+def _prefill_on(model, inputs, embeds, pre_llm: torch.Tensor | None, llm_stages: dict):
     """The stock decoder on the pruned sequence (one sample), the last position's logits: ``pre_llm`` the positions
     that enter (None: all); ``llm_stages``: layer -> the positions kept from that layer on, or a function giving
-    them when the layer is reached. Layers before a stage see the longer sequence."""
+    them when the layer is reached. Layers before a stage see the longer sequence; every token keeps the position
+    the stock model gives it (M-RoPE: three rows, and no 1-D position ids for the mask and the layers)."""
     lm = model.model.language_model
     seq = torch.arange(embeds.shape[1], device=embeds.device) if pre_llm is None else pre_llm
-    h, pos, cache = embeds[:, seq], seq[None], DynamicCache(config=lm.config)
+    h, pos, cache = embeds[:, seq], stock_positions(model, inputs)[0][..., seq], DynamicCache(config=lm.config)
     if not llm_stages:
         h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
         return model.lm_head(h[:, -1])
@@ -84,18 +76,19 @@ def _prefill_on(model, embeds, pre_llm: torch.Tensor | None, llm_stages: dict):
             if i in llm_stages:
                 kept = llm_stages[i]() if callable(llm_stages[i]) else llm_stages[i]
                 keep = torch.isin(current, kept)
-                h, pos, current = h[:, keep], pos[:, keep], current[keep]
+                h, pos, current = h[:, keep], pos[..., keep], current[keep]
+            flat = pos if pos.dim() == 2 else None
             mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
-                                      position_ids=pos, layer_idx=i)
+                                      position_ids=flat, layer_idx=i)
             rope = lm.rotary_emb(h, pos)
-        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, past_key_values=cache,
+        h = layer(h, attention_mask=mask, position_ids=flat, position_embeddings=rope, past_key_values=cache,
                   use_cache=True)
     return model.lm_head(lm.norm(h)[:, -1])
 
 
 def _ideal_prefill(model, inputs, pre_llm: torch.Tensor | None, llm_stages: dict[int, torch.Tensor]):
     """Stock modules on the pruned sequence: vision tower and projector on every token, the decoder on the kept ones."""
-    return _prefill_on(model, _embeds(model, inputs), pre_llm, llm_stages)
+    return _prefill_on(model, inputs, _embeds(model, inputs), pre_llm, llm_stages)
 
 
 @contextmanager
@@ -110,8 +103,8 @@ def _eager(module):
 
 
 def _text_and_visual(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = inputs["input_ids"][0]
-    return (ids != model.config.image_token_id).nonzero()[:, 0], (ids == model.config.image_token_id).nonzero()[:, 0]
+    visual = visual_token_mask(model, inputs["input_ids"])[0]
+    return (~visual).nonzero()[:, 0], visual.nonzero()[:, 0]
 
 
 @torch.no_grad()
@@ -129,7 +122,7 @@ def _naive_fastv_prefill(model, inputs, layer: int, keep: int):
 
     try:
         with _eager(model):
-            return _prefill_on(model, _embeds(model, inputs), None, {layer: chosen})
+            return _prefill_on(model, inputs, _embeds(model, inputs), None, {layer: chosen})
     finally:
         hook.remove()
 
@@ -145,13 +138,14 @@ def _naive_fastervlm_prefill(model, inputs, keep: int):
     features = model.model.multi_modal_projector(out.hidden_states[layer][0, 1:])
     text, visual = _text_and_visual(model, inputs)
     kept = visual[out.attentions[layer][0, :, 0, 1:].mean(0).topk(keep).indices]
-    return _prefill_on(model, _embeds(model, inputs, features), torch.cat([text, kept]).sort().values, {})
+    return _prefill_on(model, inputs, _embeds(model, inputs, features), torch.cat([text, kept]).sort().values, {})
 
 
-# method -> its naive reference (the selection from the model's own attention weights), given the plugin and the
-# number of visual tokens vtr kept
-NAIVE = {"fastv": lambda model, inputs, plugin, keep: _naive_fastv_prefill(model, inputs, plugin.layer, keep),
-         "fastervlm": lambda model, inputs, plugin, keep: _naive_fastervlm_prefill(model, inputs, keep)}
+# (method, architecture) -> its naive reference (the selection from the model's own attention weights), given the
+# plugin and the number of visual tokens vtr kept
+NAIVE = {**{("fastv", arch): lambda model, inputs, plugin, keep: _naive_fastv_prefill(model, inputs, plugin.layer, keep)
+            for arch in bench_models.ARCHS},
+         ("fastervlm", "llava"): lambda model, inputs, plugin, keep: _naive_fastervlm_prefill(model, inputs, keep)}
 
 
 DECODE_TOKENS = 16
@@ -182,86 +176,90 @@ def _kept_positions(model, inputs, kept_visual: torch.Tensor) -> torch.Tensor:
 
 
 def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool = False, threads: int | None = None,
-        out: str | None = "bench.json", device: str = "cpu", shape: str | None = None) -> dict:
-    """``shape``: a key of ``SHAPES`` (default: "llava-1.5-7b" on CUDA in bfloat16, "cpu" elsewhere in float32;
-    ``quick``: "quick")."""
+        out: str | None = "bench.json", device: str = "cpu", arch: str = "llava", size: str | None = None) -> dict:
+    """``arch``: a key of ``bench_models.ARCHS``; ``size``: "cpu", "quick" or "7b" (default: "7b" on CUDA, in
+    bfloat16, and "cpu" elsewhere, in float32; ``quick`` means "quick")."""
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.device(device).type == "cuda"
-    name = "quick" if quick else shape or ("llava-1.5-7b" if cuda else "cpu")
-    if name not in SHAPES:
-        raise ValueError(f"unknown bench shape {name!r}; choose from {', '.join(SHAPES)}")
-    shape = SHAPES[name]
-    model = tiny_llava(seed=0, dtype=torch.bfloat16 if cuda else torch.float32, device=device, **shape)
-    config = model.config
-    per_image = config.image_seq_length
-    prompt = [1] + list(range(10, 44)) + [config.image_token_id] + list(range(50, 65))   # 35 tokens, image, 15
-    inputs = llava_inputs(model, [prompt])
-    length = inputs["input_ids"].shape[1]
+    size = "quick" if quick else size or ("7b" if cuda else "cpu")
+    model, inputs = bench_models.build(arch, size, device, torch.bfloat16 if cuda else torch.float32)
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
+    visual = visual_token_mask(model, inputs["input_ids"])
     with torch.no_grad():
         unpatched = _timed(prefill, repeats)
         base_kv = cache_bytes(prefill().past_key_values)
-    all_base_rates = []
-    base_flops = prefill_flops(config, 1, per_image, [length] * config.text_config.num_hidden_layers)
+    base = {"prefill": prefill, "kv": base_kv, "flops": sample_flops(model.config, inputs, visual, None)[0],
+            "rates": []}
     rows = []
     for method in methods:
         for retain in retains:
-            with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
-                prefill()
-                stages = handle._engine.stages
-                kept = [_kept_positions(model, inputs, handle.kept(stage=s)[0])
-                        for s in range(len(stages))]
-                stats = handle.stats()[0]
-            pre = [k for s, k in zip(stages, kept) if s.layer is None]
-            llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
-            base_times, patched_times, ideal_times, hook_times, rates, peaks, base_rates, base_peaks = ([] for _ in range(8))
-            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all of them alike
-                with torch.no_grad():
-                    base_times.append(_once(prefill))
-                    rate, peak = _decode(model, inputs)
-                    base_rates.append(rate)
-                    base_peaks.append(peak)
-                    with vtr.patch(model, method, retain=retain) as handle:
-                        patched_times.append(_once(prefill))
-                        hook_times.append(handle._engine.hook_seconds)
-                        rate, peak = _decode(model, inputs)
-                        rates.append(rate)
-                        peaks.append(peak)
-                    ideal_times.append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
-            base, patched, ideal, hooks, decode, base_decode = (statistics.median(t[1:]) for t in (
-                base_times, patched_times, ideal_times, hook_times, rates, base_rates))
-            all_base_rates += base_rates[1:]
-            with vtr.patch(model, method, retain=retain), torch.no_grad():
-                kv = cache_bytes(prefill().past_key_values)
-            naive = None
-            if method in NAIVE:                        # the forks' way, for what recomputing a few rows saves
-                plugin = vtr.api.resolve(method, retain)[0]
-                naive = _timed(lambda: NAIVE[method](model, inputs, plugin, stats["visual_tokens_out"]), repeats)
-            text = length - per_image
-            flops = prefill_flops(config, 1, per_image, [text + n for n in stats["tokens_per_layer"]])
-            rows.append({
-                "method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
-                "layer_avg_retention": stats["layer_avg_retention"],
-                "unpatched_s": base, "prefill_s": patched, "ideal_s": ideal, "speedup": base / patched, "ideal_speedup": base / ideal,
-                "analytic_speedup": base_flops["total"] / flops["total"],
-                "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched,
-                "hook_s": hooks, "hook_share": hooks / patched,
-                "kv_cache_bytes": kv, "kv_cache_ratio": kv / base_kv,
-                "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode,
-                "peak_memory_bytes": _peak(peaks), "peak_memory_ratio": _peak(peaks) and _peak(peaks) / _peak(base_peaks),
-                "naive_s": naive, "naive_speedup": None if naive is None else base / naive,
-            })
+            try:
+                vtr.patch(model, method, retain=retain).remove()
+            except ValueError as refused:            # the method does not apply here (the README matrix's "n/a")
+                rows.append({"method": method, "retain": retain, "skipped": str(refused)})
+                continue
+            rows.append(_row(model, inputs, method, retain, repeats, arch, base, visual))
     result = {
-        "device": _device_name(device), "torch": torch.__version__, "dtype": str(model.dtype), "shape_name": name,
-        "shape": shape, "visual_tokens": per_image, "prompt_tokens": length,
-        "repeats": repeats, "unpatched_prefill_s": unpatched, "unpatched_kv_cache_bytes": base_kv,
-        "unpatched_decode_tokens_per_s": statistics.median(all_base_rates), "rows": rows,
+        "device": _device_name(device), "torch": torch.__version__, "dtype": str(model.dtype), "arch": arch,
+        "size": size, "model": type(model).__name__, "visual_tokens": int(visual.sum()),
+        "prompt_tokens": inputs["input_ids"].shape[1], "repeats": repeats, "unpatched_prefill_s": unpatched,
+        "unpatched_kv_cache_bytes": base_kv,
+        "unpatched_decode_tokens_per_s": statistics.median(base["rates"]) if base["rates"] else None, "rows": rows,
     }
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, base: dict, visual) -> dict:
+    """One method at one retention: its kept sets, then ``repeats`` interleaved runs of the unpatched, patched and
+    ideal prefills and decodes."""
+    prefill = base["prefill"]
+    with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
+        prefill()
+        stages = handle._engine.stages
+        kept = [_kept_positions(model, inputs, handle.kept(stage=s)[0]) for s in range(len(stages))]
+        stats = handle.stats()[0]
+    pre = [k for s, k in zip(stages, kept) if s.layer is None]
+    llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
+    times = {k: [] for k in ("base", "patched", "ideal", "hooks", "rates", "base_rates", "peaks", "base_peaks")}
+    for _ in range(repeats + 1):                     # interleaved, so drifts of the machine hit all of them alike
+        with torch.no_grad():
+            times["base"].append(_once(prefill))
+            rate, peak = _decode(model, inputs)
+            times["base_rates"].append(rate)
+            times["base_peaks"].append(peak)
+            with vtr.patch(model, method, retain=retain) as handle:
+                times["patched"].append(_once(prefill))
+                times["hooks"].append(handle._engine.hook_seconds)
+                rate, peak = _decode(model, inputs)
+                times["rates"].append(rate)
+                times["peaks"].append(peak)
+            times["ideal"].append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
+    unpatched, patched, ideal, hooks, decode, base_decode = (statistics.median(times[k][1:]) for k in (
+        "base", "patched", "ideal", "hooks", "rates", "base_rates"))
+    base["rates"] += times["base_rates"][1:]
+    with vtr.patch(model, method, retain=retain), torch.no_grad():
+        kv = cache_bytes(prefill().past_key_values)
+    naive = NAIVE.get((method, arch))                # the forks' way, for what recomputing a few rows saves
+    if naive is not None:
+        plugin = vtr.api.resolve(method, retain)[0]
+        naive = _timed(lambda: NAIVE[method, arch](model, inputs, plugin, stats["visual_tokens_out"]), repeats)
+    flops = sample_flops(model.config, inputs, visual, [stats])[0]
+    peak, base_peak = _peak(times["peaks"]), _peak(times["base_peaks"])
+    return {
+        "method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
+        "layer_avg_retention": stats["layer_avg_retention"], "unpatched_s": unpatched, "prefill_s": patched,
+        "ideal_s": ideal, "speedup": unpatched / patched, "ideal_speedup": unpatched / ideal,
+        "analytic_speedup": base["flops"]["total"] / flops["total"] if flops else None,
+        "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched, "hook_s": hooks,
+        "hook_share": hooks / patched, "kv_cache_bytes": kv, "kv_cache_ratio": kv / base["kv"],
+        "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode, "peak_memory_bytes": peak,
+        "peak_memory_ratio": peak / base_peak if peak else None,
+        "naive_s": naive, "naive_speedup": None if naive is None else unpatched / naive,
+    }
 
 
 def _device_name(device: str) -> str:
@@ -271,25 +269,31 @@ def _device_name(device: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    peak = result["rows"] and result["rows"][0]["peak_memory_ratio"] is not None
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, shape {result['shape_name']}; "
-             f"{result['visual_tokens']} visual tokens, "
-             f"prompt {result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
+    measured = [r for r in result["rows"] if "skipped" not in r]
+    peak = bool(measured) and measured[0]["peak_memory_ratio"] is not None
+    decode = result["unpatched_decode_tokens_per_s"]
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}; {result['model']} "
+             f"({result['arch']}, size {result['size']}): {result['visual_tokens']} visual tokens, prompt "
+             f"{result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
              f"(median of {result['repeats']})",
-             f"unpatched decode {result['unpatched_decode_tokens_per_s']:.1f} tokens/s, KV cache "
-             f"{result['unpatched_kv_cache_bytes'] / 2 ** 20:.1f} MiB",
+             (f"unpatched decode {decode:.1f} tokens/s, " if decode else "") +
+             f"KV cache {result['unpatched_kv_cache_bytes'] / 2 ** 20:.1f} MiB",
              f"{'method':<10} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
              f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5}" +
              (f" {'peak':>5}" if peak else "")]
     for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"{r['method']:<10} {r['retain']:>6.3f}  n/a: {r['skipped']}")
+            continue
+        analytic = f"{r['analytic_speedup']:>7.2f}x" if r["analytic_speedup"] else f"{'n/a':>8}"
         lines.append(f"{r['method']:<10} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
-                     f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {r['analytic_speedup']:>7.2f}x "
+                     f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {analytic} "
                      f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
                      f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%}" +
                      (f" {r['peak_memory_ratio']:>5.0%}" if peak else ""))
         if r["naive_s"] is not None:
             lines.append(f"{'':<10} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
-                         "eager attention weights, as a fork computes them")
+                         "eager attention weights, as the method's code takes them")
     return "\n".join(lines)
 
 
@@ -301,17 +305,19 @@ def plot(result: dict, path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["retain"])
+    measured = [r for r in result["rows"] if "skipped" not in r]
+    for method in dict.fromkeys(r["method"] for r in measured):
+        rows = sorted((r for r in measured if r["method"] == method), key=lambda r: r["retain"])
         x = [r["retain"] for r in rows]
         line, = ax.plot(x, [r["speedup"] for r in rows], marker="o", label=method)
         ax.plot(x, [r["ideal_speedup"] for r in rows], linestyle="--", color=line.get_color())
-        ax.plot(x, [r["analytic_speedup"] for r in rows], linestyle=":", color=line.get_color())
-    retains = sorted({r["retain"] for r in result["rows"]})
+        if all(r["analytic_speedup"] for r in rows):
+            ax.plot(x, [r["analytic_speedup"] for r in rows], linestyle=":", color=line.get_color())
+    retains = sorted({r["retain"] for r in measured})
     ax.set_xticks(retains, [f"{r:.3g}" for r in retains])
     ax.set_xlabel("retain (visual tokens kept)")
     ax.set_ylabel("prefill speedup (measured; -- ideal, : analytic)")
-    ax.set_title(result["device"], fontsize=9)
+    ax.set_title(f"{result['model']} ({result['size']}), {result['device']}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

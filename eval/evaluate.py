@@ -92,7 +92,7 @@ def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(input_ids, ids)
 
 
-def _flops(config, inputs, visual: torch.Tensor, stats: list[dict] | None) -> list[dict]:
+def sample_flops(config, inputs, visual: torch.Tensor, stats: list[dict] | None) -> list[dict]:
     """Analytic prefill FLOPs of each sample, over its unpadded tokens (``visual``: the placeholder mask): LLaVA-style
     models (a fixed number of tokens per image) and Qwen2-VL (the patch grids the processor reports); None for the
     others."""
@@ -168,7 +168,7 @@ def run_one(model, processor, examples, method: str | None, retain: float, batch
                 result = _answer_batch(model, processor, inputs, max_new_tokens)
                 stats = handle.stats()
         mask = visual_token_mask(model, inputs["input_ids"])
-        flops = _flops(model.config, inputs, mask, stats)
+        flops = sample_flops(model.config, inputs, mask, stats)
         visual = mask.sum(1).tolist()
         for b, (example, text) in enumerate(zip(chunk, result["texts"])):
             s = stats[b] if stats else {"visual_tokens_in": visual[b], "visual_tokens_out": visual[b],

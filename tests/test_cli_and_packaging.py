@@ -82,6 +82,17 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert "analytic" in capsys.readouterr().out
 
 
+def test_bench_on_qwen2_5_vl_says_what_does_not_apply(tmp_path, capsys):
+    """A method that refuses the architecture (VisionZip needs a [CLS] token) gets an n/a row, not a crash."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "qwen2.5-vl", "--quick", "--methods", "visionzip,fastv", "--retain", "0.25",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    skipped, measured = json.loads(out.read_text())["rows"]
+    assert skipped["method"] == "visionzip" and "visionzip" in skipped["skipped"].lower()
+    assert measured["analytic_speedup"] > 1 and measured["naive_s"] > 0       # Qwen2.5-VL's vision FLOPs counted
+    assert "n/a" in capsys.readouterr().out
+
+
 def test_video_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench_video.json"
     assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",
@@ -121,6 +132,23 @@ def test_non_editable_install_imports(tmp_path):
             % str(target))
     env = {**os.environ, "PYTHONPATH": str(target)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava-next", "qwen2.5-vl"])
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_the_benchs_ideal_path_gives_the_patched_logits(arch, method):
+    """The ideal the benchmark times (stock modules on the pruned sequence, stock positions: M-RoPE for Qwen2.5-VL,
+    anyres crops for LLaVA-NeXT) computes what the patched model computes, before the LLM and inside it."""
+    from vtr.eval import bench, bench_models
+
+    model, inputs = bench_models.build(arch, "quick")
+    with vtr.patch(model, method, retain=0.25) as handle, torch.no_grad():
+        patched = model(**inputs).logits[:, -1]
+        layer = handle._engine.stages[0].layer
+        kept = bench._kept_positions(model, inputs, handle.kept(stage=0)[0])
+    assert len(kept) < inputs["input_ids"].shape[1]
+    pre, llm = (kept, {}) if layer is None else (None, {layer: kept})
+    torch.testing.assert_close(bench._ideal_prefill(model, inputs, pre, llm), patched, atol=1e-4, rtol=0)
 
 
 def test_the_benchs_naive_fastv_keeps_what_vtr_keeps(llava, llava_single):

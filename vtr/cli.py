@@ -43,7 +43,7 @@ def _bench(args):
         module = bench
         result = bench.run(args.methods.split(","), [float(r) for r in args.retain.split(",")], repeats=args.repeats,
                            quick=args.quick, threads=args.threads, out=args.out, device=args.device,
-                           shape=args.shape)
+                           arch=args.arch, size=args.size)
     print(module.format_table(result))
     if args.out:
         print(f"written to {args.out}")
@@ -156,10 +156,12 @@ def main(argv=None):
     bench.add_argument("--threads", type=int)
     bench.add_argument("--quick", action="store_true", help="a smaller model, for a smoke run")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (image bench; default: %(default)s)")
-    bench.add_argument("--shape", choices=["cpu", "quick", "llava-1.5-7b"],
-                       help="image bench model: LLaVA-1.5-7B's depth at widths / 8 in float32 (cpu), a smoke-run "
-                            "model (quick) or the full 7B in bfloat16 (llava-1.5-7b); default: llava-1.5-7b on CUDA, "
-                            "cpu elsewhere")
+    bench.add_argument("--arch", choices=["llava", "llava-next", "qwen2.5-vl"], default="llava",
+                       help="image bench model: LLaVA-1.5 (576 visual tokens), LLaVA-NeXT (a 672 px image: 2,928) or "
+                            "Qwen2.5-VL (an 896 x 672 image: 768); default: %(default)s")
+    bench.add_argument("--size", choices=["cpu", "quick", "7b"],
+                       help="the 7B's depth at widths / 8 in float32 (cpu), a smoke-run model (quick) or the full 7B "
+                            "in bfloat16 (7b); default: 7b on CUDA, cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
     bench.add_argument("--plot", default="", help="PNG of measured, ideal and analytic speedup against retention "
                        "(LLaVA-1.5 bench)")
