@@ -1,10 +1,10 @@
-"""``vtr bench --video``: prefill time of video methods beside the unpatched model and the analytic speedup.
+"""``vtr bench --video``: prefill time of video methods beside the unpatched model, the ideal and the analytic speedup.
 
 The model is LLaVA-OneVision-shaped (SigLIP at 384 px with 14 px patches: 27 x 27 patches per frame, pooled 2x2 to
 14 x 14 = 196 tokens; 32 frames = 6,272 visual tokens plus the closing newline; Qwen2 language model) with
-scaled-down widths so it runs on a CPU; weights are random, which does not change the time. Analytic: prefill FLOPs
-unpatched over patched (vision tower, projector and decoder; ``vtr.eval.flops``), what a perfect implementation
-would gain; the vision tower runs on every frame either way.
+scaled-down widths so it runs on a CPU; weights are random, which does not change the time. Ideal: the stock modules
+run on the already-reduced sequence (``vtr.eval.bench``). Analytic: prefill FLOPs unpatched over patched (vision
+tower, projector and decoder; ``vtr.eval.flops``); the vision tower runs on every frame either way.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import statistics
 import torch
 
 import vtr
-from vtr.eval.bench import _once, _timed
+from vtr.eval.bench import _ideal_prefill, _kept_positions, _once, _timed
 from vtr.eval.flops import prefill_flops
 
 SHAPE = dict(frames=32, image_size=384, patch_size=14, vision_hidden=64, vision_layers=2, hidden=256, layers=8,
@@ -43,21 +43,27 @@ def video_model(shape: dict):
     return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
+def video_inputs(shape: dict) -> dict:
+    """One video of ``shape["frames"]`` random frames between 15 and 20 prompt tokens; pooled 2 x 2, each frame gives
+    ceil(side / 2)^2 tokens, and the video a closing newline."""
+    per_frame = math.ceil(shape["image_size"] // shape["patch_size"] / 2) ** 2
+    ids = [1] + list(range(10, 24)) + [VIDEO_TOKEN] * (shape["frames"] * per_frame + 1) + list(range(30, 50))
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values_videos": torch.randn(1, shape["frames"], 3, shape["image_size"], shape["image_size"],
+                                               generator=g)}
+
+
 def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool = False, threads: int | None = None,
         out: str | None = "bench_video.json") -> dict:
     if threads:
         torch.set_num_threads(threads)
     shape = QUICK_SHAPE if quick else SHAPE
-    model = video_model(shape)
+    model, inputs = video_model(shape), video_inputs(shape)
     config = model.config
     patches = (shape["image_size"] // shape["patch_size"]) ** 2
-    per_frame = math.ceil(shape["image_size"] // shape["patch_size"] / 2) ** 2
-    visual = shape["frames"] * per_frame + 1                                       # + the closing newline
-    ids = [1] + list(range(10, 24)) + [VIDEO_TOKEN] * visual + list(range(30, 50))
-    g = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-              "pixel_values_videos": torch.randn(1, shape["frames"], 3, shape["image_size"], shape["image_size"],
-                                                 generator=g)}
+    ids = inputs["input_ids"][0].tolist()
+    visual = ids.count(VIDEO_TOKEN)
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)            # noqa: E731
     with torch.no_grad():
         unpatched = _timed(prefill, repeats)
@@ -70,18 +76,27 @@ def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool 
     rows = []
     for method in methods:
         for retain in retains:
-            base_times, patched_times, hook_times = [], [], []
-            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit both alike
+            with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
+                prefill()
+                stages = handle._engine.stages
+                kept = [_kept_positions(model, inputs, handle.kept(stage=s)[0]) for s in range(len(stages))]
+            pre = [k for s, k in zip(stages, kept) if s.layer is None]
+            llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
+            base_times, patched_times, ideal_times, hook_times = [], [], [], []
+            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all three alike
                 with torch.no_grad():
                     base_times.append(_once(prefill))
                     with vtr.patch(model, method, retain=retain) as handle:
                         patched_times.append(_once(prefill))
                         hook_times.append(handle._engine.hook_seconds)
                         stats = handle.stats()[0]
-            base, patched, hooks = (statistics.median(t[1:]) for t in (base_times, patched_times, hook_times))
+                    ideal_times.append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
+            base, patched, ideal, hooks = (statistics.median(t[1:])
+                                           for t in (base_times, patched_times, ideal_times, hook_times))
             rows.append({"method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
                          "layer_avg_retention": stats["layer_avg_retention"], "unpatched_s": base,
-                         "prefill_s": patched, "speedup": base / patched,
+                         "prefill_s": patched, "speedup": base / patched, "ideal_s": ideal,
+                         "ideal_speedup": base / ideal, "of_ideal": ideal / patched,
                          "analytic_speedup": base_flops / flops(stats["tokens_per_layer"]),
                          "hook_s": hooks, "hook_share": hooks / patched})
     result = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -113,12 +128,12 @@ def format_table(result: dict) -> str:
     lines = [f"device: {result['device']}, torch {result['torch']}; {shape['frames']} frames, "
              f"{result['visual_tokens']} visual tokens, prompt {result['prompt_tokens']} tokens; unpatched prefill "
              f"{result['unpatched_prefill_s'] * 1e3:.1f} ms (median of {result['repeats']})",
-             f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'analytic':>8} "
-             f"{'in hooks':>8}"]
+             f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
+             f"{'analytic':>8} {'of ideal':>8} {'in hooks':>8}"]
     for r in result["rows"]:
         lines.append(f"{r['method']:<12} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} "
-                     f"{r['prefill_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['analytic_speedup']:>7.2f}x "
-                     f"{r['hook_share']:>8.1%}")
+                     f"{r['prefill_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x "
+                     f"{r['analytic_speedup']:>7.2f}x {r['of_ideal']:>7.0%} {r['hook_share']:>8.1%}")
     reuse = result["frame_reuse"]
     lines.append(f"frame reuse: {reuse['frames']} frames, each twice: {reuse['encoded']} encoded, vision tower "
                  f"{reuse['unpatched_s'] * 1e3:.1f} -> {reuse['reuse_s'] * 1e3:.1f} ms ({reuse['saved']:.0%} saved)")

@@ -101,6 +101,7 @@ def test_video_bench_quick_writes_json(tmp_path, capsys):
     assert result["visual_tokens"] == 4 * 16 + 1 and [r["method"] for r in result["rows"]] == ["fastvid", "dycoke"]
     for row in result["rows"]:           # 25 % of the 64 frame tokens, plus the newline
         assert row["visual_tokens_out"] == 17 and row["prefill_s"] > 0 and row["analytic_speedup"] > 1
+        assert row["ideal_s"] > 0
     reuse = result["frame_reuse"]                      # each frame twice: half of them reach the vision tower
     assert reuse["frames"] == 4 and reuse["encoded"] == 2 and reuse["reuse_s"] > 0
     assert "4 frames" in capsys.readouterr().out
@@ -147,6 +148,19 @@ def test_the_benchs_ideal_path_gives_the_patched_logits(arch, method):
         layer = handle._engine.stages[0].layer
         kept = bench._kept_positions(model, inputs, handle.kept(stage=0)[0])
     assert len(kept) < inputs["input_ids"].shape[1]
+    pre, llm = (kept, {}) if layer is None else (None, {layer: kept})
+    torch.testing.assert_close(bench._ideal_prefill(model, inputs, pre, llm), patched, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["framesample", "fastv"])
+def test_the_video_benchs_ideal_path_gives_the_patched_logits(method):
+    from vtr.eval import bench, bench_video
+
+    model, inputs = bench_video.video_model(bench_video.QUICK_SHAPE), bench_video.video_inputs(bench_video.QUICK_SHAPE)
+    with vtr.patch(model, method, retain=0.25) as handle, torch.no_grad():
+        patched = model(**inputs).logits[:, -1]
+        layer = handle._engine.stages[0].layer
+        kept = bench._kept_positions(model, inputs, handle.kept(stage=0)[0])
     pre, llm = (kept, {}) if layer is None else (None, {layer: kept})
     torch.testing.assert_close(bench._ideal_prefill(model, inputs, pre, llm), patched, atol=1e-4, rtol=0)
 
