@@ -176,14 +176,15 @@ def _kept_positions(model, inputs, kept_visual: torch.Tensor) -> torch.Tensor:
 
 
 def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool = False, threads: int | None = None,
-        out: str | None = "bench.json", device: str = "cpu", arch: str = "llava", size: str | None = None) -> dict:
+        out: str | None = "bench.json", device: str = "cpu", arch: str = "llava", size: str | None = None,
+        attn: str = "sdpa") -> dict:
     """``arch``: a key of ``bench_models.ARCHS``; ``size``: "cpu", "quick" or "7b" (default: "7b" on CUDA, in
-    bfloat16, and "cpu" elsewhere, in float32; ``quick`` means "quick")."""
+    bfloat16, and "cpu" elsewhere, in float32; ``quick`` means "quick"); ``attn``: the attention implementation."""
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.device(device).type == "cuda"
     size = "quick" if quick else size or ("7b" if cuda else "cpu")
-    model, inputs = bench_models.build(arch, size, device, torch.bfloat16 if cuda else torch.float32)
+    model, inputs = bench_models.build(arch, size, device, torch.bfloat16 if cuda else torch.float32, attn)
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
     visual = visual_token_mask(model, inputs["input_ids"])
     with torch.no_grad():
@@ -201,8 +202,8 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
                 continue
             rows.append(_row(model, inputs, method, retain, repeats, arch, base, visual))
     result = {
-        "device": _device_name(device), "torch": torch.__version__, "dtype": str(model.dtype), "arch": arch,
-        "size": size, "model": type(model).__name__, "visual_tokens": int(visual.sum()),
+        "device": _device_name(device), "torch": torch.__version__, "dtype": str(model.dtype), "attn": attn,
+        "arch": arch, "size": size, "model": type(model).__name__, "visual_tokens": int(visual.sum()),
         "prompt_tokens": inputs["input_ids"].shape[1], "repeats": repeats, "unpatched_prefill_s": unpatched,
         "unpatched_kv_cache_bytes": base_kv,
         "unpatched_decode_tokens_per_s": statistics.median(base["rates"]) if base["rates"] else None, "rows": rows,
@@ -272,8 +273,8 @@ def format_table(result: dict) -> str:
     measured = [r for r in result["rows"] if "skipped" not in r]
     peak = bool(measured) and measured[0]["peak_memory_ratio"] is not None
     decode = result["unpatched_decode_tokens_per_s"]
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}; {result['model']} "
-             f"({result['arch']}, size {result['size']}): {result['visual_tokens']} visual tokens, prompt "
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, {result['attn']}; "
+             f"{result['model']} ({result['arch']}, size {result['size']}): {result['visual_tokens']} visual tokens, prompt "
              f"{result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
              f"(median of {result['repeats']})",
              (f"unpatched decode {decode:.1f} tokens/s, " if decode else "") +

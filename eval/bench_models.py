@@ -40,13 +40,13 @@ QWEN25 = {
 SIZES = ("cpu", "quick", "7b")
 
 
-def llava(size: str, device, dtype):
+def llava(size: str, device, dtype, attn: str):
     """LLaVA-1.5: 576 visual tokens per 336 px image (64 at "quick")."""
-    model = tiny_llava(seed=0, dtype=dtype, device=device, **LLAVA[size])
+    model = tiny_llava(seed=0, dtype=dtype, device=device, attn_implementation=attn, **LLAVA[size])
     return model, llava_inputs(model, [BEFORE + [IMAGE_TOKEN_ID] + AFTER])
 
 
-def llava_next(size: str, device, dtype):
+def llava_next(size: str, device, dtype, attn: str):
     """LLaVA-NeXT: a 672 x 672 image as the base crop plus 2 x 2 crops of 336 px, each row of the grid closed by a
     newline token: 5 x 576 + 48 = 2,928 visual tokens (at "quick", a third of the sides)."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -58,7 +58,7 @@ def llava_next(size: str, device, dtype):
     pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
     config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
                              image_token_id=IMAGE_TOKEN_ID, image_grid_pinpoints=pinpoints)
-    model = _build(LlavaNextForConditionalGeneration, config, device, dtype)
+    model = _build(LlavaNextForConditionalGeneration, config, device, dtype, attn)
     sizes = torch.tensor([[2 * side, 2 * side]], device=device)
     pixels = torch.randn(5, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     with torch.no_grad():                                    # as many placeholders as the stock model makes features
@@ -68,7 +68,7 @@ def llava_next(size: str, device, dtype):
                    "image_sizes": sizes}
 
 
-def qwen2_5_vl(size: str, device, dtype):
+def qwen2_5_vl(size: str, device, dtype, attn: str):
     """Qwen2.5-VL at its native resolution: an 896 x 672 px image, 64 x 48 patches of 14 px merged 2 x 2 into 768
     visual tokens (at "quick", 16 x 16 patches: 64 tokens)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -81,7 +81,7 @@ def qwen2_5_vl(size: str, device, dtype):
                   fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < shape["vision"]["depth"]])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
                               video_token_id=4, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
-    model = _build(Qwen2_5_VLForConditionalGeneration, config, device, dtype)
+    model = _build(Qwen2_5_VLForConditionalGeneration, config, device, dtype, attn)
     t, h, w = shape["grid"]
     ids = torch.tensor([BEFORE + [VISION_START] + [IMAGE_TOKEN_ID] * (t * h * w // 4) + [VISION_END] + AFTER],
                        device=device)
@@ -91,8 +91,8 @@ def qwen2_5_vl(size: str, device, dtype):
                    "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
 
 
-def _build(cls, config, device, dtype):
-    config._attn_implementation = "sdpa"
+def _build(cls, config, device, dtype, attn: str):
+    config._attn_implementation = attn
     torch.manual_seed(0)
     with torch.device(device):
         model = cls(config).to(dtype).eval()
@@ -103,10 +103,11 @@ def _build(cls, config, device, dtype):
 ARCHS = {"llava": llava, "llava-next": llava_next, "qwen2.5-vl": qwen2_5_vl}
 
 
-def build(arch: str, size: str, device="cpu", dtype=torch.float32):
-    """(model, inputs) of ``arch`` at ``size``."""
+def build(arch: str, size: str, device="cpu", dtype=torch.float32, attn: str = "sdpa"):
+    """(model, inputs) of ``arch`` at ``size``, with attention implementation ``attn`` ("sdpa", "eager" or, with
+    flash-attn on a GPU, "flash_attention_2")."""
     if arch not in ARCHS:
         raise ValueError(f"unknown bench architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown bench size {size!r}; choose from {', '.join(SIZES)}")
-    return ARCHS[arch](size, device, dtype)
+    return ARCHS[arch](size, device, dtype, attn)

@@ -43,7 +43,7 @@ def _bench(args):
         module = bench
         result = bench.run(args.methods.split(","), [float(r) for r in args.retain.split(",")], repeats=args.repeats,
                            quick=args.quick, threads=args.threads, out=args.out, device=args.device,
-                           arch=args.arch, size=args.size)
+                           arch=args.arch, size=args.size, attn=args.attn)
     print(module.format_table(result))
     if args.out:
         print(f"written to {args.out}")
@@ -159,6 +159,9 @@ def main(argv=None):
     bench.add_argument("--arch", choices=["llava", "llava-next", "qwen2.5-vl"], default="llava",
                        help="image bench model: LLaVA-1.5 (576 visual tokens), LLaVA-NeXT (a 672 px image: 2,928) or "
                             "Qwen2.5-VL (an 896 x 672 image: 768); default: %(default)s")
+    bench.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
+                       help="the image bench model's attention implementation (flash_attention_2: flash-attn on a "
+                            "GPU); default: %(default)s")
     bench.add_argument("--size", choices=["cpu", "quick", "7b"],
                        help="the 7B's depth at widths / 8 in float32 (cpu), a smoke-run model (quick) or the full 7B "
                             "in bfloat16 (7b); default: 7b on CUDA, cpu elsewhere")
