@@ -10,27 +10,33 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 
 import torch
 
 import vtr
-from vtr.eval.bench import _ideal_prefill, _kept_positions, _once, _timed
+from vtr.eval.bench import _device_name, _ideal_prefill, _kept_positions, _once, _timed
 from vtr.eval.flops import prefill_flops
 
 SHAPE = dict(frames=32, image_size=384, patch_size=14, vision_hidden=64, vision_layers=2, hidden=256, layers=8,
              heads=4, kv_heads=2, intermediate=704, vocab=1024)
 QUICK_SHAPE = dict(SHAPE, frames=4, image_size=112)
+# llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14 at 384 px, Qwen2-7B
+SHAPE_7B = dict(frames=32, image_size=384, patch_size=14, vision_hidden=1152, vision_layers=26, vision_heads=16,
+                vision_intermediate=4304, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
+                vocab=152064)
+SHAPES = {"cpu": SHAPE, "quick": QUICK_SHAPE, "7b": SHAPE_7B}
 VIDEO_TOKEN = 5
 
 
-def video_model(shape: dict):
+def video_model(shape: dict, device="cpu", dtype=torch.float32, attn: str = "sdpa"):
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
                               SiglipVisionConfig)
 
-    vision = SiglipVisionConfig(hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_hidden"] * 4,
-                                num_hidden_layers=shape["vision_layers"], num_attention_heads=2,
+    vision = SiglipVisionConfig(hidden_size=shape["vision_hidden"],
+                                intermediate_size=shape.get("vision_intermediate", shape["vision_hidden"] * 4),
+                                num_hidden_layers=shape["vision_layers"],
+                                num_attention_heads=shape.get("vision_heads", 2),
                                 image_size=shape["image_size"], patch_size=shape["patch_size"])
     text = Qwen2Config(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
                        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
@@ -38,28 +44,34 @@ def video_model(shape: dict):
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=4,
                                   video_token_id=VIDEO_TOKEN, vision_feature_layer=-1)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     torch.manual_seed(0)
-    return LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.device(device):
+        return LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
 
 
-def video_inputs(shape: dict) -> dict:
+def video_inputs(shape: dict, device="cpu", dtype=torch.float32) -> dict:
     """One video of ``shape["frames"]`` random frames between 15 and 20 prompt tokens; pooled 2 x 2, each frame gives
     ceil(side / 2)^2 tokens, and the video a closing newline."""
     per_frame = math.ceil(shape["image_size"] // shape["patch_size"] / 2) ** 2
     ids = [1] + list(range(10, 24)) + [VIDEO_TOKEN] * (shape["frames"] * per_frame + 1) + list(range(30, 50))
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    return {"input_ids": torch.tensor([ids], device=device),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
             "pixel_values_videos": torch.randn(1, shape["frames"], 3, shape["image_size"], shape["image_size"],
-                                               generator=g)}
+                                               generator=g).to(device, dtype)}
 
 
 def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool = False, threads: int | None = None,
-        out: str | None = "bench_video.json") -> dict:
+        out: str | None = "bench_video.json", device: str = "cpu", size: str | None = None,
+        attn: str = "sdpa") -> dict:
+    """``size``: "cpu" (widths scaled down), "quick" or "7b" (LLaVA-OneVision-7B, in bfloat16; the default on CUDA)."""
     if threads:
         torch.set_num_threads(threads)
-    shape = QUICK_SHAPE if quick else SHAPE
-    model, inputs = video_model(shape), video_inputs(shape)
+    cuda = torch.device(device).type == "cuda"
+    size = "quick" if quick else size or ("7b" if cuda else "cpu")
+    shape, dtype = SHAPES[size], torch.bfloat16 if cuda else torch.float32
+    model, inputs = video_model(shape, device, dtype, attn), video_inputs(shape, device, dtype)
     config = model.config
     patches = (shape["image_size"] // shape["patch_size"]) ** 2
     ids = inputs["input_ids"][0].tolist()
@@ -99,8 +111,8 @@ def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool 
                          "ideal_speedup": base / ideal, "of_ideal": ideal / patched,
                          "analytic_speedup": base_flops / flops(stats["tokens_per_layer"]),
                          "hook_s": hooks, "hook_share": hooks / patched})
-    result = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "shape": shape, "visual_tokens": visual, "prompt_tokens": len(ids),
+    result = {"device": _device_name(device), "torch": torch.__version__, "dtype": str(dtype), "attn": attn,
+              "size": size, "shape": shape, "visual_tokens": visual, "prompt_tokens": len(ids),
               "repeats": repeats, "unpatched_prefill_s": unpatched, "rows": rows,
               "frame_reuse": _frame_reuse(model, inputs["pixel_values_videos"], repeats)}
     if out:
@@ -125,7 +137,8 @@ def _frame_reuse(model, video: torch.Tensor, repeats: int) -> dict:
 
 def format_table(result: dict) -> str:
     shape = result["shape"]
-    lines = [f"device: {result['device']}, torch {result['torch']}; {shape['frames']} frames, "
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, {result['attn']}, size "
+             f"{result['size']}; {shape['frames']} frames, "
              f"{result['visual_tokens']} visual tokens, prompt {result['prompt_tokens']} tokens; unpatched prefill "
              f"{result['unpatched_prefill_s'] * 1e3:.1f} ms (median of {result['repeats']})",
              f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "

@@ -34,7 +34,8 @@ def _bench(args):
         methods = args.methods if args.methods != BENCH_METHODS else "framesample,dycoke,fastvid,holitom,random,fastv"
         result = bench_video.run(methods.split(","), [float(r) for r in args.retain.split(",")],
                                  repeats=args.repeats, quick=args.quick, threads=args.threads,
-                                 out=args.out if args.out != "bench.json" else "bench_video.json")
+                                 out=args.out if args.out != "bench.json" else "bench_video.json",
+                                 device=args.device, size=args.size, attn=args.attn)
     elif args.encoder:
         module = bench_encoder
         result = bench_encoder.run(args.encoder, repeats=args.repeats, quick=args.quick, threads=args.threads,
@@ -155,7 +156,8 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--threads", type=int)
     bench.add_argument("--quick", action="store_true", help="a smaller model, for a smoke run")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (image bench; default: %(default)s)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (image and video bench; default: "
+                       "%(default)s)")
     bench.add_argument("--arch", choices=["llava", "llava-next", "qwen2.5-vl"], default="llava",
                        help="image bench model: LLaVA-1.5 (576 visual tokens), LLaVA-NeXT (a 672 px image: 2,928) or "
                             "Qwen2.5-VL (an 896 x 672 image: 768); default: %(default)s")
@@ -163,8 +165,9 @@ def main(argv=None):
                        help="the image bench model's attention implementation (flash_attention_2: flash-attn on a "
                             "GPU); default: %(default)s")
     bench.add_argument("--size", choices=["cpu", "quick", "7b"],
-                       help="the 7B's depth at widths / 8 in float32 (cpu), a smoke-run model (quick) or the full 7B "
-                            "in bfloat16 (7b); default: 7b on CUDA, cpu elsewhere")
+                       help="the 7B's depth at widths / 8 in float32 (cpu; with --video, narrower), a smoke-run model "
+                            "(quick) or the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 frames); "
+                            "default: 7b on CUDA, cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
     bench.add_argument("--plot", default="", help="PNG of measured, ideal and analytic speedup against retention "
                        "(LLaVA-1.5 bench)")
