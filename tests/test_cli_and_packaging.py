@@ -128,7 +128,8 @@ def test_non_editable_install_imports(tmp_path):
             "assert {'random', 'fastervlm', 'divprune', 'globalcom2', 'fastv', 'pdrop', 'tome', 'evit', 'dycoke', 'fastvid', 'framesample'} <= "
             "set(vtr.methods()); "
             "vtr.demo.default_example(); "
-            "import pathlib; assert (pathlib.Path(vtr.builtin.shipped_model_path()) / 'model.safetensors').is_file(); "
+            "import pathlib; assert all((pathlib.Path(vtr.builtin.shipped_model_path(name)) / 'model.safetensors')"
+            ".is_file() for name in vtr.builtin.SHIPPED); "
             "from importlib import resources; assert resources.files('vtr.assets').joinpath('clip.mp4').is_file()"
             % str(target))
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -126,6 +126,20 @@ def test_shipped_model_answers_from_the_image():
     assert ablated["accuracy"] <= 0.45, ablated["accuracy_by_family"]
 
 
+def test_shipped_qwen2_vl_answers_from_the_image():
+    """The shipped tiny Qwen2-VL (below the LLaVA's bar, see the README) on the whole test split: it answers >= 75 %,
+    and with every image's visual tokens replaced by their mean it falls near the question-only level."""
+    pytest.importorskip("torchvision")                      # its processor's video half
+    from vtr.builtin import load_model
+
+    model, processor = load_model("tiny-qwen2-vl")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    reference, ablated = evaluate.evaluate(model, processor, load_examples(TEST_SPLIT), [], [], batch_size=25,
+                                           max_new_tokens=2, show_progress=False, ablation=True)
+    assert reference["accuracy"] >= 0.75, reference["accuracy_by_family"]
+    assert ablated["accuracy"] <= 0.45, ablated["accuracy_by_family"]
+
+
 def test_patch_targets_by_hand():
     """A large red square (46 px) centred at (40, 40) and a small blue circle at (200, 120), on a 14 x 14 grid of 16 px
     patches."""

@@ -101,20 +101,26 @@ def tiny_video_inputs(model, tokenizer, frames, question: str) -> dict:
             "pixel_values_videos": (video / 127.5 - 1)[None]}
 
 
-def shipped_model_path():
-    """The tiny LLaVA trained on the synthetic shapes QA (``python -m vtr.eval.train_tiny``), shipped in assets."""
-    return resources.files("vtr.assets").joinpath("tiny-llava")
+SHIPPED = ("tiny-llava", "tiny-qwen2-vl")      # the tiny models trained on the shapes QA, in vtr/assets
+
+
+def shipped_model_path(name: str = "tiny-llava"):
+    """A tiny model trained on the synthetic shapes QA (``python -m vtr.eval.train_tiny``), shipped in assets."""
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped model {name!r}; the shipped ones are {', '.join(SHIPPED)}")
+    return resources.files("vtr.assets").joinpath(name)
 
 
 def load_model(model_id: str | None = None, attn_implementation: str = "sdpa", device: str | None = None):
-    """(model, processor) for a Hugging Face id or local path; None loads the shipped tiny trained LLaVA (offline).
-    ``device``: where to put the whole model; by default a hub model spreads over the visible GPUs (device_map
-    "auto") and the built-in one stays on the CPU."""
+    """(model, processor) for a Hugging Face id or local path, or a shipped model's name (``SHIPPED``, offline); None
+    loads the shipped tiny LLaVA. ``device``: where to put the whole model; by default a hub model spreads over the
+    visible GPUs (device_map "auto") and the shipped ones stay on the CPU."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    source = str(shipped_model_path()) if model_id is None else model_id
+    shipped = model_id is None or model_id in SHIPPED
+    source = str(shipped_model_path(model_id or "tiny-llava")) if shipped else model_id
     if device is None:
-        device = "auto" if torch.cuda.is_available() and model_id is not None else None
+        device = "auto" if torch.cuda.is_available() and not shipped else None
     model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto", attn_implementation=attn_implementation,
                                                         device_map=device)
     return model.eval(), AutoProcessor.from_pretrained(source)

@@ -112,7 +112,8 @@ def main(argv=None):
 
     demo = sub.add_parser("demo", help="answer a question with and without token reduction")
     demo.add_argument("kind", choices=["image", "video"], help="what to ask about")
-    demo.add_argument("--model", help="Hugging Face id or path (default: the built-in offline model)")
+    demo.add_argument("--model", help="Hugging Face id or path, or tiny-llava / tiny-qwen2-vl (shipped; default: "
+                      "the built-in offline model)")
     demo.add_argument("--image", help="image file (default: an example of the shipped shapes test split)")
     demo.add_argument("--video", help="video file or directory of frames (default: the shipped clip)")
     demo.add_argument("--frames", type=int, help="frames sampled from the video (default: 8 built-in, 16 otherwise)")
@@ -127,7 +128,8 @@ def main(argv=None):
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="accuracy, retention, FLOPs, latency and KV cache per method and retention")
-    ev.add_argument("--model", help="Hugging Face id or path (default: the shipped tiny trained LLaVA)")
+    ev.add_argument("--model", help="Hugging Face id or path, or tiny-llava / tiny-qwen2-vl (the shipped tiny trained "
+                    "models; default: tiny-llava)")
     ev.add_argument("--data", help="JSONL of image or video, question, answer (default: the shipped shapes test split; "
                     "the video split is assets/clips-test/test.jsonl)")
     ev.add_argument("--methods", default="random,fastervlm,divprune,fastv,pdrop")
