@@ -94,8 +94,8 @@ def visual_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def sample_flops(config, inputs, visual: torch.Tensor, stats: list[dict] | None) -> list[dict]:
     """Analytic prefill FLOPs of each sample, over its unpadded tokens (``visual``: the placeholder mask): LLaVA-style
-    models (a fixed number of tokens per image) and Qwen2-VL (the patch grids the processor reports); None for the
-    others."""
+    models (a fixed number of tokens per image) and Qwen2-VL / Qwen2.5-VL (the patch grids the processor reports);
+    None for the others."""
     text = (inputs["attention_mask"].bool() & ~visual).sum(1).tolist()
     layers = config.text_config.num_hidden_layers
     qwen = any(hasattr(config.vision_config, k) for k in ("embed_dim", "fullatt_block_indexes"))   # Qwen2(.5)-VL

@@ -438,9 +438,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     else:
         processor = build_processor(arch)
         model, history, first_step = build_model(processor, seed, arch).train(), [], 0
-    teacher_name = teacher
     if teacher:
-        teacher, teacher_processor = load_teacher(teacher, model, processor.tokenizer)
+        teacher_model, teacher_processor = load_teacher(teacher, model, processor.tokenizer)
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
     heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
                       processor.tokenizer)
@@ -453,8 +452,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         """The distillation term on the images of ``seeds`` (the student's features must be in ``features``)."""
         if not teacher:
             return torch.zeros(())
-        pixels = vision_batch(teacher_processor, seeds)["pixel_values"]
-        return distill_loss(features["out"], torch.cat(list(teacher.model.get_image_features(
+        pixels = vision_batch(teacher_processor, seeds)["pixel_values"]      # the same scenes, drawn again
+        return distill_loss(features["out"], torch.cat(list(teacher_model.model.get_image_features(
             pixel_values=pixels).pooler_output)).view_as(features["out"]))
     train_seeds = shapes.SPLITS["train"]
     start, log = time.time(), []
@@ -478,7 +477,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
-                  "teacher": teacher_name, "distill_weight": distill_weight if teacher_name else None,
+                  "teacher": teacher, "distill_weight": distill_weight if teacher else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
         path = Path(out)
