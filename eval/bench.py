@@ -214,17 +214,24 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
     return result
 
 
-def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, base: dict, visual) -> dict:
-    """One method at one retention: its kept sets, then ``repeats`` interleaved runs of the unpatched, patched and
-    ideal prefills and decodes."""
-    prefill = base["prefill"]
+def ideal_for(model, inputs, method: str, retain: float):
+    """(a function running the ideal prefill of ``method`` at ``retain``, the patched run's stats): one patched
+    prefill gives the kept sets of each stage, which the ideal path then takes as given."""
     with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
-        prefill()
+        model(**inputs, use_cache=True, logits_to_keep=1)
         stages = handle._engine.stages
         kept = [_kept_positions(model, inputs, handle.kept(stage=s)[0]) for s in range(len(stages))]
         stats = handle.stats()[0]
     pre = [k for s, k in zip(stages, kept) if s.layer is None]
     llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
+    return (lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)), stats
+
+
+def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, base: dict, visual) -> dict:
+    """One method at one retention: its kept sets, then ``repeats`` interleaved runs of the unpatched, patched and
+    ideal prefills and decodes."""
+    prefill = base["prefill"]
+    ideal_prefill, stats = ideal_for(model, inputs, method, retain)
     times = {k: [] for k in ("base", "patched", "ideal", "hooks", "rates", "base_rates", "peaks", "base_peaks")}
     for _ in range(repeats + 1):                     # interleaved, so drifts of the machine hit all of them alike
         with torch.no_grad():
@@ -238,7 +245,7 @@ def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, bas
                 rate, peak = _decode(model, inputs)
                 times["rates"].append(rate)
                 times["peaks"].append(peak)
-            times["ideal"].append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
+            times["ideal"].append(_once(ideal_prefill))
     unpatched, patched, ideal, hooks, decode, base_decode = (statistics.median(times[k][1:]) for k in (
         "base", "patched", "ideal", "hooks", "rates", "base_rates"))
     base["rates"] += times["base_rates"][1:]

@@ -15,7 +15,7 @@ import statistics
 import torch
 
 import vtr
-from vtr.eval.bench import _device_name, _ideal_prefill, _kept_positions, _once, _timed
+from vtr.eval.bench import _device_name, _once, _timed, ideal_for
 from vtr.eval.flops import prefill_flops
 
 SHAPE = dict(frames=32, image_size=384, patch_size=14, vision_hidden=64, vision_layers=2, hidden=256, layers=8,
@@ -88,12 +88,7 @@ def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool 
     rows = []
     for method in methods:
         for retain in retains:
-            with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
-                prefill()
-                stages = handle._engine.stages
-                kept = [_kept_positions(model, inputs, handle.kept(stage=s)[0]) for s in range(len(stages))]
-            pre = [k for s, k in zip(stages, kept) if s.layer is None]
-            llm = {s.layer: k for s, k in zip(stages, kept) if s.layer is not None}
+            ideal_prefill, _ = ideal_for(model, inputs, method, retain)
             base_times, patched_times, ideal_times, hook_times = [], [], [], []
             for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all three alike
                 with torch.no_grad():
@@ -102,7 +97,7 @@ def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool 
                         patched_times.append(_once(prefill))
                         hook_times.append(handle._engine.hook_seconds)
                         stats = handle.stats()[0]
-                    ideal_times.append(_once(lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)))
+                    ideal_times.append(_once(ideal_prefill))
             base, patched, ideal, hooks = (statistics.median(t[1:])
                                            for t in (base_times, patched_times, ideal_times, hook_times))
             rows.append({"method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],

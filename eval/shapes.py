@@ -207,7 +207,8 @@ def _small(rng):
 
 def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     """Every well-posed (question, answer, family) of the five families about one scene - one "yes" and one "no" (a
-    near miss where possible) for exists - shuffled. Training asks several per image, so each image costs one vision pass for several answers."""
+    near miss where possible) for exists - shuffled. Training asks several per image, so each image costs one vision
+    pass for several answers."""
     qa = []
     middle = (IMAGE_SIZE - 1) / 2
     for shape in SHAPES:

@@ -89,9 +89,8 @@ def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
     first = sim.amax(dim=1).argmin(dim=1)                     # the largest nearest-neighbour distance
     if sim.device.type == "cpu":
         return _greedy_numpy(sim, first, k)
-    if sim.is_cuda and _triton() is not None:
-        return _triton().max_min_greedy(sim, first, k)
-    return _greedy_torch(sim, first, k)
+    fused = _triton() if sim.is_cuda else None
+    return fused.max_min_greedy(sim, first, k) if fused is not None else _greedy_torch(sim, first, k)
 
 
 def _triton():
