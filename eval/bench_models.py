@@ -58,7 +58,7 @@ def llava_next(size: str, device, dtype, attn: str):
     pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
     config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
                              image_token_id=IMAGE_TOKEN_ID, image_grid_pinpoints=pinpoints)
-    model = _build(LlavaNextForConditionalGeneration, config, device, dtype, attn)
+    model = build_random(LlavaNextForConditionalGeneration, config, device, dtype, attn)
     sizes = torch.tensor([[2 * side, 2 * side]], device=device)
     pixels = torch.randn(5, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     with torch.no_grad():                                    # as many placeholders as the stock model makes features
@@ -81,7 +81,7 @@ def qwen2_5_vl(size: str, device, dtype, attn: str):
                   fullatt_block_indexes=[i for i in (7, 15, 23, 31) if i < shape["vision"]["depth"]])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
                               video_token_id=4, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
-    model = _build(Qwen2_5_VLForConditionalGeneration, config, device, dtype, attn)
+    model = build_random(Qwen2_5_VLForConditionalGeneration, config, device, dtype, attn)
     t, h, w = shape["grid"]
     ids = torch.tensor([BEFORE + [VISION_START] + [IMAGE_TOKEN_ID] * (t * h * w // 4) + [VISION_END] + AFTER],
                        device=device)
@@ -91,7 +91,8 @@ def qwen2_5_vl(size: str, device, dtype, attn: str):
                    "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
 
 
-def _build(cls, config, device, dtype, attn: str):
+def build_random(cls, config, device, dtype, attn: str):
+    """``cls`` with seeded random weights, built on ``device`` in ``dtype``, in eval mode."""
     config._attn_implementation = attn
     torch.manual_seed(0)
     with torch.device(device):

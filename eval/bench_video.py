@@ -15,6 +15,7 @@ import statistics
 import torch
 
 import vtr
+from vtr.eval import bench_models
 from vtr.eval.bench import _device_name, _once, _timed, ideal_for
 from vtr.eval.flops import prefill_flops
 
@@ -44,10 +45,7 @@ def video_model(shape: dict, device="cpu", dtype=torch.float32, attn: str = "sdp
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=4,
                                   video_token_id=VIDEO_TOKEN, vision_feature_layer=-1)
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    with torch.device(device):
-        return LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+    return bench_models.build_random(LlavaOnevisionForConditionalGeneration, config, device, dtype, attn)
 
 
 def video_inputs(shape: dict, device="cpu", dtype=torch.float32) -> dict:
