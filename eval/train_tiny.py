@@ -383,10 +383,11 @@ def _projector(model) -> torch.nn.Module:
     return model.model.visual.merger if hasattr(model.model, "visual") else model.model.multi_modal_projector
 
 
-def load_teacher(path: str, model, tokenizer):
-    """A LLaVA saved by this script, frozen, as a Qwen2-VL student's teacher: the student's language model starts as
-    a copy of the teacher's (same shape; embedding and output rows matched by token, the Qwen2 q/k/v biases zero), so
-    only its vision tower has to be trained to give the visual tokens the teacher's projector gives."""
+def load_teacher(path: str, model, tokenizer, copy: bool = True):
+    """A LLaVA saved by this script, frozen, as a Qwen2-VL student's teacher. With ``copy`` (a new student) the
+    student's language model starts as a copy of the teacher's (same shape; embedding and output rows matched by token,
+    the Qwen2 q/k/v biases zero), so only its vision tower has to be trained to give the visual tokens the teacher's
+    projector gives; without (a student trained further) the teacher only supplies those visual tokens."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     teacher = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
@@ -397,6 +398,8 @@ def load_teacher(path: str, model, tokenizer):
     if missing:
         raise ValueError(f"the teacher's language model does not match the student's: {sorted(missing)[:3]}")
     rows = teacher_processor.tokenizer.get_vocab()
+    if not copy:
+        return teacher, teacher_processor
     with torch.no_grad():
         target.load_state_dict({k: v for k, v in source.state_dict().items() if k != "embed_tokens.weight"},
                                strict=False)
@@ -419,13 +422,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int | None, log_every: int,
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
-          focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0):
+          focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0,
+          vision_lr: float | None = None):
     if threads:
         torch.set_num_threads(threads)
-    if video_every and arch != "qwen2_vl":
-        raise ValueError("video steps need a video-capable built-in model: --arch qwen2_vl")
-    if teacher and (arch != "qwen2_vl" or init):
-        raise ValueError("--teacher starts a new Qwen2-VL (--arch qwen2_vl) from a trained tiny LLaVA")
     if init:                                   # go on training a saved model (the seeds continue past its steps)
         from transformers import AutoModelForImageTextToText
 
@@ -438,8 +438,12 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     else:
         processor = build_processor(arch)
         model, history, first_step = build_model(processor, seed, arch).train(), [], 0
+    if video_every and arch != "qwen2_vl":
+        raise ValueError("video steps need a video-capable built-in model: --arch qwen2_vl")
+    if teacher and arch != "qwen2_vl":
+        raise ValueError("--teacher trains a Qwen2-VL (--arch qwen2_vl) from a trained tiny LLaVA")
     if teacher:
-        teacher_model, teacher_processor = load_teacher(teacher, model, processor.tokenizer)
+        teacher_model, teacher_processor = load_teacher(teacher, model, processor.tokenizer, copy=not init)
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
     heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
                       processor.tokenizer)
@@ -474,7 +478,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         hooks = dict(projector._forward_hooks)
         projector._forward_hooks.clear()
         recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps,
-                  "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "vision_lr": vision_lr or lr, "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
@@ -489,7 +493,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     # Phase 1: the vision tower and projector learn the per-patch targets alone (a step costs a tenth of a full one).
     tower = model.model.visual if arch == "qwen2_vl" else model.model.vision_tower
     params = list({id(p): p for p in [*tower.parameters(), *projector.parameters(), *heads.parameters()]}.values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=vision_lr or lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, vision_steps)
     for step in range(vision_steps):
         inputs = vision_batch(processor, seeds_at(step))
@@ -561,12 +565,14 @@ def main(argv=None):
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
                    "(qwen2_vl only); 0: images only")
     p.add_argument("--teacher", help="qwen2_vl: a tiny LLaVA saved by this script (e.g. the shipped assets/tiny-llava): "
-                   "the language model starts as its copy and the visual tokens are distilled from its projector's")
+                   "a new model's language model starts as its copy; the visual tokens are distilled from its projector's")
+    p.add_argument("--vision-lr", type=float, help="learning rate of the vision warm-up (default: --lr)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation loss (--teacher)")
     a = p.parse_args(argv)
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
-          focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight)
+          focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight,
+          vision_lr=a.vision_lr)
 
 
 if __name__ == "__main__":

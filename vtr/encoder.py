@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from vtr.engine import HookSet
+from vtr.hooks import HookSet
 from vtr.kernels import attention_rows
 from vtr.plugins.base import EncoderPlugin
 

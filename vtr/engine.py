@@ -19,158 +19,14 @@ cache of a layer holds the sequence that layer saw, so layers after an in-LLM st
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from vtr.encoder import EncoderEngine
+from vtr.hooks import HookSet, map_output
 from vtr.kernels import gather_tokens
+from vtr.layout import Layout, Record, Stage
 from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
-
-
-@dataclass
-class Stage:
-    """One drop point of one plugin. ``layer`` is None for projector stages."""
-
-    plugin: Plugin
-    step: int                 # index of this stage among its plugin's stages
-    steps: int                # how many stages the plugin has
-    layer: int | None = None
-    score_layer: int | None = None
-
-    def describe(self) -> dict:
-        where = f"llm layer {self.layer}" if self.layer is not None else \
-            "vision tower" if self.plugin.where == "encoder" else "projector"
-        return {"method": self.plugin.name, "where": where, "layer": self.layer}
-
-
-@dataclass
-class Layout:
-    """A (left-padded) sequence layout. ``orig``: original sequence index of each slot, -1 for padding;
-    ``slot0``: index of each slot in layout 0 (the sequence the language model receives)."""
-
-    orig: torch.Tensor
-    slot0: torch.Tensor
-    src: torch.Tensor | None = None   # index of each slot in the previous layout (None: this is layout 0 unchanged)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.orig >= 0
-
-    def compact(self, keep: torch.Tensor) -> "Layout":
-        """The layout of the slots where ``keep`` (B, L) is True, in order, left-padded again."""
-        b, length = keep.shape
-        counts = keep.sum(1)
-        width = int(counts.max())
-        slot = keep.cumsum(1) - 1 + (width - counts)[:, None]          # each kept slot's place, right-aligned
-        src = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)   # column ``width``: the dropped
-        src.scatter_(1, slot.masked_fill(~keep, width), torch.arange(length, device=keep.device).expand(b, -1))
-        src = src[:, :width]
-        valid = torch.arange(width, device=keep.device) >= (width - counts)[:, None]
-        orig = self.orig.gather(1, src).masked_fill(~valid, -1)
-        return Layout(orig=orig, slot0=self.slot0.gather(1, src), src=src)
-
-
-@dataclass
-class Record:
-    """What the engine knows about the current generation, set at prefill."""
-
-    visual: torch.Tensor            # (B, L) bool: image-token positions of the original sequence
-    length: int                     # original prompt length L
-    layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
-    per_sample_visual: torch.Tensor  # (B,) image tokens per sample
-    alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
-    positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
-    protected: torch.Tensor | None = None   # (B, L) bool: visual tokens never dropped (newline tokens)
-    injections: list[torch.Tensor] | None = None   # per early layer: (visual tokens, D) features added to its output
-    feature_row: torch.Tensor | None = None        # (B, L) row of each image token in ``injections``
-    image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
-    _image_of: torch.Tensor | None = None
-    _frame_of: torch.Tensor | None = None
-    _patch_of: torch.Tensor | None = None
-
-    image_sizes: list[int] = field(default_factory=list)   # tokens of each image
-    frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
-    frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts
-                                               # in its video's last frame)
-    stage_keep: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I, stages) tokens kept
-    prefill: bool = True
-    # per forward pass
-    step_kwargs: dict[tuple, dict] = field(default_factory=dict)   # (layout index, hide) -> rewritten kwargs
-    hidden: torch.Tensor | None = None      # decoding: (B, L) visual entries the decode method hides this step
-    entry_embeds: torch.Tensor | None = None   # the embeddings entering the language model (layout 0)
-    raters: torch.Tensor | None = None      # (B, L) SparseVLM's rater tokens, over the original sequence
-    decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
-    plugin_state: dict = field(default_factory=dict)   # id(plugin) -> what its stages pass on, this prefill
-    pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
-    armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
-    tail: torch.Tensor | None = None   # decode: (B, t) mask of the tokens after the prompt
-
-    def _over_visual(self, values: torch.Tensor) -> torch.Tensor:
-        """(B, L) long: ``values`` at the visual tokens, in sequence order, -1 elsewhere."""
-        return torch.full(self.visual.shape, -1, dtype=torch.long, device=self.visual.device).masked_scatter(
-            self.visual, values)
-
-    def _numbered(self, sizes: list[int]) -> torch.Tensor:
-        """(B, L) long: which run of ``sizes`` visual tokens each visual token is in, -1 elsewhere."""
-        device = self.visual.device
-        return self._over_visual(torch.arange(len(sizes), device=device).repeat_interleave(
-            torch.tensor(sizes, device=device)))
-
-    @property
-    def image_of(self) -> torch.Tensor:
-        """(B, L) long: global image index of each image token, -1 elsewhere (made when an in-LLM stage needs it)."""
-        if self._image_of is None:
-            self._image_of = self._numbered(self.image_sizes)
-        return self._image_of
-
-    @property
-    def patch_of(self) -> torch.Tensor:
-        """(B, L) long: each image token's place in its frame (raster order), -1 elsewhere."""
-        if self._patch_of is None:
-            device = self.visual.device
-            self._patch_of = self._over_visual(torch.cat([torch.arange(n, device=device) for n in self.frame_sizes]))
-        return self._patch_of
-
-    @property
-    def frame_of(self) -> torch.Tensor:
-        """(B, L) long: global frame index of each image token, -1 elsewhere (per-frame in-LLM stages)."""
-        if self._frame_of is None:
-            self._frame_of = self._numbered(self.frame_sizes)
-        return self._frame_of
-
-
-def _map_output(output, fn):
-    """Apply ``fn`` to every entry of a model output, and to each tensor of its tuples (hidden_states)."""
-    for key, value in output.items():
-        output[key] = tuple(map(fn, value)) if isinstance(value, tuple) else fn(value)
-
-
-class HookSet:
-    """Forward hooks installed on a model, each timed, all removable at once."""
-
-    def __init__(self):
-        self.hooks: list = []
-        self.hook_seconds = 0.0
-
-    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False, first: bool = False):
-        """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
-        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels);
-        ``first``: before the module's other hooks (transformers records hidden states with hooks of its own)."""
-        def timed(*args):
-            start = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                self.hook_seconds += time.perf_counter() - start
-        register = module.register_forward_hook if post else module.register_forward_pre_hook
-        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post, prepend=first))
-
-    def remove(self):
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
 
 
 class Engine(HookSet):
@@ -205,7 +61,6 @@ class Engine(HookSet):
                     raise ValueError(f"{plugin.name} works inside encoder-only ViTs (timm, open_clip) and, as the "
                                      "first stage, inside LLaVA-1.5's vision tower (features without [CLS]), not in "
                                      f"{type(adapter.model).__name__}'s")
-                from vtr.encoder import EncoderEngine       # it builds on this module's HookSet
                 self.tower = EncoderEngine(tower(), [plugin])
                 self.stages.append(Stage(plugin, 0, 1))
                 continue
@@ -466,7 +321,7 @@ class Engine(HookSet):
         def expand(x):
             return x.index_select(0, source) if torch.is_tensor(x) and x.shape[0] == encoded else x
 
-        _map_output(output, expand)
+        map_output(output, expand)
         if self.cls_attention is not None:
             self.cls_attention = self.cls_attention.view(encoded, -1)[source].flatten()
         self.vision_keys = None if self.vision_keys is None else expand(self.vision_keys)
@@ -486,7 +341,7 @@ class Engine(HookSet):
             return gather_tokens(x, source.clamp(min=0)) if torch.is_tensor(x) and x.dim() == 3 and \
                 x.shape[1] == width else x
 
-        _map_output(output, expand)
+        map_output(output, expand)
         prefix, n = self.tower.adapter.prefix, source.shape[1]
         first = torch.full((source.shape[0], width), n, dtype=torch.long, device=source.device)
         first.scatter_reduce_(1, source.clamp(min=0), torch.arange(n, device=source.device).expand_as(source), "amin")

@@ -38,9 +38,10 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: tor
     """
     b, h, nq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
-    qg = q.float().reshape(b, hkv, h // hkv, nq, d)
-    logits = torch.cat([torch.einsum("bkgqd,bkld->bkgql", qg, k[:, :, s:s + chunk].float())
-                        for s in range(0, n, chunk)], dim=-1) * scale
+    qg = (q.float() * scale).reshape(b, hkv, h // hkv * nq, d)      # a group's query heads share their keys
+    kt = k.float().transpose(-1, -2)
+    logits = qg @ kt if n <= chunk else torch.cat([qg @ kt[..., s:s + chunk] for s in range(0, n, chunk)], dim=-1)
+    logits = logits.view(b, hkv, h // hkv, nq, n)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
     if query_slots is not None:

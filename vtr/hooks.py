@@ -1,0 +1,36 @@
+"""Timed, removable forward hooks: the base of the language-model engine and of the vision-encoder engine."""
+from __future__ import annotations
+
+import time
+
+
+def map_output(output, fn):
+    """Apply ``fn`` to every entry of a model output, and to each tensor of its tuples (hidden_states)."""
+    for key, value in output.items():
+        output[key] = tuple(map(fn, value)) if isinstance(value, tuple) else fn(value)
+
+
+class HookSet:
+    """Forward hooks installed on a model, each timed, all removable at once."""
+
+    def __init__(self):
+        self.hooks: list = []
+        self.hook_seconds = 0.0
+
+    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False, first: bool = False):
+        """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
+        (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels);
+        ``first``: before the module's other hooks (transformers records hidden states with hooks of its own)."""
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.hook_seconds += time.perf_counter() - start
+        register = module.register_forward_hook if post else module.register_forward_pre_hook
+        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post, prepend=first))
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
