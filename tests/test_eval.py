@@ -229,9 +229,9 @@ def test_training_script_trains_the_qwen2_vl_architecture(tmp_path):
 
 def test_teacher_gives_the_qwen2_vl_student_its_language_model(tmp_path):
     """--teacher: the student's language model is the shipped LLaVA's (text-only logits equal, word by word), and a
-    step of each phase runs with the distillation term."""
+    step of each phase runs with the distillation term; a student trained further keeps its own language model."""
     pytest.importorskip("torchvision")
-    from vtr.builtin import shipped_model_path
+    from vtr.builtin import load_model, shipped_model_path
     from vtr.eval.train_tiny import build_model, build_processor, load_teacher, train
 
     processor = build_processor("qwen2_vl")
@@ -249,6 +249,18 @@ def test_teacher_gives_the_qwen2_vl_student_its_language_model(tmp_path):
           arch="qwen2_vl", val_examples=4, teacher=str(shipped_model_path()))
     log = json.loads((tmp_path / "s" / "training.json").read_text())["log"]
     assert [r.get("vision_step", r.get("step")) for r in log] == [1, 1] and all(r["distill_loss"] > 0 for r in log)
+    # trained further (--init): the teacher only gives the visual tokens; the student's own language model stays
+    trained, _ = load_model(str(tmp_path / "s"))
+    before = {k: v.clone() for k, v in trained.model.language_model.state_dict().items()}
+    load_teacher(str(shipped_model_path()), trained, processor.tokenizer, copy=False)
+    assert all(torch.equal(v, before[k]) for k, v in trained.model.language_model.state_dict().items())
+    assert not torch.equal(before["layers.0.self_attn.q_proj.weight"],
+                           teacher.model.language_model.layers[0].self_attn.q_proj.weight)
+    train(str(tmp_path / "s2"), steps=1, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1, vision_steps=1,
+          init=str(tmp_path / "s"), val_examples=4, teacher=str(shipped_model_path()), vision_lr=2e-3)
+    recipe = json.loads((tmp_path / "s2" / "training.json").read_text())
+    assert recipe["vision_lr"] == 2e-3 and recipe["lr"] == 1e-3 and len(recipe["history"]) == 1
+    assert all(r["distill_loss"] > 0 for r in recipe["log"])
 
 
 def test_video_training_batch_asks_every_clip_question():

@@ -74,7 +74,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | Non
     else:
         rows = (index + torch.arange(b, device=index.device)[:, None] * x.shape[1]).flatten()
     out = x.reshape(-1, x.shape[-1]).index_select(0, rows).view(b, width, x.shape[-1])
-    return out if mask is None else out * mask[..., None]
+    return out if mask is None else out.masked_fill_(~mask[..., None], 0)
 
 
 def max_min_diversity(x: torch.Tensor, k: int) -> torch.Tensor:
