@@ -1,8 +1,9 @@
 """``vtr bench --video``: prefill time of video methods beside the unpatched model, the ideal and the analytic speedup.
 
 The model is LLaVA-OneVision-shaped (SigLIP at 384 px with 14 px patches: 27 x 27 patches per frame, pooled 2x2 to
-14 x 14 = 196 tokens; 32 frames = 6,272 visual tokens plus the closing newline; Qwen2 language model) with
-scaled-down widths so it runs on a CPU; weights are random, which does not change the time. Ideal: the stock modules
+14 x 14 = 196 tokens per frame plus the video's closing newline; Qwen2 language model): LLaVA-OneVision-7B on 32
+frames (``--size 7b``), or on a CPU its depths with widths divided by 8 on 8 frames; weights are random, which does
+not change the time. Ideal: the stock modules
 run on the already-reduced sequence (``vtr.eval.bench``). Analytic: prefill FLOPs unpatched over patched (vision
 tower, projector and decoder; ``vtr.eval.flops``); the vision tower runs on every frame either way.
 """
@@ -19,13 +20,17 @@ from vtr.eval import bench_models
 from vtr.eval.bench import _device_name, _once, _timed, ideal_for
 from vtr.eval.flops import prefill_flops
 
-SHAPE = dict(frames=32, image_size=384, patch_size=14, vision_hidden=64, vision_layers=2, hidden=256, layers=8,
-             heads=4, kv_heads=2, intermediate=704, vocab=1024)
-QUICK_SHAPE = dict(SHAPE, frames=4, image_size=112)
 # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14 at 384 px, Qwen2-7B
 SHAPE_7B = dict(frames=32, image_size=384, patch_size=14, vision_hidden=1152, vision_layers=26, vision_heads=16,
                 vision_intermediate=4304, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
                 vocab=152064)
+# CPU: the 7B's depths (26 vision blocks, 28 decoder layers) and proportions with every width divided by 8, so a
+# selection's cost (one feature layer's attention for a score) stands against a tower and decoder of the real depth;
+# 8 frames (1,569 visual tokens). Heads of 72 (vision) and 64 (text) dims; the text keeps Qwen2-7B's 7:1 GQA.
+SHAPE = dict(frames=8, image_size=384, patch_size=14, vision_hidden=144, vision_layers=26, vision_heads=2,
+             vision_intermediate=538, hidden=448, layers=28, heads=7, kv_heads=1, intermediate=2368, vocab=1024)
+QUICK_SHAPE = dict(frames=4, image_size=112, patch_size=14, vision_hidden=64, vision_layers=2, hidden=256, layers=8,
+                   heads=4, kv_heads=2, intermediate=704, vocab=1024)
 SHAPES = {"cpu": SHAPE, "quick": QUICK_SHAPE, "7b": SHAPE_7B}
 VIDEO_TOKEN = 5
 

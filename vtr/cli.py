@@ -167,7 +167,7 @@ def main(argv=None):
                        help="the image bench model's attention implementation (flash_attention_2: flash-attn on a "
                             "GPU); default: %(default)s")
     bench.add_argument("--size", choices=["cpu", "quick", "7b"],
-                       help="the 7B's depth at widths / 8 in float32 (cpu; with --video, narrower), a smoke-run model "
+                       help="the 7B's depths at widths / 8 in float32 (cpu; with --video, on 8 frames), a smoke-run model "
                             "(quick) or the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 frames); "
                             "default: 7b on CUDA, cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
@@ -175,7 +175,7 @@ def main(argv=None):
                        "(LLaVA-1.5 bench)")
     bench.add_argument("--encoder", choices=["timm", "open_clip"],
                        help="instead: images/s of an encoder-only ViT under tome and evit")
-    bench.add_argument("--video", action="store_true", help="instead: 32 frames on a LLaVA-OneVision-shaped model "
+    bench.add_argument("--video", action="store_true", help="instead: a video on a LLaVA-OneVision-shaped model "
                        "(output bench_video.json)")
     bench.set_defaults(func=_bench)
 
