@@ -15,7 +15,8 @@ Findings), as its official code runs it (Visual-AI/PruneVid, on PLLaVA). Two sta
 
 Budgets: by default stage 1 sets its own count as above and stage 2 keeps alpha. With ``retain`` r (or ``budget``),
 stage 1 keeps r / alpha (at most all) and stage 2 the rest of the way to r; stage 1 then spends its budget exactly,
-shared by its groups in proportion to their sizes (largest remainders).
+shared by its groups in proportion to their sizes (largest remainders). In a video so static that merging alone would
+leave fewer tokens than that budget, stage 1 merges nothing over time and only clusters each frame's tokens.
 
 Differences, documented: merged tokens sit at their cluster centre's position (a static one in the segment's first
 frame) and keep their original positions (the code lists static tokens first); stage 2 keeps alpha of each video
@@ -107,19 +108,9 @@ class PruneVidMerge(Plugin):
         means = x.float().mean(1)
         centres = max(1, int(t * self.segment_ratio))
         segments = contiguous(dpc_clusters(means, centres, min(self.neighbours, t))[1].tolist()) if t > 1 else [[0]]
-        groups = []                                  # (frame, positions, tokens (n, D)): a segment's static set
-        unit = F.normalize(x.float(), dim=-1)        # sits in its first frame
-        for segment in segments:
-            w = len(segment)
-            static = torch.zeros(per, dtype=torch.bool, device=x.device)
-            if w > 1:
-                u = unit[segment]                                               # (W, N, D)
-                pairs = torch.einsum("ipd,jpd->p", u, u) - w                   # all ordered pairs, self-pairs out
-                static = pairs / (w * (w - 1)) > self.tau
-            if static.any():
-                groups.append((segment[0], static.nonzero()[:, 0], x[segment][:, static].float().mean(0)))
-            for f in segment:
-                groups.append((f, (~static).nonzero()[:, 0], x[f, ~static].float()))
+        groups = self._groups(x, segments, merge_static=True)
+        if not self.counts_itself and sum(len(p) for _, p, _ in groups) < k:
+            groups = self._groups(x, segments, merge_static=False)     # the budget keeps more than merging leaves
         if self.counts_itself:
             quotas = [int(self.cluster_ratio * len(p)) if len(p) > self.smallest else len(p) for _, p, _ in groups]
         else:
@@ -135,6 +126,25 @@ class PruneVidMerge(Plugin):
             picks.append(positions[centre] + f * per)
             values.append(merged.to(x.dtype))
         return torch.cat(picks), torch.cat(values)
+
+
+    def _groups(self, x, segments, merge_static: bool) -> list:
+        """(frame, positions, tokens (n, D)) of each segment's static set, which sits in its first frame, and of each
+        frame's other tokens; without ``merge_static`` every token of a frame is in its frame's group."""
+        per = x.shape[1]
+        groups, unit = [], F.normalize(x.float(), dim=-1)
+        for segment in segments:
+            w = len(segment)
+            static = torch.zeros(per, dtype=torch.bool, device=x.device)
+            if w > 1 and merge_static:
+                u = unit[segment]                                               # (W, N, D)
+                pairs = torch.einsum("ipd,jpd->p", u, u) - w                   # all ordered pairs, self-pairs out
+                static = pairs / (w * (w - 1)) > self.tau
+            if static.any():
+                groups.append((segment[0], static.nonzero()[:, 0], x[segment][:, static].float().mean(0)))
+            for f in segment:
+                groups.append((f, (~static).nonzero()[:, 0], x[f, ~static].float()))
+        return groups
 
 
 @dataclass

@@ -228,6 +228,19 @@ def test_prunevid_static_tokens_merge_over_time_by_hand():
     torch.testing.assert_close(values[0], torch.tensor([[1, 0.05], [0, 1], [1, 1], [-1, 1]]))
 
 
+def test_prunevid_budget_above_what_merging_leaves_merges_nothing_over_time():
+    """The example above: merging its 2 static positions leaves 4 tokens. A budget of 4 keeps exactly those; a budget
+    of 5 cannot be spent on them, so nothing merges over time: frame 0 keeps its 3 tokens as they are (3 of the 5 by
+    largest remainders, ties to the earlier frame) and frame 1's 3 are clustered to 2."""
+    tokens = torch.tensor([[[1, 0], [0, 1], [1, 1], [1, 0.1], [0, 1], [-1, 1]]])
+    signals = Signals(tokens=tokens, frames=torch.tensor([[2, 1, 3]]))
+    picks, _ = PruneVidMerge(budget=4).reduce(signals, 4)
+    assert picks.tolist() == [[0, 1, 2, 5]]
+    picks, values = PruneVidMerge(budget=5).reduce(signals, 5)
+    assert picks[0, :3].tolist() == [0, 1, 2] and len(picks[0]) == 5 and set(picks[0, 3:].tolist()) < {3, 4, 5}
+    torch.testing.assert_close(values[0, :3], tokens[0, :3])
+
+
 def test_prunevid_splits_the_budget_between_its_stages():
     merge, prune = PruneVid(retain=0.2).pipeline()
     assert (merge.retain, prune.retain) == (0.5, 0.4)
