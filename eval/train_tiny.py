@@ -397,9 +397,9 @@ def load_teacher(path: str, model, tokenizer, copy: bool = True):
         source.state_dict())
     if missing:
         raise ValueError(f"the teacher's language model does not match the student's: {sorted(missing)[:3]}")
-    rows = teacher_processor.tokenizer.get_vocab()
     if not copy:
         return teacher, teacher_processor
+    rows = teacher_processor.tokenizer.get_vocab()
     with torch.no_grad():
         target.load_state_dict({k: v for k, v in source.state_dict().items() if k != "embed_tokens.weight"},
                                strict=False)
@@ -478,7 +478,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         hooks = dict(projector._forward_hooks)
         projector._forward_hooks.clear()
         recipe = {"arch": arch, "shape": QWEN_SHAPE if arch == "qwen2_vl" else SHAPE, "vision_steps": vision_steps,
-                  "vision_lr": vision_lr or lr, "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr, "seed": seed,
+                  "vision_lr": vision_lr or lr, "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr,
+                  "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
@@ -564,8 +565,9 @@ def main(argv=None):
                    "tied to the colour and shape words' embeddings")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
                    "(qwen2_vl only); 0: images only")
-    p.add_argument("--teacher", help="qwen2_vl: a tiny LLaVA saved by this script (e.g. the shipped assets/tiny-llava): "
-                   "a new model's language model starts as its copy; the visual tokens are distilled from its projector's")
+    p.add_argument("--teacher", help="qwen2_vl: a tiny LLaVA saved by this script (e.g. the shipped "
+                   "assets/tiny-llava): a new model's language model starts as its copy; the visual tokens are "
+                   "distilled from its projector's")
     p.add_argument("--vision-lr", type=float, help="learning rate of the vision warm-up (default: --lr)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation loss (--teacher)")
     a = p.parse_args(argv)

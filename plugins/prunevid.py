@@ -127,7 +127,6 @@ class PruneVidMerge(Plugin):
             values.append(merged.to(x.dtype))
         return torch.cat(picks), torch.cat(values)
 
-
     def _groups(self, x, segments, merge_static: bool) -> list:
         """(frame, positions, tokens (n, D)) of each segment's static set, which sits in its first frame, and of each
         frame's other tokens; without ``merge_static`` every token of a frame is in its frame's group."""
