@@ -131,12 +131,12 @@ class PruneVidMerge(Plugin):
         """(frame, positions, tokens (n, D)) of each segment's static set, which sits in its first frame, and of each
         frame's other tokens; without ``merge_static`` every token of a frame is in its frame's group."""
         per = x.shape[1]
-        groups, unit = [], F.normalize(x.float(), dim=-1)
+        groups = []
         for segment in segments:
             w = len(segment)
             static = torch.zeros(per, dtype=torch.bool, device=x.device)
             if w > 1 and merge_static:
-                u = unit[segment]                                               # (W, N, D)
+                u = F.normalize(x[segment].float(), dim=-1)                     # (W, N, D)
                 pairs = torch.einsum("ipd,jpd->p", u, u) - w                   # all ordered pairs, self-pairs out
                 static = pairs / (w * (w - 1)) > self.tau
             if static.any():

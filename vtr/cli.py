@@ -167,9 +167,9 @@ def main(argv=None):
                        help="the image bench model's attention implementation (flash_attention_2: flash-attn on a "
                             "GPU); default: %(default)s")
     bench.add_argument("--size", choices=["cpu", "quick", "7b"],
-                       help="the 7B's depths at widths / 8 in float32 (cpu; with --video, on 8 frames), a smoke-run model "
-                            "(quick) or the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 frames); "
-                            "default: 7b on CUDA, cpu elsewhere")
+                       help="the 7B's depths at widths / 8 in float32 (cpu; with --video, on 8 frames), a smoke-run "
+                            "model (quick) or the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 "
+                            "frames); default: 7b on CUDA, cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
     bench.add_argument("--plot", default="", help="PNG of measured, ideal and analytic speedup against retention "
                        "(LLaVA-1.5 bench)")
