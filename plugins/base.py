@@ -108,7 +108,7 @@ class Plugin:
     #: signals the engine must compute for this method: "cls_attention", "last_attention".
     needs: ClassVar[tuple[str, ...]] = ()
     #: with neither retain nor budget, the paper's own rule sets how many tokens are kept: ``select`` may return
-    #: any number of them (the same for every image of a call)
+    #: any number of them (the engine then calls it one image at a time)
     adaptive: ClassVar[bool] = False
 
     def __post_init__(self):

@@ -241,6 +241,21 @@ def test_prunevid_budget_above_what_merging_leaves_merges_nothing_over_time():
     torch.testing.assert_close(values[0, :3], tokens[0, :3])
 
 
+def test_prunevid_default_counts_each_video_of_a_batch_for_itself():
+    """With neither retain nor budget, PruneVid's stage 1 keeps what its rule leaves of each video: a still video
+    and a moving one of the same size, batched, keep different numbers, each what it keeps alone."""
+    model = _model("llava_onevision", "sdpa")
+    batch = make_inputs(model, [[1, 5, IMAGE, 6, 7]] * 2, seed=3, video=True)
+    batch["pixel_values_videos"][0] = batch["pixel_values_videos"][0, :1]             # video 0: one frame, repeated
+    with vtr.patch(model, "prunevid") as handle, torch.no_grad():
+        model(**batch)
+        kept = handle.kept(stage=0)
+        for b in range(2):
+            model(**{k: v[b:b + 1] for k, v in batch.items()})
+            assert torch.equal(handle.kept(stage=0)[0], kept[b])
+    assert len(kept[0]) < len(kept[1])
+
+
 def test_prunevid_splits_the_budget_between_its_stages():
     merge, prune = PruneVid(retain=0.2).pipeline()
     assert (merge.retain, prune.retain) == (0.5, 0.4)

@@ -399,9 +399,13 @@ class Engine(HookSet):
         sizes = torch.tensor(counts, device=device)
         offsets = torch.cumsum(sizes, 0) - sizes
         frames = rec.frame_grids
-        groups = {}            # (candidates per image, its frame grid if known) -> [image indices]
+        pre_llm = [s for s in self.stages if s.layer is None]
+        # A method counting for itself may keep a different number of each image's tokens: it sees one at a time.
+        alone = any(s.plugin.counts_itself for s in pre_llm)
+        groups = {}            # (candidates per image, its frame grid if known[, the image]) -> [image indices]
         for i, n in enumerate(counts):
-            groups.setdefault((n, *(() if frames is None else frames[i].tolist())), []).append(i)
+            key = (n, *(() if frames is None else frames[i].tolist()), *((i,) if alone else ()))
+            groups.setdefault(key, []).append(i)
         groups = {key: torch.tensor(ids, device=device) for key, ids in groups.items()}
         alive = {key: torch.arange(key[0], device=device).expand(len(ids), -1) for key, ids in groups.items()}
 
@@ -411,7 +415,6 @@ class Engine(HookSet):
 
         cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features,
                                                                                     rec.image_sizes)
-        pre_llm = [s for s in self.stages if s.layer is None]
         anyres = grids = None
         if any("anyres_layout" in s.plugin.needs for s in pre_llm):
             anyres = self.adapter.anyres_layout(features, rec.image_sizes)
