@@ -8,10 +8,12 @@ tokenizer and the architecture's processor, saved with ``save_pretrained`` so th
 like a hub checkpoint. Examples are generated on the fly from the train split's seeds.
 
 Each training sequence is one image, then every question its scene allows (up to 16), each followed by its answer and
-</s>. The loss is the cross-entropy of the answers and </s>, plus two training-only terms:
+</s>. The loss is the cross-entropy of the answers and </s>, plus training-only terms:
 - per-patch probes on the projector output (colour, shape, size, object centre, row, column, and with --count-probe
   how many objects of its shape the scene holds; the colour, shape and count probes are the words' input embeddings);
-- a focus loss steering one attention head at each "?" to the patches the question names.
+- a focus loss steering one attention head at each "?" to the patches the question names;
+- with --count-weight, a second head at each "how many ?" steered to 1/5 on each counted object's centre patch and
+  the rest on <s>, so that its output steps with the count.
 A vision-only warm-up trains the tower and projector on the probes first. Probes and hooks are dropped before saving,
 so the saved model is the stock architecture. The README's "The built-in model" says what each piece fixed.
 """
@@ -291,6 +293,7 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
     if not video:
         out["targets"] = {k: t.to(device) for k, t in stacked_targets(examples).items()}
         out["focus"] = focus_masks(examples, asked).to(device)
+        out["count_focus"] = count_masks(examples, asked).to(device)
     return out
 
 
@@ -306,32 +309,70 @@ def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
     return out
 
 
-def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, question_mark: int) -> torch.Tensor:
-    """How little of one attention head's weight, at each question's "?" (where the answer is predicted), falls on the
-    patches of the objects the question is about, or, when there are none ("is there a red circle ?" answered no), on
-    the sequence's first token (<s>, the usual attention sink: "nothing matched"): the mean of -log(that weight). Head
-    0 of the decoder layer whose input ``captured`` holds, recomputed from its own projections and RoPE (the layer
-    itself runs sdpa, which returns no weights)."""
+def _head_at_questions(model, captured: dict, inputs: dict, question_mark: int, questions: int, head: int):
+    """One attention head of the decoder layer whose input ``captured`` holds, at each sequence's first ``questions``
+    "?" marks (where the answers are predicted): per sequence, its weights on the image's patches (Q, patches) and on
+    the first token (<s>, the usual attention sink), (Q,). Recomputed from the layer's own projections and RoPE (the
+    layer itself runs sdpa, which returns no weights)."""
     from vtr.kernels import apply_rope
 
     layer, hidden, (cos, sin) = captured["layer"], captured["hidden"], captured["rope"]
     attn, ids, mask = layer.self_attn, inputs["input_ids"], inputs["attention_mask"].bool()
     x = layer.input_layernorm(hidden)
     b, n, d = *ids.shape, attn.head_dim
-    q = apply_rope(attn.q_proj(x).view(b, n, -1, d)[:, :, :1].transpose(1, 2), cos, sin)[:, 0]
-    k = apply_rope(attn.k_proj(x).view(b, n, -1, d)[:, :, :1].transpose(1, 2), cos, sin)[:, 0]
+    kv = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+    q = apply_rope(attn.q_proj(x).view(b, n, -1, d)[:, :, head:head + 1].transpose(1, 2), cos, sin)[:, 0]
+    k = apply_rope(attn.k_proj(x).view(b, n, -1, d)[:, :, kv:kv + 1].transpose(1, 2), cos, sin)[:, 0]
     scores = (q @ k.transpose(1, 2)) * attn.scaling
     allowed = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)            # (B, L, L)
     visual = (ids == model.config.image_token_id).nonzero()[:, 1].view(b, -1)    # (B, patches), every image alike
-    losses = []
     for i in range(b):
-        marks = (ids[i] == question_mark).nonzero()[:, 0][: focus.shape[1]]
-        wanted = focus[i, : len(marks)]
-        mass = (weights[i, marks][:, visual[i]] * wanted).sum(-1)               # (questions,)
-        sink = weights[i, marks, int(mask[i].nonzero()[0])]
+        marks = (ids[i] == question_mark).nonzero()[:, 0][:questions]
+        yield weights[i, marks][:, visual[i]], weights[i, marks, int(mask[i].nonzero()[0])]
+
+
+def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, question_mark: int) -> torch.Tensor:
+    """How little of head 0's weight at each question's "?" (``_head_at_questions``) falls on the patches of the
+    objects the question is about, or, when there are none ("is there a red circle ?" answered no), on <s> ("nothing
+    matched"): the mean of -log(that weight)."""
+    losses = []
+    for wanted, (patches, sink) in zip(focus, _head_at_questions(model, captured, inputs, question_mark,
+                                                                   focus.shape[1], head=0)):
+        wanted = wanted[: len(sink)]
+        mass = (patches * wanted).sum(-1)                                        # (questions,)
         losses.append(-torch.log(torch.where(wanted.any(-1), mass, sink) + 1e-6))
     return torch.cat(losses).mean()
+
+
+def count_masks(examples, asked: list[list[str]]) -> torch.Tensor:
+    """(images, questions, patches) bool: for each "how many" question of each sequence, in order, the patches that
+    hold the centre of an object it counts (``patch_targets``' centres); nothing for the other questions."""
+    grid, cell = shapes.IMAGE_SIZE // 16, 16
+    out = torch.zeros(len(examples), max(map(len, asked)), grid * grid, dtype=torch.bool)
+    for b, (e, questions) in enumerate(zip(examples, asked)):
+        for q, question in enumerate(questions):
+            if question.startswith("how many"):
+                for o in (e["scene"].objects[i] for i in question_objects(e["scene"], question)):
+                    out[b, q, min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = True
+    return out
+
+
+def count_loss(model, captured: dict, inputs: dict, centres: torch.Tensor, question_mark: int,
+               most: int = 4) -> torch.Tensor:
+    """Head 1's weights at each "how many" question's "?" (``_head_at_questions``) against a distribution that
+    makes the count readable from the head's output: 1 / (most + 1) on the centre patch of each object counted, the
+    rest on <s>; so the output moves by the same step per object. The cross-entropy, averaged over those questions."""
+    losses = []
+    for wanted, (patches, sink) in zip(centres, _head_at_questions(model, captured, inputs, question_mark,
+                                                                     centres.shape[1], head=1)):
+        wanted = wanted[: len(sink)]
+        asked = wanted.any(-1)
+        share = 1 / (most + 1)
+        rest = 1 - share * wanted.sum(-1)
+        ce = -(share * (torch.log(patches + 1e-6) * wanted).sum(-1) + rest * torch.log(sink + 1e-6))
+        losses.append(ce[asked])
+    return torch.cat(losses).mean() if sum(map(len, losses)) else torch.zeros(())
 
 
 def vision_batch(processor, seeds, device="cpu") -> dict:
@@ -431,7 +472,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
           focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0,
-          vision_lr: float | None = None, count_probe: bool = False):
+          vision_lr: float | None = None, count_probe: bool = False, count_weight: float = 0.0):
     if threads:
         torch.set_num_threads(threads)
     if init:                                   # go on training a saved model (the seeds continue past its steps)
@@ -490,7 +531,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "count_probe": count_probe, "focus_weight": focus_weight,
-                  "focus_layer": focus_layer,
+                  "focus_layer": focus_layer, "count_weight": count_weight,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
@@ -530,16 +571,20 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     for step in range(steps):
         video = bool(video_every) and step % video_every == video_every - 1
         inputs = batch(processor, seeds_at(vision_steps + step), questions, video=video)
-        targets, focus = inputs.pop("targets", None), inputs.pop("focus", None)
+        targets, focus, centres = (inputs.pop(k, None) for k in ("targets", "focus", "count_focus"))
         loss = model(**inputs).loss
         aux = aux_loss(heads, features["out"], targets) if targets else torch.zeros(())
         distill = distilled(seeds_at(vision_steps + step)) if not video else torch.zeros(())
         guide = (focus_loss(model, captured, inputs, focus, question_mark) if focus is not None and focus_weight
                  else torch.zeros(()))
-        update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide + distill_weight * distill)
+        counting = (count_loss(model, captured, inputs, centres, question_mark) if centres is not None and count_weight
+                    else torch.zeros(()))
+        update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide + distill_weight * distill
+               + count_weight * counting)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "focus_loss": guide.item(),
+                        "count_loss": counting.item(),
                         "distill_loss": distill.item(),
                         "val_accuracy": val["all"], "val_by_family": val, "minutes": (time.time() - start) / 60})
             if video_every:
@@ -570,6 +615,9 @@ def main(argv=None):
     p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the loss that steers one attention "
                    "head at each question's '?' to the patches of the objects it names; 0: off")
     p.add_argument("--focus-layer", type=int, default=1, help="the decoder layer of that head")
+    p.add_argument("--count-weight", type=float, default=0.0, help="weight of the loss that steers a second head of "
+                   "that layer at each 'how many' question's '?' to 1/5 on each counted object's centre patch, the "
+                   "rest on <s>; 0: off")
     p.add_argument("--free-heads", action="store_true", help="colour and shape probes with their own weights, not "
                    "tied to the colour and shape words' embeddings")
     p.add_argument("--count-probe", action="store_true", help="one more per-patch probe: how many objects of the "
@@ -585,7 +633,7 @@ def main(argv=None):
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
           focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight,
-          vision_lr=a.vision_lr, count_probe=a.count_probe)
+          vision_lr=a.vision_lr, count_probe=a.count_probe, count_weight=a.count_weight)
 
 
 if __name__ == "__main__":

@@ -164,9 +164,10 @@ def test_patch_targets_by_hand():
     assert t["counts"][2, 2] == 2 and t["counts"][12, 7] == 2 and t["counts"][7, 12] == 0 and t["counts"][9, 1] == 0
 
 
-def test_question_objects_and_focus_loss_match_the_eager_attention():
+def test_question_objects_and_focus_and_count_losses_match_the_eager_attention():
     from vtr.eval import shapes as S
-    from vtr.eval.train_tiny import batch, build_model, build_processor, focus_loss, question_objects
+    from vtr.eval.train_tiny import (batch, build_model, build_processor, count_loss, count_masks, focus_loss,
+                                     question_objects)
 
     scene = S.Scene([S.Obj("circle", "red", "small", 20, 20), S.Obj("circle", "blue", "large", 100, 100),
                      S.Obj("square", "red", "medium", 180, 40)])
@@ -174,18 +175,21 @@ def test_question_objects_and_focus_loss_match_the_eager_attention():
     assert question_objects(scene, "is there a red circle ?") == [0]
     assert question_objects(scene, "what color is the small circle ?") == [0]
     assert question_objects(scene, "is there a blue square ?") == []
+    # the counted circles' centres lie in patches (1, 1) and (6, 6) of the 14 x 14 grid; a colour question: none
+    centres = count_masks([{"scene": scene}], [["how many circles are there ?", "what color is the square ?"]])
+    assert centres[0, 0].nonzero()[:, 0].tolist() == [15, 90] and not centres[0, 1].any()
     processor = build_processor()
     model = build_model(processor)
     model.set_attn_implementation("eager")
     inputs = batch(processor, [1_000_000, 1_000_009, 1_000_010], questions=3)
     inputs.pop("targets")
-    focus = inputs.pop("focus")
-    assert not focus.any(-1).all()                          # an "is there" question answered no is among them
+    focus, centres = inputs.pop("focus"), inputs.pop("count_focus")
+    assert centres.any() and not focus.any(-1).all()         # an "is there" question answered no is among them
     captured = {}
     model.model.language_model.layers[1].register_forward_pre_hook(
         lambda m, args, kwargs: captured.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
                                                 else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
-    eager = model(**inputs, output_attentions=True).attentions[1][:, 0]           # layer 1, head 0: (B, L, L)
+    eager, counting = model(**inputs, output_attentions=True).attentions[1][:, :2].unbind(1)   # layer 1, heads 0, 1
     mark = processor.tokenizer.convert_tokens_to_ids("?")
     visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(3, -1)
     expected = []
@@ -197,6 +201,19 @@ def test_question_objects_and_focus_loss_match_the_eager_attention():
         expected.append(-torch.log(torch.where(wanted.any(-1), mass, eager[i, marks, first]) + 1e-6))
     assert focus_loss(model, captured, inputs, focus, mark).item() == pytest.approx(torch.cat(expected).mean().item(),
                                                                                     rel=1e-5)
+    # head 1 at each "how many ?": 1/5 on each counted centre, the rest on <s>
+    expected = []
+    for i in range(3):
+        marks = (inputs["input_ids"][i] == mark).nonzero()[:, 0]
+        first = int(inputs["attention_mask"][i].nonzero()[0])
+        for q, m in enumerate(marks):
+            wanted = centres[i, q].nonzero()[:, 0]
+            if len(wanted):
+                rows = counting[i, m]
+                expected.append(-(torch.log(rows[visual[i, wanted]] + 1e-6).sum() / 5
+                                  + (1 - len(wanted) / 5) * torch.log(rows[first] + 1e-6)))
+    got = count_loss(model, captured, inputs, centres, mark).item()
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
 
 
 def test_training_script_saves_a_loadable_model(tmp_path):
