@@ -9,8 +9,8 @@ like a hub checkpoint. Examples are generated on the fly from the train split's 
 
 Each training sequence is one image, then every question its scene allows (up to 16), each followed by its answer and
 </s>. The loss is the cross-entropy of the answers and </s>, plus training-only terms:
-- per-patch probes on the projector output (colour, shape, size, object centre, row, column, and with --count-probe
-  how many objects of its shape the scene holds; the colour, shape and count probes are the words' input embeddings);
+- per-patch probes on the projector output (colour, shape, size, object centre, row, column; the colour and shape
+  probes are the words' input embeddings);
 - a focus loss steering one attention head at each "?" to the patches the question names;
 - with --count-weight, a second head at each "how many ?" steered to 1/5 on each counted object's centre patch and
   the rest on <s>, so that its output steps with the count.
@@ -168,21 +168,19 @@ def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
     """Per-patch classes for the auxiliary loss, row-major over the grid, (grid * grid,) each: the colour (0:
     background, 1..6), shape (0, 1..4) and size (0, 1..3) of the object covering most of the patch (at least an eighth
     of it, so small objects keep a patch); whether an object's centre lies in the patch (what counting needs: one mark
-    per object, however many patches it covers); the patch's row and column (what the side questions need); and how
-    many objects of the patch's shape the scene holds (0: background, or more than the 4 a question can ask)."""
+    per object, however many patches it covers); and the patch's row and column (what the side questions need)."""
     winner = patch_owners(scene, grid) + 1
     cell = shapes.IMAGE_SIZE // grid
     objects = scene.objects
     colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in objects])
     kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in objects])
     sizes = torch.tensor([0] + [1 + list(shapes.SIZES).index(o.size) for o in objects])
-    same_shape = torch.tensor([0] + [sum(p.shape == o.shape for p in objects) for o in objects])
     centres = torch.zeros(grid * grid, dtype=torch.long)
     for o in objects:
         centres[min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = 1
     rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
     return {"colors": colors[winner], "shapes": kinds[winner], "sizes": sizes[winner], "centres": centres,
-            "rows": rows, "cols": cols, "counts": same_shape.masked_fill(same_shape > 4, 0)[winner]}
+            "rows": rows, "cols": cols}
 
 
 class WordHead(torch.nn.Module):
@@ -203,43 +201,37 @@ class WordHead(torch.nn.Module):
         return features @ weight.T + self.bias
 
 
-def aux_heads(hidden: int, grid: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None,
-              counts: bool = False) -> torch.nn.ModuleDict:
-    """Probes on the projector output, one per ``patch_targets`` key (training only; "counts" only with ``counts``).
-    With the model's ``embeddings`` and ``tokenizer``, colour, shape and count are ``WordHead``s over those words."""
+def aux_heads(hidden: int, grid: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None) -> torch.nn.ModuleDict:
+    """Probes on the projector output, one per ``patch_targets`` key (training only). With the model's
+    ``embeddings`` and ``tokenizer``, colour and shape are ``WordHead``s over the colour and shape words."""
     classes = {"colors": len(shapes.COLORS) + 1, "shapes": len(shapes.SHAPES) + 1, "sizes": len(shapes.SIZES) + 1,
-               "centres": 2, "rows": grid, "cols": grid, **({"counts": 5} if counts else {})}
+               "centres": 2, "rows": grid, "cols": grid}
     heads = {k: torch.nn.Linear(hidden, n) for k, n in classes.items()}
     if embeddings is not None:
-        for key, words in (("colors", list(shapes.COLORS)), ("shapes", list(shapes.SHAPES)),
-                           *((("counts", ["1", "2", "3", "4"]),) if counts else ())):
+        for key, words in (("colors", list(shapes.COLORS)), ("shapes", list(shapes.SHAPES))):
             heads[key] = WordHead(embeddings, tokenizer.convert_tokens_to_ids(words))
     return torch.nn.ModuleDict(heads)
 
 
 def aux_loss(heads, features: torch.Tensor, targets: dict) -> torch.Tensor:
-    """Sum of the heads' cross-entropies; shape, size and count only over patches an object covers (count: of a shape
-    the scene holds at most 4 of), so the background, most of every image, does not drown the hardest targets
-    (telling a large circle's inside from a square's)."""
+    """Sum of the heads' cross-entropies; shape and size only over patches an object covers, so the background, most
+    of every image, does not drown the hardest target (telling a large circle's inside from a square's)."""
     objects = targets["colors"] > 0
     loss = 0.0
-    for key, head in heads.items():
-        logits, target = head(features), targets[key]
-        if key in ("shapes", "sizes", "counts"):
-            kept = target > 0 if key == "counts" else objects
-            logits, target = logits[kept], target[kept]
+    for key, target in targets.items():
+        logits = heads[key](features)
+        if key in ("shapes", "sizes"):
+            logits, target = logits[objects], target[objects]
         loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten())
     return loss
 
 
 @torch.no_grad()
 def aux_accuracy(heads, features: torch.Tensor, targets: dict) -> dict[str, float]:
-    """Each head's accuracy over the patches an object covers (what the questions read); count's over those it is
-    trained on."""
+    """Each head's accuracy over the patches an object covers (what the questions read)."""
     objects = targets["colors"] > 0
-    kept = {k: targets[k] > 0 if k == "counts" else objects for k in heads}
-    return {k: round(float((h(features)[kept[k]].argmax(-1) == targets[k][kept[k]]).float().mean()), 3)
-            for k, h in heads.items()}
+    return {k: round(float((heads[k](features)[objects].argmax(-1) == t[objects]).float().mean()), 3)
+            for k, t in targets.items()}
 
 
 def stacked_targets(examples) -> dict[str, torch.Tensor]:
@@ -472,7 +464,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
           focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0,
-          vision_lr: float | None = None, count_probe: bool = False, count_weight: float = 0.0):
+          vision_lr: float | None = None, count_weight: float = 0.0):
     if threads:
         torch.set_num_threads(threads)
     if init:                                   # go on training a saved model (the seeds continue past its steps)
@@ -495,7 +487,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         teacher_model, teacher_processor = load_teacher(teacher, model, processor.tokenizer, copy=not init)
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
     heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
-                      processor.tokenizer, counts=count_probe)
+                      processor.tokenizer)
     features = {}
     projector = _projector(model)
     # The projector's output as (images, grid * grid, hidden): Qwen2-VL's merger returns every image's tokens in one run.
@@ -530,8 +522,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "vision_lr": vision_lr or lr, "steps": steps, "steps_done": done, "batch_size": batch_size, "lr": lr,
                   "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
-                  "word_heads": word_heads, "count_probe": count_probe, "focus_weight": focus_weight,
-                  "focus_layer": focus_layer, "count_weight": count_weight,
+                  "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
+                  "count_weight": count_weight,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
@@ -620,8 +612,6 @@ def main(argv=None):
                    "rest on <s>; 0: off")
     p.add_argument("--free-heads", action="store_true", help="colour and shape probes with their own weights, not "
                    "tied to the colour and shape words' embeddings")
-    p.add_argument("--count-probe", action="store_true", help="one more per-patch probe: how many objects of the "
-                   "patch's shape the scene holds, tied to the number words (what 'how many' asks)")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
                    "(qwen2_vl only); 0: images only")
     p.add_argument("--teacher", help="qwen2_vl: a tiny LLaVA saved by this script (e.g. the shipped "
@@ -633,7 +623,7 @@ def main(argv=None):
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
           focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight,
-          vision_lr=a.vision_lr, count_probe=a.count_probe, count_weight=a.count_weight)
+          vision_lr=a.vision_lr, count_weight=a.count_weight)
 
 
 if __name__ == "__main__":

@@ -156,12 +156,6 @@ def test_patch_targets_by_hand():
     assert t["colors"][7, 12] == blue and t["shapes"][7, 12] == 1 + S.SHAPES.index("circle") and t["sizes"][7, 12] == 1
     assert t["centres"].nonzero().tolist() == [[2, 2], [7, 12]]
     assert t["rows"][5].tolist() == [5] * 14 and t["cols"][5].tolist() == list(range(14))
-    assert (t["counts"][1:4, 1:4] == 1).all() and t["counts"][7, 12] == 1 and t["counts"][0, 0] == 0
-    # counts: a second square makes both squares' patches 2; a shape held 5 times is more than a question asks (0)
-    scene.objects.append(S.Obj("square", "green", "small", 120, 200))
-    scene.objects += [S.Obj("circle", "red", "small", 24 + 40 * i, 150) for i in range(4)]
-    t = {k: v.view(14, 14) for k, v in patch_targets(scene, 14).items()}
-    assert t["counts"][2, 2] == 2 and t["counts"][12, 7] == 2 and t["counts"][7, 12] == 0 and t["counts"][9, 1] == 0
 
 
 def test_question_objects_and_focus_and_count_losses_match_the_eager_attention():
@@ -242,9 +236,9 @@ def test_training_script_trains_the_qwen2_vl_architecture(tmp_path):
     from vtr.eval.train_tiny import train
 
     train(str(tmp_path / "q"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=2, vision_steps=1,
-          arch="qwen2_vl", val_examples=6, video_every=2, count_probe=True)      # step 2 is a video step
+          arch="qwen2_vl", val_examples=6, video_every=2)              # step 2 is a video step
     recipe = json.loads((tmp_path / "q" / "training.json").read_text())
-    assert recipe["arch"] == "qwen2_vl" and "counts" in recipe["log"][0]["object_patch_accuracy"]
+    assert recipe["arch"] == "qwen2_vl" and recipe["log"][0]["object_patch_accuracy"]
     assert set(recipe["log"][-1]["video_val_by_family"]) == {"all", "last", "first", "move"}
     model, processor = load_model(str(tmp_path / "q"))
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and not model.model.visual.merger._forward_hooks
