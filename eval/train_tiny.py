@@ -154,6 +154,12 @@ def patch_owners(scene, grid: int) -> torch.Tensor:
     return torch.from_numpy(counts.argmax(-1)) - 1
 
 
+def centre_patch(obj, grid: int) -> int:
+    """Row-major index of the patch of a grid x grid image that holds ``obj``'s centre."""
+    cell = shapes.IMAGE_SIZE // grid
+    return min(obj.y // cell, grid - 1) * grid + min(obj.x // cell, grid - 1)
+
+
 def question_objects(scene, question: str) -> list[int]:
     """Indices of the objects a shapes question is about: those of its shape, and of its colour ("is there a red
     circle") or size ("the small circle") where it names one."""
@@ -170,14 +176,13 @@ def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
     of it, so small objects keep a patch); whether an object's centre lies in the patch (what counting needs: one mark
     per object, however many patches it covers); and the patch's row and column (what the side questions need)."""
     winner = patch_owners(scene, grid) + 1
-    cell = shapes.IMAGE_SIZE // grid
     objects = scene.objects
     colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in objects])
     kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in objects])
     sizes = torch.tensor([0] + [1 + list(shapes.SIZES).index(o.size) for o in objects])
     centres = torch.zeros(grid * grid, dtype=torch.long)
     for o in objects:
-        centres[min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = 1
+        centres[centre_patch(o, grid)] = 1
     rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
     return {"colors": colors[winner], "shapes": kinds[winner], "sizes": sizes[winner], "centres": centres,
             "rows": rows, "cols": cols}
@@ -340,13 +345,13 @@ def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, questio
 def count_masks(examples, asked: list[list[str]]) -> torch.Tensor:
     """(images, questions, patches) bool: for each "how many" question of each sequence, in order, the patches that
     hold the centre of an object it counts (``patch_targets``' centres); nothing for the other questions."""
-    grid, cell = shapes.IMAGE_SIZE // 16, 16
+    grid = shapes.IMAGE_SIZE // 16
     out = torch.zeros(len(examples), max(map(len, asked)), grid * grid, dtype=torch.bool)
     for b, (e, questions) in enumerate(zip(examples, asked)):
         for q, question in enumerate(questions):
             if question.startswith("how many"):
-                for o in (e["scene"].objects[i] for i in question_objects(e["scene"], question)):
-                    out[b, q, min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = True
+                for i in question_objects(e["scene"], question):
+                    out[b, q, centre_patch(e["scene"].objects[i], grid)] = True
     return out
 
 
@@ -355,12 +360,11 @@ def count_loss(model, captured: dict, inputs: dict, centres: torch.Tensor, quest
     """Head 1's weights at each "how many" question's "?" (``_head_at_questions``) against a distribution that
     makes the count readable from the head's output: 1 / (most + 1) on the centre patch of each object counted, the
     rest on <s>; so the output moves by the same step per object. The cross-entropy, averaged over those questions."""
-    losses = []
+    share, losses = 1 / (most + 1), []
     for wanted, (patches, sink) in zip(centres, _head_at_questions(model, captured, inputs, question_mark,
                                                                      centres.shape[1], head=1)):
         wanted = wanted[: len(sink)]
         asked = wanted.any(-1)
-        share = 1 / (most + 1)
         rest = 1 - share * wanted.sum(-1)
         ce = -(share * (torch.log(patches + 1e-6) * wanted).sum(-1) + rest * torch.log(sink + 1e-6))
         losses.append(ce[asked])
