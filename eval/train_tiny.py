@@ -12,8 +12,9 @@ Each training sequence is one image, then every question its scene allows (up to
 - per-patch probes on the projector output (colour, shape, size, object centre, row, column; the colour and shape
   probes are the words' input embeddings);
 - a focus loss steering one attention head at each "?" to the patches the question names;
-- with --count-weight, a second head at each "how many ?" steered to 1/5 on each counted object's centre patch and
-  the rest on <s>, so that its output steps with the count.
+- with --inventory-weight, a second head at each "how many" and "is there" question's "?" steered to spread its
+  weight evenly over the image, so its output is the mean visual token; a probe marks each object's centre patch with
+  the object's colour and shape, so that mean is an inventory of the scene in which every object counts once.
 A vision-only warm-up trains the tower and projector on the probes first. Probes and hooks are dropped before saving,
 so the saved model is the stock architecture. The README's "The built-in model" says what each piece fixed.
 """
@@ -174,18 +175,22 @@ def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
     """Per-patch classes for the auxiliary loss, row-major over the grid, (grid * grid,) each: the colour (0:
     background, 1..6), shape (0, 1..4) and size (0, 1..3) of the object covering most of the patch (at least an eighth
     of it, so small objects keep a patch); whether an object's centre lies in the patch (what counting needs: one mark
-    per object, however many patches it covers); and the patch's row and column (what the side questions need)."""
+    per object, however many patches it covers); the colour and shape of the object centred there as one class (0:
+    none, else 1 + colour * shapes + shape: an inventory entry, for ``inventory_loss``); and the patch's row and
+    column (what the side questions need)."""
     winner = patch_owners(scene, grid) + 1
     objects = scene.objects
     colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in objects])
     kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in objects])
     sizes = torch.tensor([0] + [1 + list(shapes.SIZES).index(o.size) for o in objects])
-    centres = torch.zeros(grid * grid, dtype=torch.long)
+    centres, inventory = torch.zeros(grid * grid, dtype=torch.long), torch.zeros(grid * grid, dtype=torch.long)
     for o in objects:
         centres[centre_patch(o, grid)] = 1
+        inventory[centre_patch(o, grid)] = 1 + list(shapes.COLORS).index(o.color) * len(shapes.SHAPES) + \
+            shapes.SHAPES.index(o.shape)
     rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
     return {"colors": colors[winner], "shapes": kinds[winner], "sizes": sizes[winner], "centres": centres,
-            "rows": rows, "cols": cols}
+            "inventory": inventory, "rows": rows, "cols": cols}
 
 
 class WordHead(torch.nn.Module):
@@ -206,11 +211,15 @@ class WordHead(torch.nn.Module):
         return features @ weight.T + self.bias
 
 
-def aux_heads(hidden: int, grid: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None) -> torch.nn.ModuleDict:
-    """Probes on the projector output, one per ``patch_targets`` key (training only). With the model's
-    ``embeddings`` and ``tokenizer``, colour and shape are ``WordHead``s over the colour and shape words."""
+def aux_heads(hidden: int, grid: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None,
+              inventory: bool = False) -> torch.nn.ModuleDict:
+    """Probes on the projector output, one per ``patch_targets`` key (training only; the inventory probe only with
+    ``inventory``). With the model's ``embeddings`` and ``tokenizer``, colour and shape are ``WordHead``s over the
+    colour and shape words."""
     classes = {"colors": len(shapes.COLORS) + 1, "shapes": len(shapes.SHAPES) + 1, "sizes": len(shapes.SIZES) + 1,
                "centres": 2, "rows": grid, "cols": grid}
+    if inventory:
+        classes["inventory"] = 1 + len(shapes.COLORS) * len(shapes.SHAPES)
     heads = {k: torch.nn.Linear(hidden, n) for k, n in classes.items()}
     if embeddings is not None:
         for key, words in (("colors", list(shapes.COLORS)), ("shapes", list(shapes.SHAPES))):
@@ -223,8 +232,8 @@ def aux_loss(heads, features: torch.Tensor, targets: dict) -> torch.Tensor:
     of every image, does not drown the hardest target (telling a large circle's inside from a square's)."""
     objects = targets["colors"] > 0
     loss = 0.0
-    for key, target in targets.items():
-        logits = heads[key](features)
+    for key in heads:
+        logits, target = heads[key](features), targets[key]
         if key in ("shapes", "sizes"):
             logits, target = logits[objects], target[objects]
         loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten())
@@ -235,8 +244,8 @@ def aux_loss(heads, features: torch.Tensor, targets: dict) -> torch.Tensor:
 def aux_accuracy(heads, features: torch.Tensor, targets: dict) -> dict[str, float]:
     """Each head's accuracy over the patches an object covers (what the questions read)."""
     objects = targets["colors"] > 0
-    return {k: round(float((heads[k](features)[objects].argmax(-1) == t[objects]).float().mean()), 3)
-            for k, t in targets.items()}
+    return {k: round(float((heads[k](features)[objects].argmax(-1) == targets[k][objects]).float().mean()), 3)
+            for k in heads}
 
 
 def stacked_targets(examples) -> dict[str, torch.Tensor]:
@@ -290,7 +299,7 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
     if not video:
         out["targets"] = {k: t.to(device) for k, t in stacked_targets(examples).items()}
         out["focus"] = focus_masks(examples, asked).to(device)
-        out["count_focus"] = count_masks(examples, asked).to(device)
+        out["inventory"] = inventory_questions(asked).to(device)
     return out
 
 
@@ -306,11 +315,9 @@ def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
     return out
 
 
-def _head_at_questions(model, captured: dict, inputs: dict, question_mark: int, questions: int, head: int):
-    """One attention head of the decoder layer whose input ``captured`` holds, at each sequence's first ``questions``
-    "?" marks (where the answers are predicted): per sequence, its weights on the image's patches (Q, patches) and on
-    the first token (<s>, the usual attention sink), (Q,). Recomputed from the layer's own projections and RoPE (the
-    layer itself runs sdpa, which returns no weights)."""
+def _head_weights(captured: dict, inputs: dict, head: int) -> torch.Tensor:
+    """One attention head's weights (B, L, L) in the decoder layer whose input ``captured`` holds, recomputed from the
+    layer's own projections and RoPE (the layer itself runs sdpa, which returns no weights)."""
     from vtr.kernels import apply_rope
 
     layer, hidden, (cos, sin) = captured["layer"], captured["hidden"], captured["rope"]
@@ -322,11 +329,43 @@ def _head_at_questions(model, captured: dict, inputs: dict, question_mark: int, 
     k = apply_rope(attn.k_proj(x).view(b, n, -1, d)[:, :, kv:kv + 1].transpose(1, 2), cos, sin)[:, 0]
     scores = (q @ k.transpose(1, 2)) * attn.scaling
     allowed = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)            # (B, L, L)
-    visual = (ids == model.config.image_token_id).nonzero()[:, 1].view(b, -1)    # (B, patches), every image alike
-    for i in range(b):
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def _head_at_questions(model, captured: dict, inputs: dict, question_mark: int, questions: int, head: int):
+    """``_head_weights`` at each sequence's first ``questions`` "?" marks (where the answers are predicted): per
+    sequence, its weights on the image's patches (Q, patches) and on the first token (<s>, the usual attention
+    sink), (Q,)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    weights = _head_weights(captured, inputs, head)                               # (B, L, L)
+    visual = (ids == model.config.image_token_id).nonzero()[:, 1].view(len(ids), -1)   # every image alike
+    for i in range(len(ids)):
         marks = (ids[i] == question_mark).nonzero()[:, 0][:questions]
         yield weights[i, marks][:, visual[i]], weights[i, marks, int(mask[i].nonzero()[0])]
+
+
+def attribute_words(tokenizer) -> torch.Tensor:
+    """Token ids of the words that name what a question is about: colours, shapes (and plurals), "small"."""
+    words = [*shapes.COLORS, *shapes.SHAPES, *(f"{w}s" for w in shapes.SHAPES), "small"]
+    return torch.tensor(tokenizer.convert_tokens_to_ids(words))
+
+
+def gather_loss(captured: dict, inputs: dict, attributes: torch.Tensor, question_mark: int, eos: int) -> torch.Tensor:
+    """How far head 0 of the first decoder layer, at each question's "?", is from even weights over the question's
+    attribute words (``attribute_words``: "red" and "circle" in "is there a red circle ?"): the mean of -log of
+    each word's weight minus log(1 / words) (0 when even). A "?" that reads only the word before it carries the shape
+    but not the colour, and the focus head then finds a blue circle for "a red circle" (measured: see the README)."""
+    ids = inputs["input_ids"]
+    weights = _head_weights(captured, inputs, head=0)
+    losses = []
+    for i in range(len(ids)):
+        ends = (ids[i] == eos).nonzero()[:, 0]
+        for m in (ids[i] == question_mark).nonzero()[:, 0].tolist():
+            start = int(ends[ends < m].max()) + 1 if (ends < m).any() else 0     # this question's own words only
+            words = start + torch.isin(ids[i, start:m], attributes).nonzero()[:, 0]
+            if len(words):
+                losses.append(-torch.log(weights[i, m, words] + 1e-6).mean() - math.log(len(words)))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
 def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, question_mark: int) -> torch.Tensor:
@@ -342,32 +381,26 @@ def focus_loss(model, captured: dict, inputs: dict, focus: torch.Tensor, questio
     return torch.cat(losses).mean()
 
 
-def count_masks(examples, asked: list[list[str]]) -> torch.Tensor:
-    """(images, questions, patches) bool: for each "how many" question of each sequence, in order, the patches that
-    hold the centre of an object it counts (``patch_targets``' centres); nothing for the other questions."""
-    grid = shapes.IMAGE_SIZE // 16
-    out = torch.zeros(len(examples), max(map(len, asked)), grid * grid, dtype=torch.bool)
-    for b, (e, questions) in enumerate(zip(examples, asked)):
-        for q, question in enumerate(questions):
-            if question.startswith("how many"):
-                for i in question_objects(e["scene"], question):
-                    out[b, q, centre_patch(e["scene"].objects[i], grid)] = True
+def inventory_questions(asked: list[list[str]]) -> torch.Tensor:
+    """(images, questions) bool: which questions of each sequence, in order, are answered from the scene's inventory
+    ("how many circles", "is there a red circle")."""
+    out = torch.zeros(len(asked), max(map(len, asked)), dtype=torch.bool)
+    for b, questions in enumerate(asked):
+        out[b, :len(questions)] = torch.tensor([q.startswith(("how many", "is there")) for q in questions])
     return out
 
 
-def count_loss(model, captured: dict, inputs: dict, centres: torch.Tensor, question_mark: int,
-               most: int = 4) -> torch.Tensor:
-    """Head 1's weights at each "how many" question's "?" (``_head_at_questions``) against a distribution that
-    makes the count readable from the head's output: 1 / (most + 1) on the centre patch of each object counted, the
-    rest on <s>; so the output moves by the same step per object. The cross-entropy, averaged over those questions."""
-    share, losses = 1 / (most + 1), []
-    for wanted, (patches, sink) in zip(centres, _head_at_questions(model, captured, inputs, question_mark,
-                                                                     centres.shape[1], head=1)):
-        wanted = wanted[: len(sink)]
-        asked = wanted.any(-1)
-        rest = 1 - share * wanted.sum(-1)
-        ce = -(share * (torch.log(patches + 1e-6) * wanted).sum(-1) + rest * torch.log(sink + 1e-6))
-        losses.append(ce[asked])
+def inventory_loss(model, captured: dict, inputs: dict, wanted: torch.Tensor, question_mark: int) -> torch.Tensor:
+    """How far head 1's weights at each inventory question's "?" (``_head_at_questions``) are from even over the
+    image's patches: their cross-entropy against the uniform distribution minus its entropy (a KL, 0 when even).
+    Even weights make the head's output the mean of its values over the patches, in which each object's centre
+    patch (``patch_targets``' inventory entry) counts exactly once, however many objects there are. Steering it to
+    the counted centres and <s> instead saturates: softmax cannot give n objects n equal shares beside <s>."""
+    losses = []
+    for asked, (patches, _) in zip(wanted, _head_at_questions(model, captured, inputs, question_mark,
+                                                               wanted.shape[1], head=1)):
+        ce = -torch.log(patches + 1e-6).mean(-1) - math.log(patches.shape[-1])
+        losses.append(ce[asked[: len(ce)]])
     return torch.cat(losses).mean() if sum(map(len, losses)) else torch.zeros(())
 
 
@@ -468,7 +501,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
           focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0,
-          vision_lr: float | None = None, count_weight: float = 0.0):
+          vision_lr: float | None = None, inventory_weight: float = 0.0, gather_weight: float = 0.0):
     if threads:
         torch.set_num_threads(threads)
     if init:                                   # go on training a saved model (the seeds continue past its steps)
@@ -491,7 +524,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         teacher_model, teacher_processor = load_teacher(teacher, model, processor.tokenizer, copy=not init)
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
     heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
-                      processor.tokenizer)
+                      processor.tokenizer, inventory=bool(inventory_weight))
     features = {}
     projector = _projector(model)
     # The projector's output as (images, grid * grid, hidden): Qwen2-VL's merger returns every image's tokens in one run.
@@ -527,7 +560,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
-                  "count_weight": count_weight,
+                  "inventory_weight": inventory_weight, "gather_weight": gather_weight,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
@@ -556,31 +589,37 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
             print(json.dumps(log[-1]), flush=True)
     # Phase 2: the whole model on the questions, the auxiliary losses kept on. The focus loss reads one decoder layer's
     # input through a pre-hook (removed with the others before saving).
-    captured, question_mark = {}, processor.tokenizer.convert_tokens_to_ids("?")
-    decoder = model.model.language_model.layers[focus_layer]
-    focus_hook = decoder.register_forward_pre_hook(
-        lambda m, args, kwargs: captured.update(layer=m, hidden=args[0] if args else kwargs["hidden_states"],
-                                                rope=kwargs["position_embeddings"]), with_kwargs=True)
+    captured, first, question_mark = {}, {}, processor.tokenizer.convert_tokens_to_ids("?")
+    attributes, eos = attribute_words(processor.tokenizer), processor.tokenizer.eos_token_id
+
+    def capture(into: dict):
+        return lambda m, args, kwargs: into.update(layer=m, hidden=args[0] if args else kwargs["hidden_states"],
+                                                   rope=kwargs["position_embeddings"])
+    layers = model.model.language_model.layers
+    hooks = [layers[focus_layer].register_forward_pre_hook(capture(captured), with_kwargs=True),
+             layers[0].register_forward_pre_hook(capture(first), with_kwargs=True)]
     params = list({id(p): p for p in [*model.parameters(), *heads.parameters()]}.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
     for step in range(steps):
         video = bool(video_every) and step % video_every == video_every - 1
         inputs = batch(processor, seeds_at(vision_steps + step), questions, video=video)
-        targets, focus, centres = (inputs.pop(k, None) for k in ("targets", "focus", "count_focus"))
+        targets, focus, inventory = (inputs.pop(k, None) for k in ("targets", "focus", "inventory"))
         loss = model(**inputs).loss
         aux = aux_loss(heads, features["out"], targets) if targets else torch.zeros(())
         distill = distilled(seeds_at(vision_steps + step)) if not video else torch.zeros(())
         guide = (focus_loss(model, captured, inputs, focus, question_mark) if focus is not None and focus_weight
                  else torch.zeros(()))
-        counting = (count_loss(model, captured, inputs, centres, question_mark) if centres is not None and count_weight
+        spread = (inventory_loss(model, captured, inputs, inventory, question_mark)
+                  if inventory is not None and inventory_weight else torch.zeros(()))
+        gathered = (gather_loss(first, inputs, attributes, question_mark, eos) if not video and gather_weight
                     else torch.zeros(()))
         update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide + distill_weight * distill
-               + count_weight * counting)
+               + inventory_weight * spread + gather_weight * gathered)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "focus_loss": guide.item(),
-                        "count_loss": counting.item(),
+                        "inventory_loss": spread.item(), "gather_loss": gathered.item(),
                         "distill_loss": distill.item(),
                         "val_accuracy": val["all"], "val_by_family": val, "minutes": (time.time() - start) / 60})
             if video_every:
@@ -588,7 +627,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
             print(json.dumps(log[-1]), flush=True)
             save(step + 1)
     model.eval()
-    focus_hook.remove()
+    for hook in hooks:
+        hook.remove()
     save(steps)
     projector._forward_hooks.clear()
     return model, processor
@@ -611,9 +651,11 @@ def main(argv=None):
     p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the loss that steers one attention "
                    "head at each question's '?' to the patches of the objects it names; 0: off")
     p.add_argument("--focus-layer", type=int, default=1, help="the decoder layer of that head")
-    p.add_argument("--count-weight", type=float, default=0.0, help="weight of the loss that steers a second head of "
-                   "that layer at each 'how many' question's '?' to 1/5 on each counted object's centre patch, the "
-                   "rest on <s>; 0: off")
+    p.add_argument("--inventory-weight", type=float, default=0.0, help="weight of the loss that spreads a second head "
+                   "of that layer evenly over the image at each 'how many' and 'is there' question's '?'; when on, a "
+                   "probe also marks each object's centre patch with its colour and shape; 0: off")
+    p.add_argument("--gather-weight", type=float, default=0.0, help="weight of the loss that spreads head 0 of the "
+                   "first decoder layer evenly over each question's colour, shape and size words at its '?'; 0: off")
     p.add_argument("--free-heads", action="store_true", help="colour and shape probes with their own weights, not "
                    "tied to the colour and shape words' embeddings")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
@@ -627,7 +669,8 @@ def main(argv=None):
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
           focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight,
-          vision_lr=a.vision_lr, count_weight=a.count_weight)
+          vision_lr=a.vision_lr, inventory_weight=a.inventory_weight,
+          gather_weight=a.gather_weight)
 
 
 if __name__ == "__main__":

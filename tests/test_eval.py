@@ -1,5 +1,6 @@
 """``vtr eval``: scoring, per-run figures, the mean-visual control, bad data, and the shipped trained model's quality."""
 import json
+import math
 
 import pytest
 import torch
@@ -155,13 +156,17 @@ def test_patch_targets_by_hand():
     # The circle (px 193..207 across, 113..127 down) lies in column 12 and row 7.
     assert t["colors"][7, 12] == blue and t["shapes"][7, 12] == 1 + S.SHAPES.index("circle") and t["sizes"][7, 12] == 1
     assert t["centres"].nonzero().tolist() == [[2, 2], [7, 12]]
+    # the inventory marks the same patches with colour x shape: 4 shapes per colour
+    square, circle = S.SHAPES.index("square"), S.SHAPES.index("circle")
+    assert t["inventory"][2, 2] == 1 + (red - 1) * 4 + square and t["inventory"][7, 12] == 1 + (blue - 1) * 4 + circle
+    assert t["inventory"].count_nonzero() == 2 and len(S.SHAPES) == 4
     assert t["rows"][5].tolist() == [5] * 14 and t["cols"][5].tolist() == list(range(14))
 
 
-def test_question_objects_and_focus_and_count_losses_match_the_eager_attention():
+def test_question_objects_and_the_head_losses_match_the_eager_attention():
     from vtr.eval import shapes as S
-    from vtr.eval.train_tiny import (batch, build_model, build_processor, count_loss, count_masks, focus_loss,
-                                     question_objects)
+    from vtr.eval.train_tiny import (attribute_words, batch, build_model, build_processor, focus_loss, gather_loss,
+                                     inventory_loss, inventory_questions, question_objects)
 
     scene = S.Scene([S.Obj("circle", "red", "small", 20, 20), S.Obj("circle", "blue", "large", 100, 100),
                      S.Obj("square", "red", "medium", 180, 40)])
@@ -169,21 +174,21 @@ def test_question_objects_and_focus_and_count_losses_match_the_eager_attention()
     assert question_objects(scene, "is there a red circle ?") == [0]
     assert question_objects(scene, "what color is the small circle ?") == [0]
     assert question_objects(scene, "is there a blue square ?") == []
-    # the counted circles' centres lie in patches (1, 1) and (6, 6) of the 14 x 14 grid; a colour question: none
-    centres = count_masks([{"scene": scene}], [["how many circles are there ?", "what color is the square ?"]])
-    assert centres[0, 0].nonzero()[:, 0].tolist() == [15, 90] and not centres[0, 1].any()
+    asked = inventory_questions([["how many circles are there ?", "what color is the square ?", "is there a red circle ?"],
+                                 ["is the circle on the left or right ?"]])
+    assert asked.tolist() == [[True, False, True], [False, False, False]]
     processor = build_processor()
     model = build_model(processor)
     model.set_attn_implementation("eager")
     inputs = batch(processor, [1_000_000, 1_000_009, 1_000_010], questions=3)
     inputs.pop("targets")
-    focus, centres = inputs.pop("focus"), inputs.pop("count_focus")
-    assert centres.any() and not focus.any(-1).all()         # an "is there" question answered no is among them
+    focus, inventory = inputs.pop("focus"), inputs.pop("inventory")
+    assert inventory.any() and not focus.any(-1).all()       # an "is there" question answered no is among them
     captured = {}
     model.model.language_model.layers[1].register_forward_pre_hook(
         lambda m, args, kwargs: captured.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
                                                 else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
-    eager, counting = model(**inputs, output_attentions=True).attentions[1][:, :2].unbind(1)   # layer 1, heads 0, 1
+    eager, spread = model(**inputs, output_attentions=True).attentions[1][:, :2].unbind(1)   # layer 1, heads 0, 1
     mark = processor.tokenizer.convert_tokens_to_ids("?")
     visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(3, -1)
     expected = []
@@ -195,19 +200,36 @@ def test_question_objects_and_focus_and_count_losses_match_the_eager_attention()
         expected.append(-torch.log(torch.where(wanted.any(-1), mass, eager[i, marks, first]) + 1e-6))
     assert focus_loss(model, captured, inputs, focus, mark).item() == pytest.approx(torch.cat(expected).mean().item(),
                                                                                     rel=1e-5)
-    # head 1 at each "how many ?": 1/5 on each counted centre, the rest on <s>
+    # head 1 at each "how many" and "is there" question's "?": its KL from even weights over the 196 patches
     expected = []
     for i in range(3):
         marks = (inputs["input_ids"][i] == mark).nonzero()[:, 0]
-        first = int(inputs["attention_mask"][i].nonzero()[0])
         for q, m in enumerate(marks):
-            wanted = centres[i, q].nonzero()[:, 0]
-            if len(wanted):
-                rows = counting[i, m]
-                expected.append(-(torch.log(rows[visual[i, wanted]] + 1e-6).sum() / 5
-                                  + (1 - len(wanted) / 5) * torch.log(rows[first] + 1e-6)))
-    got = count_loss(model, captured, inputs, centres, mark).item()
-    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+            if inventory[i, q]:
+                expected.append(-torch.log(spread[i, m, visual[i]] + 1e-6).mean() - math.log(196))
+    got = inventory_loss(model, captured, inputs, inventory, mark).item()
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
+    # head 0 of layer 0 at each "?": its KL from even weights over the question's own colour, shape and size words
+    first = {}
+    model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: first.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
+                                             else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
+    reading = model(**inputs, output_attentions=True).attentions[0][:, 0]
+    tok, expected = processor.tokenizer, []
+    for i in range(3):
+        words = tok.convert_ids_to_tokens(inputs["input_ids"][i].tolist())
+        start = 0
+        for m, word in enumerate(words):
+            if word == "</s>":
+                start = m + 1
+            elif word == "?":
+                named = [j for j in range(start, m) if words[j].removesuffix("s") in (*S.COLORS, *S.SHAPES)
+                         or words[j] == "small"]
+                if named:
+                    expected.append(-torch.log(reading[i, m, named] + 1e-6).mean() - math.log(len(named)))
+    assert len(expected) == int((inputs["input_ids"] == mark).sum())      # every question names a shape
+    got = gather_loss(first, inputs, attribute_words(tok), mark, tok.eos_token_id).item()
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
 
 
 def test_training_script_saves_a_loadable_model(tmp_path):
