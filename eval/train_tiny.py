@@ -14,7 +14,9 @@ Each training sequence is one image, then every question its scene allows (up to
 - a focus loss steering one attention head at each "?" to the patches the question names;
 - with --inventory-weight, a second head at each "how many" and "is there" question's "?" steered to spread its
   weight evenly over the image, so its output is the mean visual token; a probe marks each object's centre patch with
-  the object's colour and shape, so that mean is an inventory of the scene in which every object counts once.
+  the object's colour and shape, so that mean is an inventory of the scene in which every object counts once;
+- with --gather-weight, head 0 of the first decoder layer at each "?" steered evenly onto the question's colour,
+  shape and size words, so the "?" carries all of them, not only the word before it.
 A vision-only warm-up trains the tower and projector on the probes first. Probes and hooks are dropped before saving,
 so the saved model is the stock architecture. The README's "The built-in model" says what each piece fixed.
 """
