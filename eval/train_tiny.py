@@ -355,7 +355,7 @@ def attribute_words(tokenizer) -> torch.Tensor:
 def gather_loss(captured: dict, inputs: dict, attributes: torch.Tensor, question_mark: int, eos: int) -> torch.Tensor:
     """How far head 0 of the first decoder layer, at each question's "?", is from even weights over the question's
     attribute words (``attribute_words``: "red" and "circle" in "is there a red circle ?"): the mean of -log of
-    each word's weight minus log(1 / words) (0 when even). A "?" that reads only the word before it carries the shape
+    each word's weight minus log(number of words) (0 when even). A "?" that reads only the word before it carries the shape
     but not the colour, and the focus head then finds a blue circle for "a red circle" (measured: see the README)."""
     ids = inputs["input_ids"]
     weights = _head_weights(captured, inputs, head=0)
@@ -589,8 +589,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                         "minutes": (time.time() - start) / 60,
                         "object_patch_accuracy": aux_accuracy(heads, features["out"], targets)})
             print(json.dumps(log[-1]), flush=True)
-    # Phase 2: the whole model on the questions, the auxiliary losses kept on. The focus loss reads one decoder layer's
-    # input through a pre-hook (removed with the others before saving).
+    # Phase 2: the whole model on the questions, the auxiliary losses kept on. The head losses read the inputs of the
+    # focus layer and of the first layer through pre-hooks (removed with the others before saving).
     captured, first, question_mark = {}, {}, processor.tokenizer.convert_tokens_to_ids("?")
     attributes, eos = attribute_words(processor.tokenizer), processor.tokenizer.eos_token_id
 

@@ -242,10 +242,12 @@ def test_training_script_saves_a_loadable_model(tmp_path):
     first = json.loads((tmp_path / "a" / "training.json").read_text())
     assert [r.get("vision_step", r.get("step")) for r in first["log"]] == [1, 1, 2] and first["steps_done"] == 2
     assert set(first["log"][0]["object_patch_accuracy"]) == {"colors", "shapes", "sizes", "centres", "rows", "cols"}
-    train(str(tmp_path / "b"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=10,
-          init=str(tmp_path / "a"), val_examples=10)
+    trained, _ = train(str(tmp_path / "b"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=1,
+                       init=str(tmp_path / "a"), val_examples=10, inventory_weight=1.0, gather_weight=1.0)
     recipe = json.loads((tmp_path / "b" / "training.json").read_text())
     assert [h["steps"] for h in recipe["history"]] == [2] and recipe["log"][-1]["step"] == 2
+    assert all(r["inventory_loss"] > 0 and r["gather_loss"] > 0 for r in recipe["log"])   # both head losses ran
+    assert not any(layer._forward_pre_hooks for layer in trained.model.language_model.layers)
     model, processor = load_model(str(tmp_path / "b"))
     assert not model.model.multi_modal_projector._forward_hooks        # the training-only hook is gone
     assert processor.tokenizer.padding_side == "left"
