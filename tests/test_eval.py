@@ -184,11 +184,14 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention():
     inputs.pop("targets")
     focus, inventory = inputs.pop("focus"), inputs.pop("inventory")
     assert inventory.any() and not focus.any(-1).all()       # an "is there" question answered no is among them
-    captured = {}
-    model.model.language_model.layers[1].register_forward_pre_hook(
-        lambda m, args, kwargs: captured.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
-                                                else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
-    eager, spread = model(**inputs, output_attentions=True).attentions[1][:, :2].unbind(1)   # layer 1, heads 0, 1
+    captured, layer0 = {}, {}                                 # the inputs of layers 1 and 0
+    for layer, into in ((1, captured), (0, layer0)):
+        model.model.language_model.layers[layer].register_forward_pre_hook(
+            lambda m, args, kwargs, into=into: into.update(layer=m, rope=kwargs["position_embeddings"],
+                                                           hidden=kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True)
+    attentions = model(**inputs, output_attentions=True).attentions
+    eager, spread = attentions[1][:, :2].unbind(1)                                    # layer 1, heads 0, 1
     mark = processor.tokenizer.convert_tokens_to_ids("?")
     visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(3, -1)
     expected = []
@@ -210,11 +213,7 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention():
     got = inventory_loss(model, captured, inputs, inventory, mark).item()
     assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
     # head 0 of layer 0 at each "?": its KL from even weights over the question's own colour, shape and size words
-    first = {}
-    model.model.language_model.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: first.update(layer=m, hidden=kwargs["hidden_states"] if "hidden_states" in kwargs
-                                             else args[0], rope=kwargs["position_embeddings"]), with_kwargs=True)
-    reading = model(**inputs, output_attentions=True).attentions[0][:, 0]
+    reading = attentions[0][:, 0]
     tok, expected = processor.tokenizer, []
     for i in range(3):
         words = tok.convert_ids_to_tokens(inputs["input_ids"][i].tolist())
@@ -228,7 +227,7 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention():
                 if named:
                     expected.append(-torch.log(reading[i, m, named] + 1e-6).mean() - math.log(len(named)))
     assert len(expected) == int((inputs["input_ids"] == mark).sum())      # every question names a shape
-    got = gather_loss(first, inputs, attribute_words(tok), mark, tok.eos_token_id).item()
+    got = gather_loss(layer0, inputs, attribute_words(tok), mark, tok.eos_token_id).item()
     assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
 
 
