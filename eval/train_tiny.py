@@ -185,11 +185,11 @@ def patch_targets(scene, grid: int) -> dict[str, torch.Tensor]:
     colors = torch.tensor([0] + [1 + list(shapes.COLORS).index(o.color) for o in objects])
     kinds = torch.tensor([0] + [1 + shapes.SHAPES.index(o.shape) for o in objects])
     sizes = torch.tensor([0] + [1 + list(shapes.SIZES).index(o.size) for o in objects])
-    centres, inventory = torch.zeros(grid * grid, dtype=torch.long), torch.zeros(grid * grid, dtype=torch.long)
+    inventory = torch.zeros(grid * grid, dtype=torch.long)
     for o in objects:
-        centres[centre_patch(o, grid)] = 1
         inventory[centre_patch(o, grid)] = 1 + list(shapes.COLORS).index(o.color) * len(shapes.SHAPES) + \
             shapes.SHAPES.index(o.shape)
+    centres = (inventory > 0).long()
     rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
     return {"colors": colors[winner], "shapes": kinds[winner], "sizes": sizes[winner], "centres": centres,
             "inventory": inventory, "rows": rows, "cols": cols}
