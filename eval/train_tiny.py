@@ -264,7 +264,8 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
     questions about the same scene, each followed by its answer and </s> (``shapes.scene_questions``; text tokens are
     cheap beside the image's, so each image is asked all it can answer); prompts are left-padded and the tails
     right-padded. Labels only on answers and </s>; ``targets``: the per-patch classes of the auxiliary loss.
-    ``video``: clips (``vtr.eval.clips``) with their three questions instead, and no per-patch targets."""
+    ``video``: clips (``vtr.eval.clips``) with their three questions instead, and no per-patch targets.
+    ``segments`` (B, L): which question each token belongs to (``isolated_questions`` uses it)."""
     import random
 
     from vtr.eval import clips
@@ -280,22 +281,31 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
         texts = [chat_prompt(processor, e["question"]) for e in examples]
         inputs = processor(images=[e["image"] for e in examples], text=texts, return_tensors="pt", padding=True)
         ask = lambda seed, e: shapes.scene_questions(e["scene"], random.Random(seed))          # noqa: E731
-    tails, asked = [], []
+    tails, tail_segments, asked = [], [], []
     for seed, e in zip(seeds, examples):
-        tail = [tok.convert_tokens_to_ids(e["answer"]), tok.eos_token_id]
+        tail, segment = [tok.convert_tokens_to_ids(e["answer"]), tok.eos_token_id], [1, 1]
         others = [qa for qa in ask(seed, e) if qa[0] != e["question"]][:questions - 1]
-        for question, answer, _ in others:
-            tail += tok.convert_tokens_to_ids(question.split()) + [tok.convert_tokens_to_ids(answer), tok.eos_token_id]
+        for k, (question, answer, _) in enumerate(others, start=2):
+            words = tok.convert_tokens_to_ids(question.split()) + [tok.convert_tokens_to_ids(answer), tok.eos_token_id]
+            tail, segment = tail + words, segment + [k] * len(words)
         tails.append(tail)
+        tail_segments.append(segment)
         asked.append([e["question"]] + [q for q, _, _ in others])
     width = max(map(len, tails))
     tail_ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in tails])
     tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails])
     ids = torch.cat([inputs["input_ids"], tail_ids], dim=1)
     mask = torch.cat([inputs["attention_mask"], tail_mask], dim=1)
+    # Segments: -1 padding, 0 the prompt up to its question (image or video included), k the k-th question with
+    # its answer and </s> (the first question's words end the prompt).
+    prompt = inputs["attention_mask"].long() - 1
+    for b, e in enumerate(examples):
+        prompt[b, prompt.shape[1] - len(e["question"].split()):] = 1
+    segments = torch.cat([prompt, torch.tensor([s + [-1] * (width - len(s)) for s in tail_segments])], dim=1)
     answer_or_eos = (ids == tok.eos_token_id) | torch.roll(ids == tok.convert_tokens_to_ids("?"), 1, dims=1)
     labels = ids.masked_fill(~(answer_or_eos & mask.bool()), -100)
     out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+           "segments": segments.to(device),
            **{k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask", *_per_token)},
            **{k: torch.cat([inputs[k], torch.zeros_like(tail_ids)], dim=1).to(device) for k in _per_token if k in inputs}}
     if not video:
@@ -317,9 +327,37 @@ def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
     return out
 
 
+def isolated_questions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask (B, L, L; True: may attend) and position ids under which every question of a ``batch``
+    sequence sees the image and its own words only, at the positions it would have as the only question after the
+    image: each is trained as if asked alone, while the image passes through the model once. Without this the later
+    questions read the earlier answers ("is there a red circle ?" after "what color is the circle ? blue" needs no
+    pixels), and the model learns to read them instead of looking (measured: see the README)."""
+    ids, mask, segments = inputs["input_ids"], inputs["attention_mask"], inputs["segments"]
+    n = ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+    visible = (segments[:, :, None] == segments[:, None, :]) | (segments == 0)[:, None, :]
+    allowed = causal & visible & (segments >= 0)[:, None, :]
+    allowed |= torch.eye(n, dtype=torch.bool, device=ids.device)       # padding sees itself: no empty softmax row
+    if hasattr(model.model, "get_rope_index"):                          # M-RoPE: the model's own 3D positions
+        positions, _ = model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+    else:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = positions.clone()
+    for b in range(len(ids)):                 # question k moves back to where the first question starts
+        first = int((segments[b] == 1).nonzero()[0])
+        for k in range(2, int(segments[b].max()) + 1):
+            where = segments[b] == k
+            positions[..., b, where] -= int(where.nonzero()[0]) - first
+    return allowed, positions
+
+
 def _head_weights(captured: dict, inputs: dict, head: int) -> torch.Tensor:
     """One attention head's weights (B, L, L) in the decoder layer whose input ``captured`` holds, recomputed from the
-    layer's own projections and RoPE (the layer itself runs sdpa, which returns no weights)."""
+    layer's own projections and RoPE (the layer itself runs sdpa, which returns no weights), under the causal mask or
+    the batch's ``allowed`` mask (``isolated_questions``)."""
     from vtr.kernels import apply_rope
 
     layer, hidden, (cos, sin) = captured["layer"], captured["hidden"], captured["rope"]
@@ -330,7 +368,9 @@ def _head_weights(captured: dict, inputs: dict, head: int) -> torch.Tensor:
     q = apply_rope(attn.q_proj(x).view(b, n, -1, d)[:, :, head:head + 1].transpose(1, 2), cos, sin)[:, 0]
     k = apply_rope(attn.k_proj(x).view(b, n, -1, d)[:, :, kv:kv + 1].transpose(1, 2), cos, sin)[:, 0]
     scores = (q @ k.transpose(1, 2)) * attn.scaling
-    allowed = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]
+    allowed = inputs.get("allowed")
+    if allowed is None:
+        allowed = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()[None] & mask[:, None, :]
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
@@ -503,7 +543,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
           aux_weight: float = 0.5, init: str | None = None, vision_steps: int = 0, questions: int = 16,
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
           focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0,
-          vision_lr: float | None = None, inventory_weight: float = 0.0, gather_weight: float = 0.0):
+          vision_lr: float | None = None, inventory_weight: float = 0.0, gather_weight: float = 0.0,
+          isolate: bool = False):
     if threads:
         torch.set_num_threads(threads)
     if init:                                   # go on training a saved model (the seeds continue past its steps)
@@ -562,7 +603,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "seed": seed,
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
-                  "inventory_weight": inventory_weight, "gather_weight": gather_weight,
+                  "inventory_weight": inventory_weight, "gather_weight": gather_weight, "isolate": isolate,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
@@ -606,8 +647,15 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     for step in range(steps):
         video = bool(video_every) and step % video_every == video_every - 1
         inputs = batch(processor, seeds_at(vision_steps + step), questions, video=video)
-        targets, focus, inventory = (inputs.pop(k, None) for k in ("targets", "focus", "inventory"))
-        loss = model(**inputs).loss
+        targets, focus, inventory, segments = (inputs.pop(k, None)
+                                               for k in ("targets", "focus", "inventory", "segments"))
+        if isolate:
+            allowed, positions = isolated_questions(model, {**inputs, "segments": segments})
+            blocked = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)  # additive
+            loss = model(**{**inputs, "attention_mask": blocked[:, None], "position_ids": positions}).loss
+            inputs["allowed"] = allowed                 # what the head losses recompute their weights under
+        else:
+            loss = model(**inputs).loss
         aux = aux_loss(heads, features["out"], targets) if targets else torch.zeros(())
         distill = distilled(seeds_at(vision_steps + step)) if not video else torch.zeros(())
         guide = (focus_loss(model, captured, inputs, focus, question_mark) if focus is not None and focus_weight
@@ -658,6 +706,9 @@ def main(argv=None):
                    "probe also marks each object's centre patch with its colour and shape; 0: off")
     p.add_argument("--gather-weight", type=float, default=0.0, help="weight of the loss that spreads head 0 of the "
                    "first decoder layer evenly over each question's colour, shape and size words at its '?'; 0: off")
+    p.add_argument("--isolate-questions", action="store_true", help="each question of a training sequence sees the "
+                   "image and its own words only, at the positions of a lone question, not the questions and "
+                   "answers before it")
     p.add_argument("--free-heads", action="store_true", help="colour and shape probes with their own weights, not "
                    "tied to the colour and shape words' embeddings")
     p.add_argument("--video-every", type=int, default=0, help="every N-th question step trains on video clips "
@@ -672,7 +723,7 @@ def main(argv=None):
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
           focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight,
           vision_lr=a.vision_lr, inventory_weight=a.inventory_weight,
-          gather_weight=a.gather_weight)
+          gather_weight=a.gather_weight, isolate=a.isolate_questions)
 
 
 if __name__ == "__main__":

@@ -163,10 +163,11 @@ def test_patch_targets_by_hand():
     assert t["rows"][5].tolist() == [5] * 14 and t["cols"][5].tolist() == list(range(14))
 
 
-def test_question_objects_and_the_head_losses_match_the_eager_attention():
+@pytest.mark.parametrize("isolate", [False, True])
+def test_question_objects_and_the_head_losses_match_the_eager_attention(isolate):
     from vtr.eval import shapes as S
     from vtr.eval.train_tiny import (attribute_words, batch, build_model, build_processor, focus_loss, gather_loss,
-                                     inventory_loss, inventory_questions, question_objects)
+                                     inventory_loss, inventory_questions, isolated_questions, question_objects)
 
     scene = S.Scene([S.Obj("circle", "red", "small", 20, 20), S.Obj("circle", "blue", "large", 100, 100),
                      S.Obj("square", "red", "medium", 180, 40)])
@@ -182,6 +183,7 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention():
     model.set_attn_implementation("eager")
     inputs = batch(processor, [1_000_000, 1_000_009, 1_000_010], questions=3)
     inputs.pop("targets")
+    segments = inputs.pop("segments")
     focus, inventory = inputs.pop("focus"), inputs.pop("inventory")
     assert inventory.any() and not focus.any(-1).all()       # an "is there" question answered no is among them
     captured, layer0 = {}, {}                                 # the inputs of layers 1 and 0
@@ -190,7 +192,13 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention():
             lambda m, args, kwargs, into=into: into.update(layer=m, rope=kwargs["position_embeddings"],
                                                            hidden=kwargs.get("hidden_states", args[0] if args else None)),
             with_kwargs=True)
-    attentions = model(**inputs, output_attentions=True).attentions
+    if isolate:                 # the losses recompute the weights under the mask and positions the model ran with
+        inputs["allowed"], positions = isolated_questions(model, {**inputs, "segments": segments})
+        blocked = torch.zeros(inputs["allowed"].shape).masked_fill(~inputs["allowed"], torch.finfo(torch.float32).min)
+        run = {**inputs, "attention_mask": blocked[:, None], "position_ids": positions}
+    else:
+        run = inputs
+    attentions = model(**{k: v for k, v in run.items() if k != "allowed"}, output_attentions=True).attentions
     eager, spread = attentions[1][:, :2].unbind(1)                                    # layer 1, heads 0, 1
     mark = processor.tokenizer.convert_tokens_to_ids("?")
     visual = (inputs["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(3, -1)
@@ -231,6 +239,52 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention():
     assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
 
 
+@pytest.mark.parametrize("arch,video", [("llava", False), ("qwen2_vl", False), ("qwen2_vl", True)])
+def test_isolated_questions_answer_as_if_each_were_asked_alone(arch, video):
+    """Under ``isolated_questions`` every question of a packed training sequence gets the logits it gets as the only
+    question after the image; without it the later ones differ (they see the earlier answers)."""
+    if arch == "qwen2_vl":
+        pytest.importorskip("torchvision")
+    from vtr.builtin import chat_prompt
+    from vtr.eval import clips
+    from vtr.eval import shapes as S
+    from vtr.eval.train_tiny import batch, build_model, build_processor, isolated_questions
+
+    processor = build_processor(arch)
+    model = build_model(processor, seed=3, arch=arch)
+    tok, seeds = processor.tokenizer, [1_000_001, 1_000_003]       # first questions of 5 and 7 words
+    inputs = batch(processor, seeds, questions=4, video=video)
+    for key in ("targets", "focus", "inventory", "labels"):
+        inputs.pop(key, None)
+    segments = inputs.pop("segments")
+    assert segments.max() > 2 and (segments == -1).any()         # several questions, and padding on both sides
+    allowed, positions = isolated_questions(model, {**inputs, "segments": segments})
+    blocked = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    with torch.no_grad():
+        packed = model(**{**inputs, "attention_mask": blocked, "position_ids": positions}).logits
+        plain = model(**inputs).logits
+    mark, checked, differs = tok.convert_tokens_to_ids("?"), 0, False
+    for b, seed in enumerate(seeds):
+        ids = inputs["input_ids"][b]
+        for m in (ids == mark).nonzero()[:, 0].tolist():
+            start = m - 1
+            while segments[b, start - 1] == segments[b, m]:
+                start -= 1
+            question = " ".join(tok.convert_ids_to_tokens(ids[start:m + 1].tolist()))
+            if video:
+                lone = processor(videos=[clips.make_clip(seed)["frames"]], text=[chat_prompt(
+                    processor, question, images=0, videos=1)], return_tensors="pt")
+            else:
+                lone = processor(images=[S.make_example(seed)["image"]], text=[chat_prompt(processor, question)],
+                                 return_tensors="pt")
+            with torch.no_grad():
+                alone = model(**lone).logits[0, -1]
+            torch.testing.assert_close(packed[b, m], alone, atol=1e-4, rtol=1e-4)
+            differs |= not torch.allclose(plain[b, m], alone, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked == int((inputs["input_ids"] == mark).sum()) > 4 and differs
+
+
 def test_training_script_saves_a_loadable_model(tmp_path):
     """Two steps of the recipe, then two more from the saved model: what the shipped model was trained with."""
     from vtr.builtin import load_model
@@ -259,9 +313,9 @@ def test_training_script_trains_the_qwen2_vl_architecture(tmp_path):
     from vtr.eval.train_tiny import train
 
     train(str(tmp_path / "q"), steps=2, batch_size=2, lr=1e-3, seed=0, threads=None, log_every=2, vision_steps=1,
-          arch="qwen2_vl", val_examples=6, video_every=2)              # step 2 is a video step
+          arch="qwen2_vl", val_examples=6, video_every=2, isolate=True)   # step 2 is a video step
     recipe = json.loads((tmp_path / "q" / "training.json").read_text())
-    assert recipe["arch"] == "qwen2_vl" and recipe["log"][0]["object_patch_accuracy"]
+    assert recipe["arch"] == "qwen2_vl" and recipe["log"][0]["object_patch_accuracy"] and recipe["isolate"]
     assert set(recipe["log"][-1]["video_val_by_family"]) == {"all", "last", "first", "move"}
     model, processor = load_model(str(tmp_path / "q"))
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and not model.model.visual.merger._forward_hooks
