@@ -15,6 +15,9 @@ Each training sequence is one image, then every question its scene allows (up to
 - with --inventory-weight, a second head at each "how many" and "is there" question's "?" steered to spread its
   weight evenly over the image, so its output is the mean visual token; a probe marks each object's centre patch with
   the object's colour and shape, so that mean is an inventory of the scene in which every object counts once;
+- with --tally-weight, a third head of that layer at the same questions steered to give <s> and each centre patch of
+  the objects the question counts the same weight, 1 / (n + 1) for n objects: its output then tells the count (and
+  whether there is one), and the centres' inventory entries make "a red circle" one class, not two attributes;
 - with --gather-weight, head 0 of the first decoder layer at each "?" steered evenly onto the question's colour,
   shape and size words, so the "?" carries all of them, not only the word before it.
 A vision-only warm-up trains the tower and projector on the probes first. Probes and hooks are dropped before saving,
@@ -312,6 +315,7 @@ def batch(processor, seeds, questions: int = 16, device="cpu", video: bool = Fal
         out["targets"] = {k: t.to(device) for k, t in stacked_targets(examples).items()}
         out["focus"] = focus_masks(examples, asked).to(device)
         out["inventory"] = inventory_questions(asked).to(device)
+        out["tally"] = tally_masks(examples, asked).to(device)
     return out
 
 
@@ -432,6 +436,35 @@ def inventory_questions(asked: list[list[str]]) -> torch.Tensor:
     return out
 
 
+def tally_masks(examples, asked: list[list[str]]) -> torch.Tensor:
+    """(images, questions, patches) bool: for each "how many" and "is there" question of each sequence, in order, the
+    centre patches of the objects it counts (``question_objects``); nothing for the other questions."""
+    grid = shapes.IMAGE_SIZE // 16
+    out = torch.zeros(len(examples), max(map(len, asked)), grid * grid, dtype=torch.bool)
+    for b, (e, questions) in enumerate(zip(examples, asked)):
+        for q, question in enumerate(questions):
+            if question.startswith(("how many", "is there")):
+                objects = e["scene"].objects
+                out[b, q, [centre_patch(objects[i], grid) for i in question_objects(e["scene"], question)]] = True
+    return out
+
+
+def tally_loss(model, captured: dict, inputs: dict, tally: torch.Tensor, asked: torch.Tensor,
+               question_mark: int) -> torch.Tensor:
+    """How far head 2's weights at each inventory question's "?" (``_head_at_questions``; ``asked``:
+    ``inventory_questions``) are from equal on <s> and on each centre patch of the question's objects (``tally``):
+    the mean of -log of those n + 1 weights minus log(n + 1) (0 when equal). Equal shares are what softmax can give
+    for any n (each centre's logit level with <s>'s), and the head's output, (v<s> + sum of the centres' values) /
+    (n + 1), then moves with n; all on <s> means there is none."""
+    losses = []
+    for wanted, ask, (patches, sink) in zip(tally, asked, _head_at_questions(model, captured, inputs, question_mark,
+                                                                             tally.shape[1], head=2)):
+        for q in ask[: len(sink)].nonzero()[:, 0].tolist():
+            shares = torch.cat([sink[q:q + 1], patches[q, wanted[q]]])
+            losses.append(-torch.log(shares + 1e-6).mean() - math.log(len(shares)))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
 def inventory_loss(model, captured: dict, inputs: dict, wanted: torch.Tensor, question_mark: int) -> torch.Tensor:
     """How far head 1's weights at each inventory question's "?" (``_head_at_questions``) are from even over the
     image's patches: their cross-entropy against the uniform distribution minus its entropy (a KL, 0 when even).
@@ -544,7 +577,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
           arch: str = "llava", val_examples: int = 250, video_every: int = 0, word_heads: bool = True,
           focus_weight: float = 1.0, focus_layer: int = 1, teacher: str | None = None, distill_weight: float = 1.0,
           vision_lr: float | None = None, inventory_weight: float = 0.0, gather_weight: float = 0.0,
-          isolate: bool = False):
+          isolate: bool = False, tally_weight: float = 0.0):
     if threads:
         torch.set_num_threads(threads)
     if init:                                   # go on training a saved model (the seeds continue past its steps)
@@ -567,7 +600,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         teacher_model, teacher_processor = load_teacher(teacher, model, processor.tokenizer, copy=not init)
     grid = shapes.IMAGE_SIZE // 16             # both architectures: one visual token per 16 px cell
     heads = aux_heads(model.config.text_config.hidden_size, grid, model.get_input_embeddings() if word_heads else None,
-                      processor.tokenizer, inventory=bool(inventory_weight))
+                      processor.tokenizer, inventory=bool(inventory_weight or tally_weight))
     features = {}
     projector = _projector(model)
     # The projector's output as (images, grid * grid, hidden): Qwen2-VL's merger returns every image's tokens in one run.
@@ -604,6 +637,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                   "aux_weight": aux_weight, "questions": questions, "video_every": video_every,
                   "word_heads": word_heads, "focus_weight": focus_weight, "focus_layer": focus_layer,
                   "inventory_weight": inventory_weight, "gather_weight": gather_weight, "isolate": isolate,
+                  "tally_weight": tally_weight,
                   "teacher": teacher, "distill_weight": distill_weight if teacher else None,
                   "threads": torch.get_num_threads(), "minutes": (time.time() - start) / 60, "log": log,
                   "history": history}
@@ -647,8 +681,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
     for step in range(steps):
         video = bool(video_every) and step % video_every == video_every - 1
         inputs = batch(processor, seeds_at(vision_steps + step), questions, video=video)
-        targets, focus, inventory, segments = (inputs.pop(k, None)
-                                               for k in ("targets", "focus", "inventory", "segments"))
+        targets, focus, inventory, tally, segments = (inputs.pop(k, None)
+                                                      for k in ("targets", "focus", "inventory", "tally", "segments"))
         if isolate:
             allowed, positions = isolated_questions(model, {**inputs, "segments": segments})
             blocked = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)  # additive
@@ -662,14 +696,16 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
                  else torch.zeros(()))
         spread = (inventory_loss(model, captured, inputs, inventory, question_mark)
                   if inventory is not None and inventory_weight else torch.zeros(()))
+        tallied = (tally_loss(model, captured, inputs, tally, inventory, question_mark)
+                   if tally is not None and tally_weight else torch.zeros(()))
         gathered = (gather_loss(first, inputs, attributes, question_mark, eos) if not video and gather_weight
                     else torch.zeros(()))
         update(opt, sched, params, loss + aux_weight * aux + focus_weight * guide + distill_weight * distill
-               + inventory_weight * spread + gather_weight * gathered)
+               + inventory_weight * spread + gather_weight * gathered + tally_weight * tallied)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             val = accuracy(model, processor, n=val_examples)
             log.append({"step": step + 1, "loss": loss.item(), "aux_loss": aux.item(), "focus_loss": guide.item(),
-                        "inventory_loss": spread.item(), "gather_loss": gathered.item(),
+                        "inventory_loss": spread.item(), "gather_loss": gathered.item(), "tally_loss": tallied.item(),
                         "distill_loss": distill.item(),
                         "val_accuracy": val["all"], "val_by_family": val, "minutes": (time.time() - start) / 60})
             if video_every:
@@ -704,6 +740,9 @@ def main(argv=None):
     p.add_argument("--inventory-weight", type=float, default=0.0, help="weight of the loss that spreads a second head "
                    "of that layer evenly over the image at each 'how many' and 'is there' question's '?'; when on, a "
                    "probe also marks each object's centre patch with its colour and shape; 0: off")
+    p.add_argument("--tally-weight", type=float, default=0.0, help="weight of the loss that steers a third head of "
+                   "that layer at each 'how many' and 'is there' question's '?' to equal weights on <s> and on the "
+                   "centre patches of the objects it counts (the centre probe comes on too); 0: off")
     p.add_argument("--gather-weight", type=float, default=0.0, help="weight of the loss that spreads head 0 of the "
                    "first decoder layer evenly over each question's colour, shape and size words at its '?'; 0: off")
     p.add_argument("--isolate-questions", action="store_true", help="each question of a training sequence sees the "
@@ -722,7 +761,7 @@ def main(argv=None):
     train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.threads, a.log_every, a.aux_weight, a.init, a.vision_steps,
           a.questions, a.arch, video_every=a.video_every, word_heads=not a.free_heads,
           focus_weight=a.focus_weight, focus_layer=a.focus_layer, teacher=a.teacher, distill_weight=a.distill_weight,
-          vision_lr=a.vision_lr, inventory_weight=a.inventory_weight,
+          vision_lr=a.vision_lr, inventory_weight=a.inventory_weight, tally_weight=a.tally_weight,
           gather_weight=a.gather_weight, isolate=a.isolate_questions)
 
 

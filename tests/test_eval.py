@@ -1,6 +1,7 @@
 """``vtr eval``: scoring, per-run figures, the mean-visual control, bad data, and the shipped trained model's quality."""
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -167,7 +168,8 @@ def test_patch_targets_by_hand():
 def test_question_objects_and_the_head_losses_match_the_eager_attention(isolate):
     from vtr.eval import shapes as S
     from vtr.eval.train_tiny import (attribute_words, batch, build_model, build_processor, focus_loss, gather_loss,
-                                     inventory_loss, inventory_questions, isolated_questions, question_objects)
+                                     inventory_loss, inventory_questions, isolated_questions, question_objects,
+                                     tally_loss)
 
     scene = S.Scene([S.Obj("circle", "red", "small", 20, 20), S.Obj("circle", "blue", "large", 100, 100),
                      S.Obj("square", "red", "medium", 180, 40)])
@@ -184,7 +186,7 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention(isolate)
     inputs = batch(processor, [1_000_000, 1_000_009, 1_000_010], questions=3)
     inputs.pop("targets")
     segments = inputs.pop("segments")
-    focus, inventory = inputs.pop("focus"), inputs.pop("inventory")
+    focus, inventory, tally = inputs.pop("focus"), inputs.pop("inventory"), inputs.pop("tally")
     assert inventory.any() and not focus.any(-1).all()       # an "is there" question answered no is among them
     captured, layer0 = {}, {}                                 # the inputs of layers 1 and 0
     for layer, into in ((1, captured), (0, layer0)):
@@ -219,6 +221,25 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention(isolate)
             if inventory[i, q]:
                 expected.append(-torch.log(spread[i, m, visual[i]] + 1e-6).mean() - math.log(196))
     got = inventory_loss(model, captured, inputs, inventory, mark).item()
+    assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
+    # head 2 at the same questions: its KL from equal weights on <s> and the centre patch of each counted object
+    counted = attentions[1][:, 2]
+    expected, sizes = [], set()
+    for i, seed in enumerate([1_000_000, 1_000_009, 1_000_010]):
+        example = S.make_example(seed)
+        questions = [example["question"]] + [q for q, _, _ in S.scene_questions(example["scene"], random.Random(seed))
+                                             if q != example["question"]][:2]
+        marks = (inputs["input_ids"][i] == mark).nonzero()[:, 0]
+        first = int(inputs["attention_mask"][i].nonzero()[0])
+        for q, m in zip(questions, marks):
+            if q.startswith(("how many", "is there")):
+                objects = [example["scene"].objects[j] for j in question_objects(example["scene"], q)]
+                centres = sorted({(o.y // 16) * 14 + o.x // 16 for o in objects})
+                shares = torch.cat([counted[i, m, first:first + 1], counted[i, m, visual[i][centres]]])
+                expected.append(-torch.log(shares + 1e-6).mean() - math.log(len(shares)))
+                sizes.add(len(shares))
+    assert len(expected) == int(inventory.sum()) and max(sizes) > 1       # some question counts an object
+    got = tally_loss(model, captured, inputs, tally, inventory, mark).item()
     assert got == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5) and got > 0
     # head 0 of layer 0 at each "?": its KL from even weights over the question's own colour, shape and size words
     reading = attentions[0][:, 0]
