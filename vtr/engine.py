@@ -105,6 +105,7 @@ class Engine(HookSet):
         # generate() runs the vision tower before the model's forward: its signals wait here until then
         self.cls_attention: torch.Tensor | None = None
         self.vision_keys: torch.Tensor | None = None
+        self.projected: dict[torch.nn.Module, torch.Tensor] = {}      # the feature layer's query/key projection outputs
         self.zipped: torch.Tensor | None = None      # (I, k) kept by a stage that merged before the projector
 
     # ------------------------------------------------------------------ installation
@@ -119,7 +120,10 @@ class Engine(HookSet):
             if self.reuse_frames is not None:
                 self._add(a.vision_model, self._skip_repeats)
             if "cls_attention" in needs:
-                self._add(a.feature_layer, self._vision_layer)
+                # The scores reuse the query and key projections the feature layer computes anyway, after it ran.
+                for module in a.score_projections():
+                    self._add(module, self._keep_projection, post=True)
+                self._add(a.feature_layer, self._vision_layer, post=True, with_kwargs=True)
                 for module, hook in a.vision_output_hooks:
                     self._add(module, hook, post=True)
             if any("before_projector" in s.plugin.needs for s in self.stages):
@@ -150,6 +154,7 @@ class Engine(HookSet):
             self.tower.hook_seconds = 0.0
             self.tower.remove()
         self.cls_attention = self.vision_keys = self.zipped = None     # the record stays readable
+        self.projected.clear()
 
     # ------------------------------------------------------------------ results (read through the Handle)
     def _record(self) -> Record:
@@ -274,10 +279,14 @@ class Engine(HookSet):
         return Record(visual=visual, length=length, per_sample_visual=visual.sum(1),
                       layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots)])
 
-    def _vision_layer(self, module, args, kwargs):
-        self.cls_attention = self.adapter.cls_attention(module, args, kwargs)
+    def _keep_projection(self, module, args, output):
+        self.projected[module] = output
+
+    def _vision_layer(self, module, args, kwargs, output):
+        projected = tuple(self.projected.pop(m) for m in self.adapter.score_projections())
+        self.cls_attention = self.adapter.cls_attention(module, args, kwargs, projected)
         if any("vision_keys" in s.plugin.needs for s in self.stages):
-            self.vision_keys = self.adapter.feature_keys(module, args, kwargs)
+            self.vision_keys = self.adapter.feature_keys(module, projected)
 
     def _before_projector(self, module, args):
         """A first stage that works on the feature layer's outputs (VisionZip, k-center) selects (and merges) here;

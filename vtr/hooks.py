@@ -17,9 +17,10 @@ class HookSet:
         self.hooks: list = []
         self.hook_seconds = 0.0
 
-    def _add(self, module, fn, with_kwargs: bool = True, post: bool = False, first: bool = False):
+    def _add(self, module, fn, with_kwargs: bool | None = None, post: bool = False, first: bool = False):
         """A forward pre-hook (or, with ``post``, a forward hook) that also adds its host time to ``hook_seconds``
         (what the benchmark reports as selection overhead; on a GPU it counts launch time, not queued kernels);
+        ``with_kwargs``: whether it gets the module's keyword arguments (default: pre-hooks do, forward hooks don't);
         ``first``: before the module's other hooks (transformers records hidden states with hooks of its own)."""
         def timed(*args):
             start = time.perf_counter()
@@ -28,7 +29,7 @@ class HookSet:
             finally:
                 self.hook_seconds += time.perf_counter() - start
         register = module.register_forward_hook if post else module.register_forward_pre_hook
-        self.hooks.append(register(timed, with_kwargs=with_kwargs and not post, prepend=first))
+        self.hooks.append(register(timed, with_kwargs=not post if with_kwargs is None else with_kwargs, prepend=first))
 
     def remove(self):
         for hook in self.hooks:

@@ -3,7 +3,8 @@
 
 ``Adapter.__init__`` finds ``vlm`` (the module whose forward receives input_ids, pixel values, masks and the cache),
 ``language_model``, ``decoder_layers``, ``text_config`` and ``image_token_id``; each adapter adds ``vision_model`` and
-``feature_layer`` (hooked for [CLS]-attention methods) and implements ``image_token_counts`` and ``cls_attention``.
+``feature_layer`` (hooked for [CLS]-attention methods) and implements ``image_token_counts``, ``score_projections``
+and ``cls_attention``.
 """
 from __future__ import annotations
 
@@ -93,9 +94,15 @@ class Adapter:
     def begin_vision(self, args: tuple, kwargs: dict):
         """Called before the vision model runs (for methods that need [CLS] attention, grids or frames)."""
 
-    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Importance scores from ``feature_layer``'s attention, computed from its inputs, flat; ``arrange_scores``
-        lays them out like the features."""
+    def score_projections(self) -> tuple[nn.Module, ...]:
+        """The modules of ``feature_layer`` whose outputs (its queries and keys) ``cls_attention`` reads, in the order
+        it takes them."""
+        raise NotImplementedError
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict, projected: tuple) -> torch.Tensor:
+        """Importance scores from ``feature_layer``'s attention, flat, computed after the layer ran from its inputs
+        (``args``, ``kwargs``) and the outputs of its ``score_projections`` (``projected``): the queries and keys are
+        the layer's own, not computed again. ``arrange_scores`` lays them out like the features."""
         raise NotImplementedError
 
     def take_injections(self, kwargs: dict) -> list[torch.Tensor] | None:

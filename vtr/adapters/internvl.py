@@ -51,15 +51,18 @@ class InternVLAdapter(Adapter):
         side = math.isqrt(self.config.image_seq_length)
         return [(n // side, side) for n in sizes]
 
-    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    def score_projections(self) -> tuple[nn.Module, ...]:
+        attn = self.feature_layer.attention
+        return attn.q_norm, attn.k_norm            # the normalised projections (Identity where qk_normalization is off)
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict, projected: tuple) -> torch.Tensor:
         if self.features_keep_cls:
             raise ValueError("vision_feature_select_strategy='full' keeps the [CLS] token among the features; "
                              "CLS-attention methods expect it removed")
-        attn = layer.attention
-        x = layer.layernorm_before(args[0] if args else kwargs["hidden_states"])
-        tiles, n, heads, d = x.shape[0], x.shape[1], attn.num_heads, attn.head_dim
-        q = attn.q_norm(attn.q_proj(x[:, :1])).view(tiles, 1, heads, d).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x)).view(tiles, n, heads, d).transpose(1, 2)
+        attn, (q, k) = layer.attention, projected
+        tiles, n, heads, d = k.shape[0], k.shape[1], attn.num_heads, attn.head_dim
+        q = q[:, :1].reshape(tiles, 1, heads, d).transpose(1, 2)
+        k = k.reshape(tiles, n, heads, d).transpose(1, 2)
         rows = attention_rows(q, k, attn.scale)[:, 0, 1:]                       # (tiles, patches)
         side = int((n - 1) ** 0.5)
         folded = self.vlm.pixel_shuffle(rows.reshape(tiles, side, side, 1), scale_factor=self.config.downsample_ratio)

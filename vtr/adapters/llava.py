@@ -71,30 +71,29 @@ class LlavaAdapter(Adapter):
             raise ValueError("vtr: the image features do not form a square grid")
         return [(s, s) for s in side]
 
-    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    def score_projections(self) -> tuple[nn.Module, ...]:
+        attn = self.feature_layer.self_attn
+        return attn.q_proj, attn.k_proj
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict, projected: tuple) -> torch.Tensor:
         """Per crop: [CLS]->patch attention of the feature layer (head mean) over the patches that become features;
         without a [CLS] token, the mean attention each patch receives. Flat, crop after crop."""
-        attn = layer.self_attn
-        x = layer.layer_norm1(args[0] if args else kwargs["hidden_states"])
-        n, heads, d = x.shape[0], attn.num_heads, attn.head_dim
-        k = self._keys(layer, x).transpose(1, 2)
+        q, k = (self._heads(layer, t).transpose(1, 2) for t in projected)       # (crops, heads, tokens, d)
         if self.has_cls:
-            q = attn.q_proj(x[:, :1]).view(n, 1, heads, d).transpose(1, 2)
-            rows = attention_rows(q, k, attn.scale)[:, 0]
+            rows = attention_rows(q[:, :, :1], k, layer.self_attn.scale)[:, 0]
             rows = rows if self.features_keep_cls else rows[:, 1:]
         else:
-            q = attn.q_proj(x).view(n, x.shape[1], heads, d).transpose(1, 2)
-            rows = attention_received(q, k, attn.scale)
+            rows = attention_received(q, k, layer.self_attn.scale)
         return rows.flatten()
 
     @staticmethod
-    def _keys(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _heads(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
-        return attn.k_proj(x).view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
+        return x.view(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim)
 
-    def feature_keys(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    def feature_keys(self, layer: nn.Module, projected: tuple) -> torch.Tensor:
         """The feature layer's keys, head mean, of the patches that become features: (I, P, d)."""
-        keys = self._keys(layer, layer.layer_norm1(args[0] if args else kwargs["hidden_states"])).mean(dim=2)
+        keys = self._heads(layer, projected[1]).mean(dim=2)
         return keys if self.features_keep_cls or not self.has_cls else keys[:, 1:]
 
 

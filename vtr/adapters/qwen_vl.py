@@ -72,13 +72,14 @@ class Qwen2VLAdapter(Adapter):
         """A frame is a temporal patch (2 video frames), of (h / merge, w / merge) merged tokens."""
         return [(t, h // self.merge, w // self.merge) for t, h, w in self.grid_thw.tolist()]
 
-    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def score_projections(self) -> tuple[nn.Module, ...]:
+        return (self.feature_layer.attn.qkv,)
+
+    def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict, projected: tuple) -> torch.Tensor:
         cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
         cos, sin = (t.float().unsqueeze(-2) for t in kwargs["position_embeddings"])
-        attn = layer.attn
-        n = hidden.shape[0]
-        q, k, _ = attn.qkv(layer.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        attn, qkv = layer.attn, projected[0]
+        q, k, _ = qkv.reshape(qkv.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = (t.float() * cos + rotate_half(t.float()) * sin for t in (q, k))       # the block's vision RoPE
         bounds = cu_seqlens.tolist()
         received = torch.cat([attention_received(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), attn.scaling)
