@@ -129,8 +129,8 @@ def test_shipped_model_answers_from_the_image():
 
 
 def test_shipped_qwen2_vl_answers_from_the_image():
-    """The shipped tiny Qwen2-VL (below the LLaVA's bar, see the README) on the whole test split: it answers >= 85 %,
-    and with every image's visual tokens replaced by their mean it falls near the question-only level."""
+    """The shipped tiny Qwen2-VL on the whole test split: it answers >= 90 %, and with every image's visual tokens
+    replaced by their mean it falls near the question-only level."""
     pytest.importorskip("torchvision")                      # its processor's video half
     from vtr.builtin import load_model
 
@@ -138,7 +138,7 @@ def test_shipped_qwen2_vl_answers_from_the_image():
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     reference, ablated = evaluate.evaluate(model, processor, load_examples(TEST_SPLIT), [], [], batch_size=25,
                                            max_new_tokens=2, show_progress=False, ablation=True)
-    assert reference["accuracy"] >= 0.85, reference["accuracy_by_family"]
+    assert reference["accuracy"] >= 0.90, reference["accuracy_by_family"]
     assert ablated["accuracy"] <= 0.40, ablated["accuracy_by_family"]
 
 
