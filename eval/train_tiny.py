@@ -8,7 +8,8 @@ tokenizer and the architecture's processor, saved with ``save_pretrained`` so th
 like a hub checkpoint. Examples are generated on the fly from the train split's seeds.
 
 Each training sequence is one image, then every question its scene allows (up to 16), each followed by its answer and
-</s>. The loss is the cross-entropy of the answers and </s>, plus training-only terms:
+</s>; with --isolate-questions each question sees the image and its own words only (``isolated_questions``). The
+loss is the cross-entropy of the answers and </s>, plus training-only terms:
 - per-patch probes on the projector output (colour, shape, size, object centre, row, column; the colour and shape
   probes are the words' input embeddings);
 - a focus loss steering one attention head at each "?" to the patches the question names;
