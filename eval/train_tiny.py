@@ -332,9 +332,9 @@ def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
     return out
 
 
-def isolated_questions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention mask (B, L, L; True: may attend) and position ids under which every question of a ``batch``
-    sequence sees the image and its own words only, at the positions it would have as the only question after the
+def isolated_questions(model, inputs: dict) -> tuple[dict, torch.Tensor]:
+    """The model inputs that replace ``inputs``' mask (an additive (B, 1, L, L) one) and positions, and the mask as
+    (B, L, L) bool (True: may attend), under which every question of a ``batch`` sequence sees the image and its own words only, at the positions it would have as the only question after the
     image: each is trained as if asked alone, while the image passes through the model once. Without this the later
     questions read the earlier answers ("is there a red circle ?" after "what color is the circle ? blue" needs no
     pixels), and the model learns to read them instead of looking (measured: see the README)."""
@@ -356,7 +356,8 @@ def isolated_questions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]
         for k in range(2, int(segments[b].max()) + 1):
             where = segments[b] == k
             positions[..., b, where] -= int(where.nonzero()[0]) - first
-    return allowed, positions
+    blocked = torch.zeros(allowed.shape, device=ids.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return {"attention_mask": blocked[:, None], "position_ids": positions}, allowed
 
 
 def _head_weights(captured: dict, inputs: dict, head: int) -> torch.Tensor:
@@ -685,9 +686,8 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: 
         targets, focus, inventory, tally, segments = (inputs.pop(k, None)
                                                       for k in ("targets", "focus", "inventory", "tally", "segments"))
         if isolate:
-            allowed, positions = isolated_questions(model, {**inputs, "segments": segments})
-            blocked = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)  # additive
-            loss = model(**{**inputs, "attention_mask": blocked[:, None], "position_ids": positions}).loss
+            isolated, allowed = isolated_questions(model, {**inputs, "segments": segments})
+            loss = model(**{**inputs, **isolated}).loss
             inputs["allowed"] = allowed                 # what the head losses recompute their weights under
         else:
             loss = model(**inputs).loss

@@ -195,9 +195,8 @@ def test_question_objects_and_the_head_losses_match_the_eager_attention(isolate)
                                                            hidden=kwargs.get("hidden_states", args[0] if args else None)),
             with_kwargs=True)
     if isolate:                 # the losses recompute the weights under the mask and positions the model ran with
-        inputs["allowed"], positions = isolated_questions(model, {**inputs, "segments": segments})
-        blocked = torch.zeros(inputs["allowed"].shape).masked_fill(~inputs["allowed"], torch.finfo(torch.float32).min)
-        run = {**inputs, "attention_mask": blocked[:, None], "position_ids": positions}
+        isolated, inputs["allowed"] = isolated_questions(model, {**inputs, "segments": segments})
+        run = {**inputs, **isolated}
     else:
         run = inputs
     attentions = model(**{k: v for k, v in run.items() if k != "allowed"}, output_attentions=True).attentions
@@ -279,10 +278,9 @@ def test_isolated_questions_answer_as_if_each_were_asked_alone(arch, video):
         inputs.pop(key, None)
     segments = inputs.pop("segments")
     assert segments.max() > 2 and (segments == -1).any()         # several questions, and padding on both sides
-    allowed, positions = isolated_questions(model, {**inputs, "segments": segments})
-    blocked = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    isolated, _ = isolated_questions(model, {**inputs, "segments": segments})
     with torch.no_grad():
-        packed = model(**{**inputs, "attention_mask": blocked, "position_ids": positions}).logits
+        packed = model(**{**inputs, **isolated}).logits
         plain = model(**inputs).logits
     mark, checked, differs = tok.convert_tokens_to_ids("?"), 0, False
     for b, seed in enumerate(seeds):
