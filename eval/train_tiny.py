@@ -334,10 +334,11 @@ def focus_masks(examples, asked: list[list[str]]) -> torch.Tensor:
 
 def isolated_questions(model, inputs: dict) -> tuple[dict, torch.Tensor]:
     """The model inputs that replace ``inputs``' mask (an additive (B, 1, L, L) one) and positions, and the mask as
-    (B, L, L) bool (True: may attend), under which every question of a ``batch`` sequence sees the image and its own words only, at the positions it would have as the only question after the
-    image: each is trained as if asked alone, while the image passes through the model once. Without this the later
-    questions read the earlier answers ("is there a red circle ?" after "what color is the circle ? blue" needs no
-    pixels), and the model learns to read them instead of looking (measured: see the README)."""
+    (B, L, L) bool (True: may attend), under which every question of a ``batch`` sequence sees the image and its own
+    words only, at the positions it would have as the only question after the image: each is trained as if asked
+    alone, while the image passes through the model once. Without this the later questions read the earlier answers
+    ("is there a red circle ?" after "what color is the circle ? blue" needs no pixels), and the model learns to read
+    them instead of looking (measured: see the README)."""
     ids, mask, segments = inputs["input_ids"], inputs["attention_mask"], inputs["segments"]
     n = ids.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
@@ -472,7 +473,8 @@ def inventory_loss(model, captured: dict, inputs: dict, wanted: torch.Tensor, qu
     image's patches: their cross-entropy against the uniform distribution minus its entropy (a KL, 0 when even).
     Even weights make the head's output the mean of its values over the patches, in which each object's centre
     patch (``patch_targets``' inventory entry) counts exactly once, however many objects there are. Steering it to
-    the counted centres and <s> instead saturates: softmax cannot give n objects n equal shares beside <s>."""
+    a fixed share (1/5) on each counted centre and the rest on <s> instead saturates: softmax cannot give that for
+    every n at once (``tally_loss``'s equal shares it can)."""
     losses = []
     for asked, (patches, _) in zip(wanted, _head_at_questions(model, captured, inputs, question_mark,
                                                                wanted.shape[1], head=1)):

@@ -274,7 +274,7 @@ def test_isolated_questions_answer_as_if_each_were_asked_alone(arch, video):
     model = build_model(processor, seed=3, arch=arch)
     tok, seeds = processor.tokenizer, [1_000_001, 1_000_003]       # first questions of 5 and 7 words
     inputs = batch(processor, seeds, questions=4, video=video)
-    for key in ("targets", "focus", "inventory", "labels"):
+    for key in ("targets", "focus", "inventory", "tally", "labels"):
         inputs.pop(key, None)
     segments = inputs.pop("segments")
     assert segments.max() > 2 and (segments == -1).any()         # several questions, and padding on both sides
