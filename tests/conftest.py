@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vtr.plugins import METHODS
+from flash_reference import to_flash
 from tiny_models import BUILDERS, IMAGE, VIDEO_ARCHS, make_inputs
 from tiny_models import split_batch as _split
 
@@ -16,6 +17,8 @@ torch.set_num_threads(2)
 
 @functools.lru_cache(maxsize=None)
 def _model(arch: str, attn: str):
+    if attn == "flash_attention_2":               # the same weights, switched to the FA2 path (flash_reference.py)
+        return to_flash(BUILDERS[VIDEO_ARCHS.get(arch, arch)]("sdpa"))
     return BUILDERS[VIDEO_ARCHS.get(arch, arch)](attn)
 
 
@@ -54,6 +57,11 @@ def model(arch, request):
 @pytest.fixture
 def eager_model(arch):
     return _model(arch, "eager")
+
+
+@pytest.fixture
+def flash_model(arch):
+    return _model(arch, "flash_attention_2")
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 A cell is checked only when every contract test of that architecture and method passed in this run (VLMs: retain 1.0
 bit-identical and ``remove()``, greedy generation equal to the oracle at two retentions, padded batch equal to
-per-sample runs, sdpa and eager keeping the same tokens; encoder-only ViTs: equal to the literal rule, no reduction
-bit-identical and ``remove()``)."""
+per-sample runs, sdpa and eager keeping the same tokens, flash_attention_2's path keeping them and generating as sdpa;
+encoder-only ViTs: equal to the literal rule, no reduction bit-identical and ``remove()``)."""
 from __future__ import annotations
 
 import collections

@@ -138,3 +138,20 @@ def test_sdpa_and_eager_keep_the_same_tokens(model, eager_model, batch, method):
             kept[name] = [handle.kept(stage=s) for s in range(len(handle._engine.stages))]
     for a, b in zip(kept["sdpa"], kept["eager"]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_flash_attention_2_keeps_the_same_tokens_and_generates_as_sdpa(model, flash_model, batch, single, method):
+    """transformers' FA2 path with flash-attn's kernels replaced by an exact reference (flash_reference.py): padded
+    batches (unpadded by the 2-D mask) and a single sequence with gaps in its position ids."""
+    for inputs in (batch, single):
+        runs = []
+        for m in (model, flash_model):
+            with vtr.patch(m, method, retain=0.25) as handle:
+                tokens, logits = generate(m, inputs, steps=4)
+                runs.append((tokens, logits, [handle.kept(stage=s) for s in range(len(handle._engine.stages))]))
+        (tokens, logits, kept), (flash_tokens, flash_logits, flash_kept) = runs
+        assert all(torch.equal(a, b) for stage, flash_stage in zip(kept, flash_kept)
+                   for a, b in zip(stage, flash_stage))
+        assert torch.equal(tokens, flash_tokens)
+        torch.testing.assert_close(flash_logits, logits, atol=1e-4, rtol=0)

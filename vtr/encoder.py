@@ -29,6 +29,10 @@ class EncoderEngine(HookSet):
                              f"(tome, evit), not {names}")
         if "cls_attention" in plugins[0].needs and not adapter.has_cls:
             raise ValueError(f"{plugins[0].name} needs a [CLS] token; this encoder has none")
+        if getattr(plugins[0], "prop_attn", False) and not adapter.takes_bias():
+            raise ValueError(f"{plugins[0].name}'s proportional attention adds log(size) to the attention logits, "
+                             f"which {adapter.model.config._attn_implementation} cannot take: pass prop_attn=False, "
+                             "or load the model with attn_implementation='sdpa'")
         self.adapter, self.plugins, self.plugin = adapter, plugins, plugins[0]
         self.stages = []
         self.sizes: torch.Tensor | None = None       # (B, N) tokens each current token stands for

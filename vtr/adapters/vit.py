@@ -53,6 +53,10 @@ class TimmViTAdapter:
     def mlp_output(self, block) -> nn.Module:
         return block.ls2
 
+    def takes_bias(self) -> bool:
+        """Whether the attention adds a float mask to its logits (timm and open_clip call PyTorch's SDPA with it)."""
+        return True
+
     def bias_target(self, block) -> nn.Module:
         """The module whose ``attn_mask`` keyword takes an additive (B, 1, 1, N) bias."""
         return block.attn
@@ -123,6 +127,10 @@ class VisionTowerAdapter(TimmViTAdapter):
 
     def qk_source(self, block) -> tuple[nn.Module, bool]:
         return block.self_attn.k_proj, True
+
+    def takes_bias(self) -> bool:
+        """flash_attention_2 reads a mask as padding and has no way to add a bias; eager and sdpa add it."""
+        return self.model.config._attn_implementation in ("eager", "sdpa")
 
     def queries_keys(self, block, args, output) -> tuple[torch.Tensor, torch.Tensor]:
         attn = block.self_attn
