@@ -180,6 +180,11 @@ class LLMPlugin(Plugin):
         """The signals a stage scored with its own layer needs, given what earlier stages left in ``state``."""
         return self.needs
 
+    def finished(self, state: dict) -> bool:
+        """Whether, given ``state``, the remaining stages of this forward pass will drop nothing (an adaptive
+        method that has stopped early), so the engine skips them."""
+        return False
+
     def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
         """Which of the visual tokens ``s.tokens[s.visual]`` survive, ``k[i]`` of image i: (V,) bool. Default: the
         top ``k`` of ``score()`` per image (ties: earlier first)."""

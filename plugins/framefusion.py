@@ -64,6 +64,10 @@ class FrameFusion(LLMPlugin):
         phases = state.get("phase", {}).values()
         return ("last_attention",) if "prune" in phases or (self._last(state) and "merge" in phases) else ()
 
+    def finished(self, state: dict) -> bool:
+        phase = state.get("phase")
+        return bool(phase) and all(p == "done" for p in phase.values())
+
     def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         phase, ratios = s.state.setdefault("phase", {}), s.state.setdefault("ratios", {})
         if self._last(s.state):

@@ -24,13 +24,16 @@ def remove_duplicates(x: torch.Tensor, keep: int) -> torch.Tensor:
     """x (M, D) -> indices (ascending) of the ``keep`` tokens left by VisPruner's repeated duplicate removal."""
     alive = torch.arange(len(x), device=x.device)
     xn = F.normalize(x.float(), dim=-1)
+    similarity = xn @ xn.T                     # once: the rounds read sub-blocks of it instead of new products
     while len(alive) > keep:
         even, odd = alive[::2], alive[1::2]
         if len(odd) == 0:
             return alive[:keep]
-        duplicate = (xn[even] @ xn[odd].T).amax(dim=1)
-        drop = even[duplicate.topk(min(DROP_PER_ROUND, len(alive) - keep, len(even))).indices]
-        alive = alive[~torch.isin(alive, drop)]
+        duplicate = similarity[even][:, odd].amax(dim=1)
+        drop = duplicate.topk(min(DROP_PER_ROUND, len(alive) - keep, len(even))).indices
+        survive = torch.ones(len(alive), dtype=torch.bool, device=x.device)
+        survive[2 * drop] = False                  # the j-th even token sits at 2j in ``alive``
+        alive = alive[survive]
     return alive
 
 

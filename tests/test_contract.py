@@ -72,6 +72,8 @@ def oracle_merges(stages, drops: dict) -> dict:
     for stage in stages:
         if stage.layer is None or not merges_in_llm(stage.plugin):
             continue
+        if calls.get(id(stage.plugin), 0) == len(drops[id(stage.plugin)]):
+            continue                                 # the method had finished: the engine skipped its later stages
         signals, k = drops[id(stage.plugin)][calls.setdefault(id(stage.plugin), 0)]
         calls[id(stage.plugin)] += 1
 

@@ -429,10 +429,13 @@ def test_framefusion_merges_a_static_video_exactly(arch):
     # 70 % merge at layer 0 and the method is done. Qwen2-VL, 2 equal temporal patches: 50 % merge at layer 0,
     # then, with nothing similar left, the prune at layer 2 keeps 1 - P
     visual = len(visual_positions(model, inputs["input_ids"])) - int(arch == "llava_onevision")
+    calls = len(next(iter(drops.values())))       # once done, the engine skips the method's remaining stages
     if arch == "llava_onevision":
         assert layers[0] == layers[-1] == len(handle.kept()[0]) == visual - int(0.7 * visual) + 1     # + newline
+        assert calls == 1
     else:
         assert layers[0] == layers[1] == visual // 2 and layers[-1] < layers[0]
+        assert calls == 3                           # merge, merge (nothing similar left), prune
     want_tokens, want_logits = oracle_generate(
         model, inputs, None, kept, tokens.shape[1], None, oracle_merges(stages, drops),
         None if protected is None else protected[0].nonzero()[:, 0])

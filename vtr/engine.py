@@ -695,6 +695,10 @@ class Engine(HookSet):
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         taken, scored_layout = rec.pending.pop(index)
         layout = rec.layouts[-1]
+        if stage.plugin.finished(rec.plugin_state.setdefault(id(stage.plugin), {})):
+            rec.alive.append(rec.alive[-1])                 # nothing more to drop: the same tokens, the same layout
+            rec.layouts.append(layout)
+            return hidden
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
         orig = layout.orig.clamp(min=0)
