@@ -93,7 +93,13 @@ def qwen2_5_vl(size: str, device, dtype, attn: str):
 
 def build_random(cls, config, device, dtype, attn: str):
     """``cls`` with seeded random weights, built on ``device`` in ``dtype``, in eval mode."""
-    config._attn_implementation = attn
+    if attn == "flash_attention_2":
+        import importlib.util
+
+        if torch.device(device).type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("--attn flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package "
+                             "(pip install vtr[flash]); on a CPU use sdpa or eager")
+    config._attn_implementation = attn           # set on the config: building does not check for flash-attn
     torch.manual_seed(0)
     with torch.device(device):
         model = cls(config).to(dtype).eval()

@@ -4,7 +4,7 @@ ICCV 2025), the successor of FasterVLM; scores in the vision tower, selects afte
 Rule: of a budget of T tokens, T_imp = round(T * r) are the **important** ones, the top [CLS]->patch attention of the
 vision feature layer (head mean); the other T - T_imp are **diverse** tokens from the rest: repeatedly split the
 remaining tokens (in order) into even and odd ones, score each even token by its highest cosine similarity to the odd
-ones, and drop the 8 most duplicated, until T - T_imp are left. Similarity is measured on the projected tokens.
+ones, and drop the 8 most duplicated (ties: the earlier), until T - T_imp are left. Similarity is measured on the projected tokens.
 Defaults (README): r = 0.75 at 64 tokens (48 + 16), r = 0.5 at 128 (64 + 64); vtr uses 0.75 up to 64 tokens and 0.5
 above unless ``important_ratio`` is given. Towers without [CLS] use the adapter's fallback score.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,20 +22,21 @@ DROP_PER_ROUND = 8
 
 
 def remove_duplicates(x: torch.Tensor, keep: int) -> torch.Tensor:
-    """x (M, D) -> indices (ascending) of the ``keep`` tokens left by VisPruner's repeated duplicate removal."""
-    alive = torch.arange(len(x), device=x.device)
+    """x (M, D) -> indices (ascending) of the ``keep`` tokens left by VisPruner's repeated duplicate removal; ties
+    drop the earlier token. The similarity matrix is one product on x's device; the rounds, short sequential steps
+    on sub-blocks of it, run on the host (a new product per round took twice as long on a CPU, and launches plus a
+    sync per round on a GPU)."""
     xn = F.normalize(x.float(), dim=-1)
-    similarity = xn @ xn.T                     # once: the rounds read sub-blocks of it instead of new products
+    similarity = (xn @ xn.T).cpu().numpy()
+    alive = np.arange(len(x))
     while len(alive) > keep:
         even, odd = alive[::2], alive[1::2]
         if len(odd) == 0:
-            return alive[:keep]
-        duplicate = similarity[even][:, odd].amax(dim=1)
-        drop = duplicate.topk(min(DROP_PER_ROUND, len(alive) - keep, len(even))).indices
-        survive = torch.ones(len(alive), dtype=torch.bool, device=x.device)
-        survive[2 * drop] = False                  # the j-th even token sits at 2j in ``alive``
-        alive = alive[survive]
-    return alive
+            break
+        duplicate = similarity[even][:, odd].max(axis=1)
+        drop = np.argsort(-duplicate, kind="stable")[:min(DROP_PER_ROUND, len(alive) - keep)]
+        alive = np.delete(alive, 2 * drop)                 # the j-th even token sits at 2j in ``alive``
+    return torch.from_numpy(alive[:keep]).to(x.device)
 
 
 @dataclass

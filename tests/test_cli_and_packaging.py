@@ -93,6 +93,13 @@ def test_bench_on_qwen2_5_vl_says_what_does_not_apply(tmp_path, capsys):
     assert "n/a" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", [[], ["--video"]])
+def test_bench_refuses_flash_attention_2_on_a_cpu(kind, capsys):
+    """Said before a model is built, instead of failing in the first attention call."""
+    assert main(["bench", *kind, "--quick", "--attn", "flash_attention_2", "--device", "cpu", "--out", ""]) == 2
+    assert "flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package" in capsys.readouterr().err
+
+
 def test_video_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench_video.json"
     assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",

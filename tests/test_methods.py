@@ -220,6 +220,7 @@ def test_vispruner_important_then_diverse_by_hand():
 
     x = torch.tensor([unit(10), unit(0), unit(90), unit(90), unit(225), unit(45)])
     assert remove_duplicates(x[:5], 3).tolist() == [1, 3, 4]
+    assert remove_duplicates(torch.tensor([unit(0)] * 4), 3).tolist() == [1, 2, 3]      # a tie drops the earlier
     s = Signals(tokens=x[None], cls_attention=torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]]))
     picks = VisPruner(important_ratio=1 / 3).select(s, 3)[0]
     assert picks.tolist() == [5, 1, 3]
