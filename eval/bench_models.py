@@ -7,6 +7,8 @@ what it does); "quick" is a small model for smoke runs. Weights are random, whic
 """
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import torch
 
 from vtr.builtin import IMAGE_TOKEN_ID, llava_inputs, tiny_llava
@@ -91,15 +93,17 @@ def qwen2_5_vl(size: str, device, dtype, attn: str):
                    "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int()}
 
 
+def check_attention(attn: str, device):
+    """Where flash_attention_2 cannot run, say so before a model is built."""
+    if attn == "flash_attention_2" and (torch.device(device).type != "cuda" or find_spec("flash_attn") is None):
+        raise ValueError("--attn flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package "
+                         "(pip install vtr[flash]); on a CPU use sdpa or eager")
+
+
 def build_random(cls, config, device, dtype, attn: str):
     """``cls`` with seeded random weights, built on ``device`` in ``dtype``, in eval mode."""
-    if attn == "flash_attention_2":
-        import importlib.util
-
-        if torch.device(device).type != "cuda" or importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("--attn flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package "
-                             "(pip install vtr[flash]); on a CPU use sdpa or eager")
-    config._attn_implementation = attn           # set on the config: building does not check for flash-attn
+    check_attention(attn, device)
+    config._attn_implementation = attn
     torch.manual_seed(0)
     with torch.device(device):
         model = cls(config).to(dtype).eval()
@@ -117,4 +121,5 @@ def build(arch: str, size: str, device="cpu", dtype=torch.float32, attn: str = "
         raise ValueError(f"unknown bench architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown bench size {size!r}; choose from {', '.join(SIZES)}")
+    check_attention(attn, device)
     return ARCHS[arch](size, device, dtype, attn)
