@@ -306,27 +306,34 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str):
-    """Measured prefill speedup per method against retention, beside the ideal (dashed) and analytic (dotted) ones."""
+    """Per retention, one panel: each method's measured prefill speedup (bar) beside its ideal (black tick) and
+    analytic (grey cross) ones; readable for any number of methods."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     measured = [r for r in result["rows"] if "skipped" not in r]
-    for method in dict.fromkeys(r["method"] for r in measured):
-        rows = sorted((r for r in measured if r["method"] == method), key=lambda r: r["retain"])
-        x = [r["retain"] for r in rows]
-        line, = ax.plot(x, [r["speedup"] for r in rows], marker="o", label=method)
-        ax.plot(x, [r["ideal_speedup"] for r in rows], linestyle="--", color=line.get_color())
-        if all(r["analytic_speedup"] for r in rows):
-            ax.plot(x, [r["analytic_speedup"] for r in rows], linestyle=":", color=line.get_color())
-    retains = sorted({r["retain"] for r in measured})
-    ax.set_xticks(retains, [f"{r:.3g}" for r in retains])
-    ax.set_xlabel("retain (visual tokens kept)")
-    ax.set_ylabel("prefill speedup (measured; -- ideal, : analytic)")
-    ax.set_title(f"{result['model']} ({result['size']}), {result['device']}", fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    methods = list(dict.fromkeys(r["method"] for r in measured))
+    retains = sorted({r["retain"] for r in measured}, reverse=True)
+    fig, axes = plt.subplots(1, len(retains), figsize=(3.2 * len(retains) + 1, 0.3 * len(methods) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, retain in zip(axes[0], retains):
+        rows = {r["method"]: r for r in measured if r["retain"] == retain}
+        y = [i for i, m in enumerate(methods) if m in rows]
+        got = [rows[m] for m in methods if m in rows]
+        ax.barh(y, [r["speedup"] for r in got], color="tab:blue", label="measured")
+        ax.scatter([r["ideal_speedup"] for r in got], y, marker="|", s=120, color="black", label="ideal", zorder=3)
+        analytic = [(r["analytic_speedup"], i) for r, i in zip(got, y) if r["analytic_speedup"]]
+        if analytic:
+            ax.scatter(*zip(*analytic), marker="x", color="grey", label="analytic", zorder=3)
+        ax.set_title(f"retain {retain:.3g}", fontsize=9)
+        ax.set_xlabel("prefill speedup")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(methods)), methods, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{result['model']} ({result['size']}), {result['device']}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -171,8 +171,8 @@ def main(argv=None):
                             "model (quick) or the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 "
                             "frames); default: 7b on CUDA, cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
-    bench.add_argument("--plot", default="", help="PNG of measured, ideal and analytic speedup against retention "
-                       "(LLaVA-1.5 bench)")
+    bench.add_argument("--plot", default="", help="PNG: measured, ideal and analytic prefill speedup per method and "
+                       "retention (LLaVA-1.5 bench)")
     bench.add_argument("--encoder", choices=["timm", "open_clip"],
                        help="instead: images/s of an encoder-only ViT under tome and evit")
     bench.add_argument("--video", action="store_true", help="instead: a video on a LLaVA-OneVision-shaped model "
