@@ -44,6 +44,7 @@ SIZES = ("cpu", "quick", "7b")
 
 def llava(size: str, device, dtype, attn: str):
     """LLaVA-1.5: 576 visual tokens per 336 px image (64 at "quick")."""
+    check_attention(attn, device)                # the other models check in build_random
     model = tiny_llava(seed=0, dtype=dtype, device=device, attn_implementation=attn, **LLAVA[size])
     return model, llava_inputs(model, [BEFORE + [IMAGE_TOKEN_ID] + AFTER])
 
@@ -121,5 +122,4 @@ def build(arch: str, size: str, device="cpu", dtype=torch.float32, attn: str = "
         raise ValueError(f"unknown bench architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown bench size {size!r}; choose from {', '.join(SIZES)}")
-    check_attention(attn, device)
     return ARCHS[arch](size, device, dtype, attn)

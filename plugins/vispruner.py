@@ -4,9 +4,9 @@ ICCV 2025), the successor of FasterVLM; scores in the vision tower, selects afte
 Rule: of a budget of T tokens, T_imp = round(T * r) are the **important** ones, the top [CLS]->patch attention of the
 vision feature layer (head mean); the other T - T_imp are **diverse** tokens from the rest: repeatedly split the
 remaining tokens (in order) into even and odd ones, score each even token by its highest cosine similarity to the odd
-ones, and drop the 8 most duplicated (ties: the earlier), until T - T_imp are left. Similarity is measured on the projected tokens.
-Defaults (README): r = 0.75 at 64 tokens (48 + 16), r = 0.5 at 128 (64 + 64); vtr uses 0.75 up to 64 tokens and 0.5
-above unless ``important_ratio`` is given. Towers without [CLS] use the adapter's fallback score.
+ones, and drop the 8 most duplicated (ties: the earlier), until T - T_imp are left. Similarity is measured on the
+projected tokens. Defaults (README): r = 0.75 at 64 tokens (48 + 16), r = 0.5 at 128 (64 + 64); vtr uses 0.75 up to
+64 tokens and 0.5 above unless ``important_ratio`` is given. Towers without [CLS] use the adapter's fallback score.
 """
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def test_bench_on_qwen2_5_vl_says_what_does_not_apply(tmp_path, capsys):
 def test_bench_refuses_flash_attention_2_on_a_cpu(kind, capsys):
     """Said before a model is built, instead of failing in the first attention call."""
     assert main(["bench", *kind, "--quick", "--attn", "flash_attention_2", "--device", "cpu", "--out", ""]) == 2
-    assert "flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package" in err
 
 
 def test_video_bench_quick_writes_json(tmp_path, capsys):
