@@ -12,31 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+
+from vtr.kernels import duplicate_removal, gather_tokens
 
 from .base import Plugin, Signals
 
 DROP_PER_ROUND = 8
-
-
-def remove_duplicates(x: torch.Tensor, keep: int) -> torch.Tensor:
-    """x (M, D) -> indices (ascending) of the ``keep`` tokens left by VisPruner's repeated duplicate removal; ties
-    drop the earlier token. The similarity matrix is one product on x's device; the rounds, short sequential steps
-    on sub-blocks of it, run on the host (a new product per round took twice as long on a CPU, and launches plus a
-    sync per round on a GPU)."""
-    xn = F.normalize(x.float(), dim=-1)
-    similarity = (xn @ xn.T).cpu().numpy()
-    alive = np.arange(len(x))
-    while len(alive) > keep:
-        even, odd = alive[::2], alive[1::2]
-        if len(odd) == 0:
-            break
-        duplicate = similarity[even][:, odd].max(axis=1)
-        drop = np.argsort(-duplicate, kind="stable")[:min(DROP_PER_ROUND, len(alive) - keep)]
-        alive = np.delete(alive, 2 * drop)                 # the j-th even token sits at 2j in ``alive``
-    return torch.from_numpy(alive[:keep]).to(x.device)
 
 
 @dataclass
@@ -55,11 +37,8 @@ class VisPruner(Plugin):
     def select(self, s: Signals, k: int) -> torch.Tensor:
         ratio = self.important_ratio if self.important_ratio is not None else (0.75 if k <= 64 else 0.5)
         important = s.cls_attention.topk(round(k * ratio), dim=-1).indices
-        picks = []
-        for i in range(s.tokens.shape[0]):
-            rest = torch.ones(s.tokens.shape[1], dtype=torch.bool, device=s.tokens.device)
-            rest[important[i]] = False
-            rest = rest.nonzero()[:, 0]
-            diverse = rest[remove_duplicates(s.tokens[i, rest], k - important.shape[1])]
-            picks.append(torch.cat([important[i], diverse]))
-        return torch.stack(picks)
+        images, tokens = s.tokens.shape[:2]
+        rest = torch.ones(images, tokens, dtype=torch.bool, device=s.tokens.device).scatter_(1, important, False)
+        rest = rest.nonzero()[:, 1].view(images, -1)                   # the same count in every image, ascending
+        diverse = rest.gather(1, duplicate_removal(gather_tokens(s.tokens, rest), k - important.shape[1], DROP_PER_ROUND))
+        return torch.cat([important, diverse], dim=1)

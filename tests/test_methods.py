@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtr
-from vtr.kernels import attention_rows, max_min_diversity, topk_per_group
+from vtr.kernels import attention_rows, duplicate_removal, max_min_diversity, topk_per_group
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
                          ToDRE, ToDRERelevance, Uniform, VisionZip, VisPruner)
 
@@ -53,31 +53,39 @@ def test_divprune_greedy_paths_agree_with_the_definition():
     assert torch.equal(_greedy_torch(sim, first, 12), _greedy_numpy(sim, first, 12))
 
 
-TRITON_GREEDY = """
+TRITON_KERNELS = """
 import torch
-from vtr.kernels import _greedy_torch
-from vtr.kernels_triton import max_min_greedy
-x = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(0))
-x[1, 5] = x[1, 7]                                   # a tie: both take the first index
+from vtr.kernels import _duplicate_rounds_numpy, _greedy_torch
+from vtr.kernels_triton import duplicate_removal, max_min_greedy
+x = torch.randn(3, 45, 8, generator=torch.Generator().manual_seed(0))
+x[1, 5] = x[1, 7]                                   # ties: both take the first index
+x[2] = x[2, :1]                                     # every token alike
 xn = torch.nn.functional.normalize(x, dim=-1)
 sim = xn @ xn.transpose(1, 2)
+for keep in (1, 2, 7, 20, 44, 45):
+    drops, count = [], 45
+    while count > keep:
+        drops.append(min(8, count - keep, (count + 1) // 2))
+        count -= drops[-1]
+    assert torch.equal(duplicate_removal(sim, drops, keep), _duplicate_rounds_numpy(sim.numpy(), drops, keep)), keep
 sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
 first = sim.amax(1).argmin(1)
-for k in (1, 12, 40):
+for k in (1, 12, 45):
     assert torch.equal(max_min_greedy(sim, first, k), _greedy_torch(sim, first, k)), k
 print("same")
 """
 
 
-def test_triton_greedy_kernel_equals_the_torch_loop():
-    """The fused Triton max-min kernel (one launch for all k steps) picks what the PyTorch loop picks; run by Triton's
-    interpreter on the CPU (a fresh process: the interpreter is chosen when the kernel module is imported)."""
+def test_triton_kernels_equal_the_fallbacks():
+    """The fused Triton kernels (max-min: one launch for all k steps; duplicate removal: one for all rounds) pick
+    what the PyTorch / NumPy loops pick, ties included; run by Triton's interpreter on the CPU (a fresh process: the
+    interpreter is chosen when the kernel module is imported)."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", TRITON_GREEDY], capture_output=True, text=True, timeout=300,
+    run = subprocess.run([sys.executable, "-c", TRITON_KERNELS], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.stdout.strip() == "same", run.stderr[-2000:]
 
@@ -216,11 +224,9 @@ def test_vispruner_important_then_diverse_by_hand():
     """Tokens 0..4 at 10, 0, 90, 90 and 225 degrees: even 0, 2, 4 against odd 1, 3 have highest similarities
     cos 10 = .98, 1 and -.71. Keeping 3 drops the two most duplicated even tokens, 2 and 0. In VisPruner with k = 3
     and r = 1/3, token 5 is the important one and two diverse tokens are needed: all three even tokens go."""
-    from vtr.plugins.vispruner import remove_duplicates
-
     x = torch.tensor([unit(10), unit(0), unit(90), unit(90), unit(225), unit(45)])
-    assert remove_duplicates(x[:5], 3).tolist() == [1, 3, 4]
-    assert remove_duplicates(torch.tensor([unit(0)] * 4), 3).tolist() == [1, 2, 3]      # a tie drops the earlier
+    assert duplicate_removal(x[None, :5], 3, 8).tolist() == [[1, 3, 4]]
+    assert duplicate_removal(torch.tensor([[unit(0)] * 4]), 3, 8).tolist() == [[1, 2, 3]]   # a tie drops the earlier
     s = Signals(tokens=x[None], cls_attention=torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]]))
     picks = VisPruner(important_ratio=1 / 3).select(s, 3)[0]
     assert picks.tolist() == [5, 1, 3]

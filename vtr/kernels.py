@@ -2,7 +2,8 @@
 
 None of them needs the model's attention weights: attention rows are recomputed for the few queries a method needs
 (O(queries x keys) memory), and selection steps are vectorised over every image or sample of the batch. On CUDA the
-greedy max-min loop runs as one fused Triton kernel where Triton is installed (``vtr.kernels_triton``).
+greedy max-min loop and the duplicate-removal rounds run as fused Triton kernels where Triton is installed
+(``vtr.kernels_triton``).
 """
 from __future__ import annotations
 
@@ -132,6 +133,44 @@ def _greedy_numpy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tenso
         picks[:, step] = closest.argmin(axis=1)
         np.maximum(closest, s[rows, picks[:, step]], out=closest)
     return torch.from_numpy(picks)
+
+
+def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tensor:
+    """Repeated bipartite duplicate removal (VisPruner's diverse tokens), per image: x (I, M, D) -> (I, keep) indices,
+    ascending. Each round splits the remaining tokens (in order) into even and odd ones, scores each even token by its
+    highest cosine similarity to an odd one and removes the ``per_round`` highest (ties: the earlier), until ``keep``
+    are left. The similarity matrix is one product; the rounds, short sequential steps, run as one Triton kernel on a
+    GPU and on the host elsewhere (a device loop would pay launches and a sync per round)."""
+    images, n = x.shape[:2]
+    if not 0 <= keep <= n:
+        raise ValueError(f"duplicate_removal: keep must be in 0..{n}, got {keep}")
+    if keep == 0:
+        return torch.empty(images, 0, dtype=torch.long, device=x.device)
+    xn = F.normalize(x.detach().float(), dim=-1)
+    sim = xn @ xn.transpose(1, 2)
+    drops, count = [], n                     # what each round removes depends on the counts only
+    while count > keep:
+        drops.append(min(per_round, count - keep, (count + 1) // 2))      # at most every even token
+        count -= drops[-1]
+    fused = _triton() if sim.is_cuda and n <= 8192 else None
+    if fused is not None:
+        return fused.duplicate_removal(sim, drops, keep)
+    return _duplicate_rounds_numpy(sim.cpu().numpy(), drops, keep).to(x.device)
+
+
+def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int) -> torch.Tensor:
+    """The rounds of ``duplicate_removal`` on the host, image by image, on sub-blocks of the one similarity matrix
+    (a new product per round took twice as long on a CPU)."""
+    out = np.empty((sim.shape[0], keep), dtype=np.int64)
+    for image, s in enumerate(sim):
+        alive = np.arange(len(s))
+        for drop in drops:
+            even, odd = alive[::2], alive[1::2]
+            duplicate = s[even][:, odd].max(axis=1)
+            gone = np.argsort(-duplicate, kind="stable")[:drop]
+            alive = np.delete(alive, 2 * gone)                   # the j-th even token sits at 2j in ``alive``
+        out[image] = alive
+    return torch.from_numpy(out)
 
 
 def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

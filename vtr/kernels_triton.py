@@ -1,4 +1,5 @@
-"""Triton versions of the selection kernels whose PyTorch form is a long chain of small launches, for CUDA tensors.
+"""Triton versions of the selection kernels whose PyTorch form is a long chain of small launches or a host loop, for
+CUDA tensors.
 
 ``vtr.kernels`` picks them when Triton is installed and the tensors are on a GPU, and falls back to PyTorch (NumPy on
 a CPU) everywhere else. With ``TRITON_INTERPRET=1`` they run on CPU tensors, which is how the tests compare them with
@@ -15,7 +16,7 @@ import triton.language as tl
 def _max_min_greedy(sim_ptr, first_ptr, picks_ptr, n, k, stride_image, stride_row, BLOCK: tl.constexpr):
     # One program per image: ``closest`` (each token's highest similarity to a pick) stays in registers for all k
     # steps, where the PyTorch loop launches three kernels per step.
-    image = tl.program_id(0)
+    image = tl.program_id(0).to(tl.int64)                              # image * stride may pass 2**31
     offsets = tl.arange(0, BLOCK)
     valid = offsets < n
     rows = sim_ptr + image * stride_image
@@ -38,3 +39,55 @@ def max_min_greedy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tens
     _max_min_greedy[(images,)](sim, first.long().contiguous(), picks, n, k, sim.stride(0), sim.stride(1),
                                BLOCK=triton.next_power_of_2(n))
     return picks
+
+
+@triton.jit
+def _duplicate_removal(sim_ptr, drops_ptr, evens_ptr, dup_ptr, out_ptr, n, keep, rounds, stride_image, stride_row,
+                       PER_ROUND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    # One program per image runs every round: the alive set stays in registers, and only the even tokens' rows of the
+    # similarity matrix are read (through ``evens_ptr``, a scratch list of their indices), against the odd columns.
+    image = tl.program_id(0).to(tl.int64)                              # image * stride may pass 2**31
+    offsets = tl.arange(0, BLOCK)
+    sim = sim_ptr + image * stride_image
+    evens_buf, dup_buf = evens_ptr + image * BLOCK, dup_ptr + image * BLOCK
+    alive = offsets < n
+    for r in range(rounds):
+        rank = tl.cumsum(alive.to(tl.int32), axis=0) - 1                  # position among the alive tokens
+        even = alive & (rank % 2 == 0)
+        odd = alive & (rank % 2 == 1)
+        tl.store(evens_buf + rank // 2, offsets, mask=even)               # the j-th even token's index at slot j
+        evens = (tl.sum(alive.to(tl.int32), axis=0) + 1) // 2
+        tl.debug_barrier()
+        for start in range(0, evens, ROWS):
+            j = start + tl.arange(0, ROWS)
+            row = tl.load(evens_buf + j, mask=j < evens, other=0)
+            tile = tl.load(sim + row[:, None] * stride_row + offsets[None, :],
+                           mask=(j[:, None] < evens) & odd[None, :], other=float("-inf"))
+            tl.store(dup_buf + j, tl.max(tile, axis=1), mask=j < evens)
+        tl.debug_barrier()
+        dup = tl.load(dup_buf + rank // 2, mask=even, other=float("-inf"))
+        drops = tl.load(drops_ptr + r)
+        for step in range(PER_ROUND):
+            pick = tl.argmax(tl.where(even, dup, float("-inf")), axis=0, tie_break_left=True)   # ties: the earlier
+            pick = tl.where(step < drops, pick, BLOCK)                        # past this round's drops: no token
+            alive = alive & (offsets != pick)
+            even = even & (offsets != pick)
+        tl.debug_barrier()                                                # the scratch rows are rewritten next round
+    rank = tl.cumsum(alive.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + image * keep + rank, offsets, mask=alive & (rank < keep))
+
+
+def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int) -> torch.Tensor:
+    """Every round of ``vtr.kernels.duplicate_removal`` in one launch: sim (I, M, M) float32, drops the tokens each
+    round removes (known in advance: they depend on the counts only), 1 <= keep <= M. Returns (I, keep) long indices,
+    ascending."""
+    images, n = sim.shape[:2]
+    block = triton.next_power_of_2(n)
+    out = torch.empty(images, keep, dtype=torch.long, device=sim.device)
+    dup = torch.empty(images, block, device=sim.device)
+    evens = torch.empty(images, block, dtype=torch.int32, device=sim.device)
+    schedule = torch.tensor(drops or [0], dtype=torch.int32).to(sim.device, non_blocking=True)
+    _duplicate_removal[(images,)](sim, schedule, evens, dup, out, n, keep, len(drops), sim.stride(0),
+                                 sim.stride(1), PER_ROUND=max(drops, default=1), BLOCK=block,
+                                 ROWS=max(1, min(64, 8192 // block)), num_warps=8 if block >= 4096 else 4)
+    return out
