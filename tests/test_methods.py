@@ -232,6 +232,22 @@ def test_vispruner_important_then_diverse_by_hand():
     assert picks.tolist() == [5, 1, 3]
 
 
+def test_duplicate_removal_neighbour_lists_change_nothing():
+    """Above 600 tokens the host rounds read each token's 16 nearest first: the same picks as reading every row,
+    with exact duplicates (ties) and with 1-token lists (nearly every token falls back to its row)."""
+    from vtr.kernels import _duplicate_rounds_numpy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 16, generator=g)[:, torch.randint(0, 40, (700,), generator=g)]     # many exact repeats
+    x[1] += 0.1 * torch.randn(700, 16, generator=g)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    sim = (xn @ xn.transpose(1, 2)).numpy()
+    drops = [8] * 75                                                 # 700 -> 100
+    rows = _duplicate_rounds_numpy(sim, drops, 100, neighbours=0)
+    assert torch.equal(_duplicate_rounds_numpy(sim, drops, 100), rows)
+    assert torch.equal(_duplicate_rounds_numpy(sim, drops, 100, neighbours=1), rows)
+
+
 def test_dart_pivots_then_least_similar_by_hand():
     """Positions 1-5 are one image, 6-7 text after it. Key norms make position 2 the image pivot and 7 the text
     pivot. Budget 3: the image pivot, then one pick per pivot. Features (angles): 2 at 0, 1 at 10, 3 at 180, 4 at 90,

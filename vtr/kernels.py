@@ -158,15 +158,32 @@ def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tenso
     return _duplicate_rounds_numpy(sim.cpu().numpy(), drops, keep).to(x.device)
 
 
-def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int) -> torch.Tensor:
-    """The rounds of ``duplicate_removal`` on the host, image by image, on sub-blocks of the one similarity matrix
-    (a new product per round took twice as long on a CPU)."""
+def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int, neighbours: int = 16) -> torch.Tensor:
+    """The rounds of ``duplicate_removal`` on the host, image by image, on the one similarity matrix (a new product
+    per round took twice as long on a CPU). Above 600 tokens each even token first looks among its ``neighbours``
+    most similar tokens: the first odd one there is its highest (the rest of its row is no higher), and only a token
+    with none reads its row (``neighbours=0``: every token does). On this CPU that made 1,400-1,500 tokens 3-5x
+    faster; on 500 the lists cost as much as they save."""
+    near = None
+    if neighbours and sim.shape[1] > 600:
+        near = torch.from_numpy(sim).topk(min(neighbours, sim.shape[1]), dim=-1)
+        near_values, near_index = near.values.numpy(), near.indices.numpy()
     out = np.empty((sim.shape[0], keep), dtype=np.int64)
+    odd_token = np.zeros(sim.shape[1], dtype=bool)
     for image, s in enumerate(sim):
         alive = np.arange(len(s))
         for drop in drops:
             even, odd = alive[::2], alive[1::2]
-            duplicate = s[even][:, odd].max(axis=1)
+            if near is None:
+                duplicate = s[even][:, odd].max(axis=1)
+            else:
+                odd_token[:] = False
+                odd_token[odd] = True
+                found = odd_token[near_index[image, even]]                    # (even, neighbours)
+                first = found.argmax(axis=1)
+                duplicate = near_values[image, even, first]
+                missed = np.flatnonzero(~found[np.arange(len(even)), first])
+                duplicate[missed] = s[even[missed]][:, odd].max(axis=1)
             gone = np.argsort(-duplicate, kind="stable")[:drop]
             alive = np.delete(alive, 2 * gone)                   # the j-th even token sits at 2j in ``alive``
         out[image] = alive
