@@ -8,7 +8,8 @@ limit no hook can beat.
 Overhead: patched minus ideal, as a share of the patched prefill (end to end, so it carries the machine's noise);
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
 Decode: tokens/s of 16 greedy tokens, from the first generated token to the last, as a ratio to the unpatched
-model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak memory where CUDA counts it.
+model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak: the most memory a generate()
+holds at once above the weights and inputs (``vtr.eval.memory``), as a share of the unpatched one's.
 For FastV (and FasterVLM on LLaVA-1.5), a naive row: the same selection taken from the eager model's attention
 weights, as the methods' own code does it.
 """
@@ -27,6 +28,7 @@ from transformers.masking_utils import create_causal_mask
 import vtr
 from vtr.eval import bench_models
 from vtr.eval.evaluate import StepClock, cache_bytes, sample_flops, visual_token_mask
+from vtr.eval.memory import peak_bytes
 from vtr.eval.stock import encode, stock_positions
 
 
@@ -152,22 +154,17 @@ DECODE_TOKENS = 16
 
 
 @torch.no_grad()
-def _decode(model, inputs) -> tuple[float, int | None]:
-    """Tokens/s of one greedy generate() of ``DECODE_TOKENS`` tokens, timed from its first token to its last (so the
-    prefill is left out), and its peak memory in bytes where CUDA counts it, else None."""
-    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    clock = StepClock()                  # one call for the prompt, then one per generated token
+def _generate(model, inputs, streamer=None):
     model.generate(**inputs, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False,
-                   streamer=clock)
-    times = clock.times
-    return (len(times) - 2) / (times[-1] - times[1]), torch.cuda.max_memory_allocated() if cuda else None
+                   streamer=streamer)
 
 
-def _peak(peaks: list[int | None]) -> int | None:
-    return None if not peaks or peaks[0] is None else max(peaks)
+def _decode(model, inputs) -> float:
+    """Tokens/s of one greedy generate() of ``DECODE_TOKENS`` tokens, timed from its first token to its last (so the
+    prefill is left out)."""
+    clock = StepClock()                  # one call for the prompt, then one per generated token
+    _generate(model, inputs, clock)
+    return (len(clock.times) - 2) / (clock.times[-1] - clock.times[1])
 
 
 def _kept_positions(model, inputs, kept_visual: torch.Tensor) -> torch.Tensor:
@@ -185,33 +182,54 @@ def run(methods: list[str], retains: list[float], repeats: int = 5, quick: bool 
     cuda = torch.device(device).type == "cuda"
     size = "quick" if quick else size or ("7b" if cuda else "cpu")
     model, inputs = bench_models.build(arch, size, device, torch.bfloat16 if cuda else torch.float32, attn)
-    prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
     visual = visual_token_mask(model, inputs["input_ids"])
-    with torch.no_grad():
-        unpatched = _timed(prefill, repeats)
-        base_kv = cache_bytes(prefill().past_key_values)
-    base = {"prefill": prefill, "kv": base_kv, "flops": sample_flops(model.config, inputs, visual, None)[0],
-            "rates": []}
-    rows = []
-    for method in methods:
-        for retain in retains:
-            try:
-                vtr.patch(model, method, retain=retain).remove()
-            except ValueError as refused:            # the method does not apply here (the README matrix's "n/a")
-                rows.append({"method": method, "retain": retain, "skipped": str(refused)})
-                continue
-            rows.append(_row(model, inputs, method, retain, repeats, arch, base, visual))
+
+    def flops_of(stats):
+        flops = sample_flops(model.config, inputs, visual, None if stats is None else [stats])[0]
+        return flops and flops["total"]
+
+    base = baseline(model, inputs, repeats, device, flops_of)
+    rows = measure(model, inputs, methods, retains, repeats, base, arch)
     result = {
         "device": _device_name(device), "torch": torch.__version__, "dtype": str(model.dtype), "attn": attn,
         "arch": arch, "size": size, "model": type(model).__name__, "visual_tokens": int(visual.sum()),
-        "prompt_tokens": inputs["input_ids"].shape[1], "repeats": repeats, "unpatched_prefill_s": unpatched,
-        "unpatched_kv_cache_bytes": base_kv,
-        "unpatched_decode_tokens_per_s": statistics.median(base["rates"]) if base["rates"] else None, "rows": rows,
+        "prompt_tokens": inputs["input_ids"].shape[1], "repeats": repeats, **unpatched_figures(base), "rows": rows,
     }
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def baseline(model, inputs, repeats: int, device, flops_of) -> dict:
+    """The unpatched model's figures every row is set against. ``flops_of(stats)``: the analytic prefill FLOPs given
+    a patched run's stats (None: the unpatched run), or None where they are not counted."""
+    prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
+    with torch.no_grad():
+        seconds = _timed(prefill, repeats)
+        kv = cache_bytes(prefill().past_key_values)
+    return {"prefill": prefill, "seconds": seconds, "kv": kv, "flops_of": flops_of, "flops": flops_of(None),
+            "peak": peak_bytes(lambda: _generate(model, inputs), device), "device": device, "rates": []}
+
+
+def measure(model, inputs, methods: list[str], retains: list[float], repeats: int, base: dict, arch: str) -> list:
+    """A row per method and retention; one the method refuses for this model says why (the README matrix's n/a)."""
+    rows = []
+    for method in methods:
+        for retain in retains:
+            try:
+                vtr.patch(model, method, retain=retain).remove()
+            except ValueError as refused:
+                rows.append({"method": method, "retain": retain, "skipped": str(refused)})
+                continue
+            rows.append(_row(model, inputs, method, retain, repeats, arch, base))
+    return rows
+
+
+def unpatched_figures(base: dict) -> dict:
+    return {"unpatched_prefill_s": base["seconds"], "unpatched_kv_cache_bytes": base["kv"],
+            "unpatched_decode_tokens_per_s": statistics.median(base["rates"]) if base["rates"] else None,
+            "unpatched_peak_memory_bytes": base["peak"]}
 
 
 def ideal_for(model, inputs, method: str, retain: float):
@@ -227,45 +245,41 @@ def ideal_for(model, inputs, method: str, retain: float):
     return (lambda: _ideal_prefill(model, inputs, pre[-1] if pre else None, llm)), stats
 
 
-def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, base: dict, visual) -> dict:
+def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, base: dict) -> dict:
     """One method at one retention: its kept sets, then ``repeats`` interleaved runs of the unpatched, patched and
     ideal prefills and decodes."""
     prefill = base["prefill"]
     ideal_prefill, stats = ideal_for(model, inputs, method, retain)
-    times = {k: [] for k in ("base", "patched", "ideal", "hooks", "rates", "base_rates", "peaks", "base_peaks")}
+    times = {k: [] for k in ("base", "patched", "ideal", "hooks", "rates", "base_rates")}
     for _ in range(repeats + 1):                     # interleaved, so drifts of the machine hit all of them alike
         with torch.no_grad():
             times["base"].append(_once(prefill))
-            rate, peak = _decode(model, inputs)
-            times["base_rates"].append(rate)
-            times["base_peaks"].append(peak)
+            times["base_rates"].append(_decode(model, inputs))
             with vtr.patch(model, method, retain=retain) as handle:
                 times["patched"].append(_once(prefill))
                 times["hooks"].append(handle._engine.hook_seconds)
-                rate, peak = _decode(model, inputs)
-                times["rates"].append(rate)
-                times["peaks"].append(peak)
+                times["rates"].append(_decode(model, inputs))
             times["ideal"].append(_once(ideal_prefill))
     unpatched, patched, ideal, hooks, decode, base_decode = (statistics.median(times[k][1:]) for k in (
         "base", "patched", "ideal", "hooks", "rates", "base_rates"))
     base["rates"] += times["base_rates"][1:]
     with vtr.patch(model, method, retain=retain), torch.no_grad():
         kv = cache_bytes(prefill().past_key_values)
+        peak = peak_bytes(lambda: _generate(model, inputs), base["device"])
     naive = NAIVE.get((method, arch))                # the forks' way, for what recomputing a few rows saves
     if naive is not None:
         plugin = vtr.api.resolve(method, retain)[0]
         naive = _timed(lambda: NAIVE[method, arch](model, inputs, plugin, stats["visual_tokens_out"]), repeats)
-    flops = sample_flops(model.config, inputs, visual, [stats])[0]
-    peak, base_peak = _peak(times["peaks"]), _peak(times["base_peaks"])
+    flops = base["flops_of"](stats)
     return {
         "method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
         "layer_avg_retention": stats["layer_avg_retention"], "unpatched_s": unpatched, "prefill_s": patched,
         "ideal_s": ideal, "speedup": unpatched / patched, "ideal_speedup": unpatched / ideal,
-        "analytic_speedup": base["flops"]["total"] / flops["total"] if flops else None,
+        "analytic_speedup": base["flops"] / flops if flops else None,
         "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched, "hook_s": hooks,
         "hook_share": hooks / patched, "kv_cache_bytes": kv, "kv_cache_ratio": kv / base["kv"],
         "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode, "peak_memory_bytes": peak,
-        "peak_memory_ratio": peak / base_peak if peak else None,
+        "peak_memory_ratio": peak / base["peak"],
         "naive_s": naive, "naive_speedup": None if naive is None else unpatched / naive,
     }
 
@@ -277,32 +291,36 @@ def _device_name(device: str) -> str:
 
 
 def format_table(result: dict) -> str:
-    measured = [r for r in result["rows"] if "skipped" not in r]
-    peak = bool(measured) and measured[0]["peak_memory_ratio"] is not None
-    decode = result["unpatched_decode_tokens_per_s"]
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, {result['attn']}; "
-             f"{result['model']} ({result['arch']}, size {result['size']}): {result['visual_tokens']} visual tokens, prompt "
-             f"{result['prompt_tokens']} tokens; unpatched prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms "
-             f"(median of {result['repeats']})",
-             (f"unpatched decode {decode:.1f} tokens/s, " if decode else "") +
-             f"KV cache {result['unpatched_kv_cache_bytes'] / 2 ** 20:.1f} MiB",
-             f"{'method':<10} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
-             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5}" +
-             (f" {'peak':>5}" if peak else "")]
-    for r in result["rows"]:
+    return "\n".join([f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, {result['attn']}; "
+                      f"{result['model']} ({result['arch']}, size {result['size']}): {result['visual_tokens']} visual "
+                      f"tokens, prompt {result['prompt_tokens']} tokens", unpatched_line(result),
+                      *format_rows(result["rows"])])
+
+
+def unpatched_line(result: dict) -> str:
+    decode, peak = result["unpatched_decode_tokens_per_s"], result.get("unpatched_peak_memory_bytes")
+    return (f"unpatched: prefill {result['unpatched_prefill_s'] * 1e3:.1f} ms (median of {result['repeats']}), " +
+            (f"decode {decode:.1f} tokens/s, " if decode else "") +
+            f"KV cache {result['unpatched_kv_cache_bytes'] / 2 ** 20:.1f} MiB" +
+            (f", peak {peak / 2 ** 20:.1f} MiB above the weights" if peak else ""))
+
+
+def format_rows(rows: list[dict]) -> list[str]:
+    lines = [f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
+             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5} {'peak':>5}"]
+    for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['method']:<10} {r['retain']:>6.3f}  n/a: {r['skipped']}")
+            lines.append(f"{r['method']:<12} {r['retain']:>6.3f}  n/a: {r['skipped']}")
             continue
         analytic = f"{r['analytic_speedup']:>7.2f}x" if r["analytic_speedup"] else f"{'n/a':>8}"
-        lines.append(f"{r['method']:<10} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
+        lines.append(f"{r['method']:<12} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
                      f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {analytic} "
                      f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
-                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%}" +
-                     (f" {r['peak_memory_ratio']:>5.0%}" if peak else ""))
+                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%} {r['peak_memory_ratio']:>5.0%}")
         if r["naive_s"] is not None:
-            lines.append(f"{'':<10} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
+            lines.append(f"{'':<12} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
                          "eager attention weights, as the method's code takes them")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(result: dict, path: str):

@@ -1,4 +1,5 @@
-"""``vtr bench --video``: prefill time of video methods beside the unpatched model, the ideal and the analytic speedup.
+"""``vtr bench --video``: the figures of ``vtr bench`` (prefill beside the unpatched model, the ideal and the analytic
+speedup; decode, KV cache and peak memory) for video methods.
 
 The model is LLaVA-OneVision-shaped (SigLIP at 384 px with 14 px patches: 27 x 27 patches per frame, pooled 2x2 to
 14 x 14 = 196 tokens per frame plus the video's closing newline; Qwen2 language model): LLaVA-OneVision-7B on 32
@@ -11,13 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 
 import torch
 
 import vtr
 from vtr.eval import bench_models
-from vtr.eval.bench import _device_name, _once, _timed, ideal_for
+from vtr.eval.bench import _device_name, _timed, baseline, format_rows, measure, unpatched_figures, unpatched_line
 from vtr.eval.flops import prefill_flops
 
 # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14 at 384 px, Qwen2-7B
@@ -75,43 +75,20 @@ def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool 
     size = "quick" if quick else size or ("7b" if cuda else "cpu")
     shape, dtype = SHAPES[size], torch.bfloat16 if cuda else torch.float32
     model, inputs = video_model(shape, device, dtype, attn), video_inputs(shape, device, dtype)
-    config = model.config
     patches = (shape["image_size"] // shape["patch_size"]) ** 2
     ids = inputs["input_ids"][0].tolist()
     visual = ids.count(VIDEO_TOKEN)
-    prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)            # noqa: E731
-    with torch.no_grad():
-        unpatched = _timed(prefill, repeats)
     text = len(ids) - visual
 
-    def flops(tokens_per_layer):
-        return prefill_flops(config, shape["frames"], patches, [text + n for n in tokens_per_layer])["total"]
+    def flops_of(stats):
+        per_layer = [visual] * shape["layers"] if stats is None else stats["tokens_per_layer"]
+        return prefill_flops(model.config, shape["frames"], patches, [text + n for n in per_layer])["total"]
 
-    base_flops = flops([visual] * shape["layers"])
-    rows = []
-    for method in methods:
-        for retain in retains:
-            ideal_prefill, _ = ideal_for(model, inputs, method, retain)
-            base_times, patched_times, ideal_times, hook_times = [], [], [], []
-            for _ in range(repeats + 1):             # interleaved, so drifts of the machine hit all three alike
-                with torch.no_grad():
-                    base_times.append(_once(prefill))
-                    with vtr.patch(model, method, retain=retain) as handle:
-                        patched_times.append(_once(prefill))
-                        hook_times.append(handle._engine.hook_seconds)
-                        stats = handle.stats()[0]
-                    ideal_times.append(_once(ideal_prefill))
-            base, patched, ideal, hooks = (statistics.median(t[1:])
-                                           for t in (base_times, patched_times, ideal_times, hook_times))
-            rows.append({"method": method, "retain": retain, "visual_tokens_out": stats["visual_tokens_out"],
-                         "layer_avg_retention": stats["layer_avg_retention"], "unpatched_s": base,
-                         "prefill_s": patched, "speedup": base / patched, "ideal_s": ideal,
-                         "ideal_speedup": base / ideal, "of_ideal": ideal / patched,
-                         "analytic_speedup": base_flops / flops(stats["tokens_per_layer"]),
-                         "hook_s": hooks, "hook_share": hooks / patched})
+    base = baseline(model, inputs, repeats, device, flops_of)
+    rows = measure(model, inputs, methods, retains, repeats, base, "llava-onevision-video")
     result = {"device": _device_name(device), "torch": torch.__version__, "dtype": str(dtype), "attn": attn,
               "size": size, "shape": shape, "visual_tokens": visual, "prompt_tokens": len(ids),
-              "repeats": repeats, "unpatched_prefill_s": unpatched, "rows": rows,
+              "repeats": repeats, **unpatched_figures(base), "rows": rows,
               "frame_reuse": _frame_reuse(model, inputs["pixel_values_videos"], repeats)}
     if out:
         with open(out, "w") as f:
@@ -134,18 +111,9 @@ def _frame_reuse(model, video: torch.Tensor, repeats: int) -> dict:
 
 
 def format_table(result: dict) -> str:
-    shape = result["shape"]
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, {result['attn']}, size "
-             f"{result['size']}; {shape['frames']} frames, "
-             f"{result['visual_tokens']} visual tokens, prompt {result['prompt_tokens']} tokens; unpatched prefill "
-             f"{result['unpatched_prefill_s'] * 1e3:.1f} ms (median of {result['repeats']})",
-             f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
-             f"{'analytic':>8} {'of ideal':>8} {'in hooks':>8}"]
-    for r in result["rows"]:
-        lines.append(f"{r['method']:<12} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} "
-                     f"{r['prefill_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x "
-                     f"{r['analytic_speedup']:>7.2f}x {r['of_ideal']:>7.0%} {r['hook_share']:>8.1%}")
-    reuse = result["frame_reuse"]
-    lines.append(f"frame reuse: {reuse['frames']} frames, each twice: {reuse['encoded']} encoded, vision tower "
-                 f"{reuse['unpatched_s'] * 1e3:.1f} -> {reuse['reuse_s'] * 1e3:.1f} ms ({reuse['saved']:.0%} saved)")
-    return "\n".join(lines)
+    shape, reuse = result["shape"], result["frame_reuse"]
+    return "\n".join([f"device: {result['device']}, torch {result['torch']}, {result['dtype']}, {result['attn']}, size "
+                      f"{result['size']}; {shape['frames']} frames, {result['visual_tokens']} visual tokens, prompt "
+                      f"{result['prompt_tokens']} tokens", unpatched_line(result), *format_rows(result["rows"]),
+                      f"frame reuse: {reuse['frames']} frames, each twice: {reuse['encoded']} encoded, vision tower "
+                      f"{reuse['unpatched_s'] * 1e3:.1f} -> {reuse['reuse_s'] * 1e3:.1f} ms ({reuse['saved']:.0%} saved)"])

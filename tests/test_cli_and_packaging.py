@@ -79,6 +79,8 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     for row in result["rows"]:
         assert row["prefill_s"] > 0 and row["ideal_s"] > 0 and row["analytic_speedup"] > 1
         assert row["decode_tokens_per_s"] > 0 and 0 < row["kv_cache_ratio"] < 1      # fewer tokens cached
+        assert row["peak_memory_bytes"] > 0 and row["peak_memory_ratio"] > 0
+    assert result["unpatched_peak_memory_bytes"] > 0
     assert "analytic" in capsys.readouterr().out
 
 
@@ -101,6 +103,24 @@ def test_bench_refuses_flash_attention_2_on_a_cpu(kind, capsys):
     assert "flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package" in err
 
 
+def test_tensor_peak_counts_the_bytes_held_at_once():
+    """A CPU has no allocator statistics; the bench's peak memory there comes from the operators' outputs."""
+    from vtr.eval.memory import TensorPeak
+
+    weights = torch.ones(1000)                    # made before the watch: not counted
+    with TensorPeak() as watch:
+        a = weights * 2                           # 4,000 bytes
+        view = a.view(10, 100).t()                # a view and an in-place update: nothing new
+        a.add_(1)
+        b = a + view.t().flatten()                # 8,000 held
+        del a, view
+        c = b * 3                                 # a is freed: 8,000 again
+        del b, c
+        d = torch.empty(500)                      # 2,000, maybe at a freed address
+    assert watch.peak == 8000
+    assert watch.live == d.untyped_storage().nbytes() == 2000
+
+
 def test_video_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench_video.json"
     assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",
@@ -109,7 +129,8 @@ def test_video_bench_quick_writes_json(tmp_path, capsys):
     assert result["visual_tokens"] == 4 * 16 + 1 and [r["method"] for r in result["rows"]] == ["fastvid", "dycoke"]
     for row in result["rows"]:           # 25 % of the 64 frame tokens, plus the newline
         assert row["visual_tokens_out"] == 17 and row["prefill_s"] > 0 and row["analytic_speedup"] > 1
-        assert row["ideal_s"] > 0
+        assert row["ideal_s"] > 0 and row["decode_tokens_per_s"] > 0 and 0 < row["kv_cache_ratio"] < 1
+        assert row["peak_memory_bytes"] > 0 and row["peak_memory_ratio"] > 0
     reuse = result["frame_reuse"]                      # each frame twice: half of them reach the vision tower
     assert reuse["frames"] == 4 and reuse["encoded"] == 2 and reuse["reuse_s"] > 0
     assert "4 frames" in capsys.readouterr().out
