@@ -116,4 +116,5 @@ def format_table(result: dict) -> str:
                       f"{result['size']}; {shape['frames']} frames, {result['visual_tokens']} visual tokens, prompt "
                       f"{result['prompt_tokens']} tokens", unpatched_line(result), *format_rows(result["rows"]),
                       f"frame reuse: {reuse['frames']} frames, each twice: {reuse['encoded']} encoded, vision tower "
-                      f"{reuse['unpatched_s'] * 1e3:.1f} -> {reuse['reuse_s'] * 1e3:.1f} ms ({reuse['saved']:.0%} saved)"])
+                      f"{reuse['unpatched_s'] * 1e3:.1f} -> {reuse['reuse_s'] * 1e3:.1f} ms "
+                      f"({reuse['saved']:.0%} saved)"])

@@ -40,5 +40,5 @@ class VisPruner(Plugin):
         images, tokens = s.tokens.shape[:2]
         rest = torch.ones(images, tokens, dtype=torch.bool, device=s.tokens.device).scatter_(1, important, False)
         rest = rest.nonzero()[:, 1].view(images, -1)                   # the same count in every image, ascending
-        diverse = rest.gather(1, duplicate_removal(gather_tokens(s.tokens, rest), k - important.shape[1], DROP_PER_ROUND))
-        return torch.cat([important, diverse], dim=1)
+        diverse = duplicate_removal(gather_tokens(s.tokens, rest), k - important.shape[1], DROP_PER_ROUND)
+        return torch.cat([important, rest.gather(1, diverse)], dim=1)
