@@ -57,20 +57,26 @@ TRITON_KERNELS = """
 import torch
 from vtr.kernels import _duplicate_rounds_numpy, _greedy_torch
 from vtr.kernels_triton import duplicate_removal, max_min_greedy
-x = torch.randn(3, 45, 8, generator=torch.Generator().manual_seed(0))
-x[1, 5] = x[1, 7]                                   # ties: both take the first index
-x[2] = x[2, :1]                                     # every token alike
-xn = torch.nn.functional.normalize(x, dim=-1)
-sim = xn @ xn.transpose(1, 2)
-for keep in (1, 2, 7, 20, 44, 45):
-    drops, count = [], 45
-    while count > keep:
-        drops.append(min(8, count - keep, (count + 1) // 2))
-        count -= drops[-1]
-    assert torch.equal(duplicate_removal(sim, drops, keep), _duplicate_rounds_numpy(sim.numpy(), drops, keep)), keep
+g = torch.Generator().manual_seed(0)
+for n, keeps in ((45, (1, 2, 7, 20, 44, 45)), (10, (1, 3)), (300, (100,))):   # under 16 tokens: padded lists
+    x = torch.randn(3, n, 8, generator=g)
+    x[1, 5] = x[1, 7]                               # ties: both take the first index
+    x[2] = x[2, :1]                                 # every token alike
+    if n == 300:                                    # 12 clusters: most lists run out of odd tokens, rows are read
+        x[0] = torch.randn(12, 8, generator=g)[torch.randint(0, 12, (n,), generator=g)]
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    sim = xn @ xn.transpose(1, 2)
+    for keep in keeps:
+        drops, count = [], n
+        while count > keep:
+            drops.append(min(8, count - keep, (count + 1) // 2))
+            count -= drops[-1]
+        want = _duplicate_rounds_numpy(sim.numpy(), drops, keep, neighbours=0)
+        assert torch.equal(duplicate_removal(sim, drops, keep), want), (n, keep)
+sim = xn[:, :40] @ xn[:, :40].transpose(1, 2)
 sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
 first = sim.amax(1).argmin(1)
-for k in (1, 12, 45):
+for k in (1, 12, 40):
     assert torch.equal(max_min_greedy(sim, first, k), _greedy_torch(sim, first, k)), k
 print("same")
 """
@@ -97,11 +103,13 @@ from triton.compiler import ASTSource
 from vtr import kernels_triton as K
 h100 = GPUTarget("cuda", 90, 32)
 ints = dict.fromkeys(("n", "keep", "rounds", "k", "stride_image", "stride_row"), "i32")
-duplicates = {"sim_ptr": "*fp32", "drops_ptr": "*i32", "evens_ptr": "*i32", "dup_ptr": "*fp32", "out_ptr": "*i64"}
+duplicates = {"sim_ptr": "*fp32", "near_ptr": "*i32", "drops_ptr": "*i32", "evens_ptr": "*i32", "odd_ptr": "*i8",
+              "dup_ptr": "*fp32", "out_ptr": "*i64"}
 for block, rows, warps in ((64, 64, 4), (8192, 1, 8)):            # the smallest and largest launches
     signature = {**duplicates, **{k: ints[k] for k in ("n", "keep", "rounds", "stride_image", "stride_row")},
-                 "PER_ROUND": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr"}
-    source = ASTSource(K._duplicate_removal, signature, constexprs={"PER_ROUND": 8, "BLOCK": block, "ROWS": rows})
+                 **dict.fromkeys(("PER_ROUND", "NEAR", "BLOCK", "ROWS"), "constexpr")}
+    constants = {"PER_ROUND": 8, "NEAR": K.NEAR, "BLOCK": block, "ROWS": rows}
+    source = ASTSource(K._duplicate_removal, signature, constexprs=constants)
     assert "cubin" in triton.compile(source, target=h100, options={"num_warps": warps}).asm
 signature = {"sim_ptr": "*fp32", "first_ptr": "*i64", "picks_ptr": "*i64",
              **{k: ints[k] for k in ("n", "k", "stride_image", "stride_row")}, "BLOCK": "constexpr"}

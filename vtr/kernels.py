@@ -140,7 +140,9 @@ def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tenso
     ascending. Each round splits the remaining tokens (in order) into even and odd ones, scores each even token by its
     highest cosine similarity to an odd one and removes the ``per_round`` highest (ties: the earlier), until ``keep``
     are left. The similarity matrix is one product; the rounds, short sequential steps, run as one Triton kernel on a
-    GPU and on the host elsewhere (a device loop would pay launches and a sync per round)."""
+    GPU and on the host elsewhere (a device loop would pay launches and a sync per round). Both (the host above 600
+    tokens) look for an even token's highest similarity among its 16 nearest first, and read its row only when none
+    of them is odd."""
     images, n = x.shape[:2]
     if not 0 <= keep <= n:
         raise ValueError(f"duplicate_removal: keep must be in 0..{n}, got {keep}")

@@ -42,28 +42,42 @@ def max_min_greedy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tens
 
 
 @triton.jit
-def _duplicate_removal(sim_ptr, drops_ptr, evens_ptr, dup_ptr, out_ptr, n, keep, rounds, stride_image, stride_row,
-                       PER_ROUND: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    # One program per image runs every round: the alive set stays in registers, and only the even tokens' rows of the
-    # similarity matrix are read (through ``evens_ptr``, a scratch list of their indices), against the odd columns.
+def _duplicate_removal(sim_ptr, near_ptr, drops_ptr, evens_ptr, odd_ptr, dup_ptr, out_ptr, n, keep, rounds,
+                       stride_image, stride_row, PER_ROUND: tl.constexpr, NEAR: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr):
+    # One program per image runs every round, the alive set in registers. An even token's highest similarity to an
+    # odd one is the first odd token among its NEAR most similar (``near_ptr``, sorted): the rest of its row is no
+    # higher. Only a block of rows with a token that has none there reads those rows of the similarity matrix.
     image = tl.program_id(0).to(tl.int64)                              # image * stride may pass 2**31
     offsets = tl.arange(0, BLOCK)
+    near_k = tl.arange(0, NEAR)
     sim = sim_ptr + image * stride_image
-    evens_buf, dup_buf = evens_ptr + image * BLOCK, dup_ptr + image * BLOCK
+    near = near_ptr + image * BLOCK * NEAR
+    evens_buf, odd_buf, dup_buf = evens_ptr + image * BLOCK, odd_ptr + image * BLOCK, dup_ptr + image * BLOCK
     alive = offsets < n
     for r in range(rounds):
         rank = tl.cumsum(alive.to(tl.int32), axis=0) - 1                  # position among the alive tokens
         even = alive & (rank % 2 == 0)
         odd = alive & (rank % 2 == 1)
         tl.store(evens_buf + rank // 2, offsets, mask=even)               # the j-th even token's index at slot j
+        tl.store(odd_buf + offsets, odd.to(tl.int8))
         evens = (tl.sum(alive.to(tl.int32), axis=0) + 1) // 2
         tl.debug_barrier()
         for start in range(0, evens, ROWS):
             j = start + tl.arange(0, ROWS)
-            row = tl.load(evens_buf + j, mask=j < evens, other=0)
-            tile = tl.load(sim + row[:, None] * stride_row + offsets[None, :],
-                           mask=(j[:, None] < evens) & odd[None, :], other=float("-inf"))
-            tl.store(dup_buf + j, tl.max(tile, axis=1), mask=j < evens)
+            valid = j < evens
+            row = tl.load(evens_buf + j, mask=valid, other=0)
+            neighbour = tl.load(near + row[:, None] * NEAR + near_k[None, :], mask=valid[:, None], other=0)
+            is_odd = tl.load(odd_buf + neighbour, mask=valid[:, None], other=0) != 0
+            first = tl.min(tl.where(is_odd, near_k[None, :], NEAR), axis=1)   # NEAR: none of them is odd
+            best = tl.sum(tl.where(near_k[None, :] == first[:, None], neighbour, 0), axis=1)
+            dup = tl.load(sim + row * stride_row + best, mask=valid & (first < NEAR), other=float("-inf"))
+            missed = valid & (first == NEAR)
+            if tl.sum(missed.to(tl.int32), axis=0) > 0:
+                tile = tl.load(sim + row[:, None] * stride_row + offsets[None, :],
+                               mask=missed[:, None] & odd[None, :], other=float("-inf"))
+                dup = tl.where(missed, tl.max(tile, axis=1), dup)
+            tl.store(dup_buf + j, dup, mask=valid)
         tl.debug_barrier()
         dup = tl.load(dup_buf + rank // 2, mask=even, other=float("-inf"))
         drops = tl.load(drops_ptr + r)
@@ -77,17 +91,24 @@ def _duplicate_removal(sim_ptr, drops_ptr, evens_ptr, dup_ptr, out_ptr, n, keep,
     tl.store(out_ptr + image * keep + rank, offsets, mask=alive & (rank < keep))
 
 
+NEAR = 16
+
+
 def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int) -> torch.Tensor:
     """Every round of ``vtr.kernels.duplicate_removal`` in one launch: sim (I, M, M) float32, drops the tokens each
     round removes (known in advance: they depend on the counts only), 1 <= keep <= M. Returns (I, keep) long indices,
     ascending."""
     images, n = sim.shape[:2]
     block = triton.next_power_of_2(n)
+    near = torch.arange(n, device=sim.device, dtype=torch.int32)[None, :, None].repeat(images, 1, NEAR)
+    near[..., :min(NEAR, n)] = sim.topk(min(NEAR, n), dim=-1).indices.int()    # padded with the token itself,
+    near = torch.nn.functional.pad(near, (0, 0, 0, block - n)).contiguous()     # which is never odd to itself
     out = torch.empty(images, keep, dtype=torch.long, device=sim.device)
     dup = torch.empty(images, block, device=sim.device)
     evens = torch.empty(images, block, dtype=torch.int32, device=sim.device)
+    odd = torch.empty(images, block, dtype=torch.int8, device=sim.device)
     schedule = torch.tensor(drops or [0], dtype=torch.int32).to(sim.device, non_blocking=True)
-    _duplicate_removal[(images,)](sim, schedule, evens, dup, out, n, keep, len(drops), sim.stride(0),
-                                 sim.stride(1), PER_ROUND=max(drops, default=1), BLOCK=block,
+    _duplicate_removal[(images,)](sim, near, schedule, evens, odd, dup, out, n, keep, len(drops), sim.stride(0),
+                                 sim.stride(1), PER_ROUND=max(drops, default=1), NEAR=NEAR, BLOCK=block,
                                  ROWS=max(1, min(64, 8192 // block)), num_warps=8 if block >= 4096 else 4)
     return out
