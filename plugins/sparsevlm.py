@@ -80,20 +80,20 @@ class SparseVLM(LLMPlugin):
 
     def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         scores, image = s.rater_attention[s.visual].float(), s.image
-        entry = torch.bincount(image, minlength=len(k))
-        top = k.clone()
+        entry, want = torch.bincount(image, minlength=len(k)).tolist(), k.tolist()   # host ints: no sync per step
+        top = list(want)
         if self.recycle:         # the survivors by score leave room for the clusters the dropped ones make
-            for i, (n, want) in enumerate(zip(entry.tolist(), k.tolist())):
-                while top[i] > 1 and top[i] + recycled(n - int(top[i]))[1] > want:
+            for i, n in enumerate(entry):
+                while top[i] > 1 and top[i] + recycled(n - top[i])[1] > want[i]:
                     top[i] -= 1
-        kept = topk_per_group(scores, image, top)
+        kept = topk_per_group(scores, image, torch.tensor(top, device=k.device))
         if not self.recycle:
             return kept, None
         tokens = s.tokens[s.visual].float()
         values = tokens.clone()
-        for i, n in enumerate(entry.tolist()):
-            count, clusters = recycled(n - int(top[i]))
-            if not count or top[i] + clusters > k[i]:
+        for i, n in enumerate(entry):
+            count, clusters = recycled(n - top[i])
+            if not count or top[i] + clusters > want[i]:
                 continue
             dropped = ((image == i) & ~kept).nonzero()[:, 0]
             chosen = dropped[scores[dropped].topk(count).indices]          # the best scored of the dropped
