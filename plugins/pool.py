@@ -10,6 +10,7 @@ the grid, cells are runs of consecutive tokens in raster order instead.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,15 @@ def cells(rows: int, cols: int, k: int) -> list[torch.Tensor]:
     return [grid[r0:r1, c0:c1].flatten() for r0, r1 in spans(rows, a) for c0, c1 in spans(cols, b)]
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs(rows: int, cols: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The cells of ``cells`` as (each cell's first token, every (token, cell) pair, each cell's size), computed once
+    per grid and budget."""
+    grid = cells(rows, cols, k)
+    sizes = torch.tensor([len(c) for c in grid])
+    return torch.stack([c[0] for c in grid]), torch.cat(grid), torch.repeat_interleave(torch.arange(k), sizes), sizes
+
+
 @dataclass
 class Pool(Plugin):
     name = "pool"
@@ -45,10 +55,13 @@ class Pool(Plugin):
     needs = ("grid",)
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each cell's first token, which takes the mean of the cell."""
+        """Each cell's first token, which takes the mean of the cell: one sum over (cell, token) pairs per image, not
+        a gather and a mean per cell (a launch each on a GPU)."""
         picks, values = [], []
-        for i in range(s.tokens.shape[0]):
-            grid = cells(*map(int, s.token_grid[i]), k)
-            picks.append(torch.stack([c[0] for c in grid]))
-            values.append(torch.stack([s.tokens[i, c.to(s.tokens.device)].mean(dim=0) for c in grid]))
-        return torch.stack(picks).to(s.tokens.device), torch.stack(values)
+        for i, (rows, cols) in enumerate(s.token_grid.tolist()):
+            first, members, cell, sizes = (t.to(s.tokens.device) for t in _pairs(rows, cols, k))
+            sums = s.tokens.new_zeros(k, s.tokens.shape[-1], dtype=torch.float32).index_add_(
+                0, cell, s.tokens[i, members].float())
+            picks.append(first)
+            values.append((sums / sizes[:, None]).to(s.tokens.dtype))
+        return torch.stack(picks), torch.stack(values)

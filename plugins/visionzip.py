@@ -46,9 +46,10 @@ class VisionZip(Plugin):
                 is_target[torch.arange(contextual, device=rest.device) * stride] = True
                 targets, others = rest[is_target], rest[~is_target]
                 owner = (keys[i, others] @ keys[i, targets].T).argmax(dim=1)        # each token's closest target
-                for j, target in enumerate(targets):
-                    group = torch.cat([target[None], others[owner == j]])
-                    merged[i, target] = s.tokens[i, group].mean(dim=0)
+                # each target's group is itself and the tokens it owns: one float sum for all groups
+                total = s.tokens[i, targets].float().index_add(0, owner, s.tokens[i, others].float())
+                size = 1 + torch.bincount(owner, minlength=contextual)
+                merged[i, targets] = (total / size[:, None]).to(merged.dtype)
                 picks.append(targets)
             kept.append(torch.cat(picks).sort().values)
         return torch.stack(kept), merged
