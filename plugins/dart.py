@@ -53,16 +53,17 @@ class DART(LLMPlugin):
             after = torch.arange(s.text.shape[1], device=cols.device) > cols.max()
             text = (s.text[b] & after).nonzero()[:, 0]
             own = norms[b, cols].argsort(descending=True)
-            n_img = min(self.image_pivots, len(cols), int(k[image]))
-            pivots = list(cols[own[:n_img]]) + list(text[norms[b, text].argsort(descending=True)][:self.text_pivots])
-            picked, pool = own[:n_img].tolist(), own[n_img:]          # indices into ``cols``
-            budget = int(k[image]) - n_img
-            for j, pivot in enumerate(pivots):
-                take = min(budget // len(pivots) + (j < budget % len(pivots)), len(pool))
+            budget = int(k[image])
+            n_img = min(self.image_pivots, len(cols), budget)
+            pivots = torch.cat([cols[own[:n_img]], text[norms[b, text].argsort(descending=True)][:self.text_pivots]])
+            taken = torch.zeros(len(cols), dtype=torch.bool, device=cols.device)      # picked, or an image pivot
+            taken[own[:n_img]] = True
+            similarity = feats[b, cols] @ feats[b, pivots].T                         # every pivot in one product
+            budget, free = budget - n_img, len(cols) - n_img
+            for j in range(len(pivots)):          # the pool shrinks pivot by pivot; counts are host ints: no sync
+                take = min(budget // len(pivots) + (j < budget % len(pivots)), free)
                 if take > 0:
-                    similarity = feats[b, cols[pool]] @ feats[b, pivot]
-                    chosen = similarity.topk(take, largest=False).indices
-                    picked += pool[chosen].tolist()
-                    pool = pool[~torch.isin(torch.arange(len(pool), device=pool.device), chosen)]
-            keep[entries[picked]] = True
+                    taken[similarity[:, j].masked_fill(taken, float("inf")).topk(take, largest=False).indices] = True
+                    free -= take
+            keep[entries[taken]] = True
         return keep
