@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vtr.kernels import group_means
+
 from .base import Plugin, Signals
 
 
@@ -41,11 +43,11 @@ def cells(rows: int, cols: int, k: int) -> list[torch.Tensor]:
 
 @functools.lru_cache(maxsize=64)
 def _pairs(rows: int, cols: int, k: int) -> tuple[torch.Tensor, ...]:
-    """The cells of ``cells`` as (each cell's first token, every (token, cell) pair, each cell's size), computed once
-    per grid and budget."""
+    """The cells of ``cells`` as (each cell's first token, the tokens of every cell, their cells), computed once per
+    grid and budget (a cell's tokens may sit in the next cell too)."""
     grid = cells(rows, cols, k)
-    sizes = torch.tensor([len(c) for c in grid])
-    return torch.stack([c[0] for c in grid]), torch.cat(grid), torch.repeat_interleave(torch.arange(k), sizes), sizes
+    cell = torch.repeat_interleave(torch.arange(k), torch.tensor([len(c) for c in grid]))
+    return torch.stack([c[0] for c in grid]), torch.cat(grid), cell
 
 
 @dataclass
@@ -55,13 +57,10 @@ class Pool(Plugin):
     needs = ("grid",)
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each cell's first token, which takes the mean of the cell: one sum over (cell, token) pairs per image, not
-        a gather and a mean per cell (a launch each on a GPU)."""
+        """Each cell's first token, which takes the mean of the cell."""
         picks, values = [], []
         for i, (rows, cols) in enumerate(s.token_grid.tolist()):
-            first, members, cell, sizes = (t.to(s.tokens.device) for t in _pairs(rows, cols, k))
-            sums = s.tokens.new_zeros(k, s.tokens.shape[-1], dtype=torch.float32).index_add_(
-                0, cell, s.tokens[i, members].float())
+            first, members, cell = (t.to(s.tokens.device) for t in _pairs(rows, cols, k))
             picks.append(first)
-            values.append((sums / sizes[:, None]).to(s.tokens.dtype))
+            values.append(group_means(s.tokens[i, members], cell, k).to(s.tokens.dtype))
         return torch.stack(picks), torch.stack(values)

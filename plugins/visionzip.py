@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vtr.kernels import group_means
+
 from .base import Plugin, Signals
 
 
@@ -46,10 +48,9 @@ class VisionZip(Plugin):
                 is_target[torch.arange(contextual, device=rest.device) * stride] = True
                 targets, others = rest[is_target], rest[~is_target]
                 owner = (keys[i, others] @ keys[i, targets].T).argmax(dim=1)        # each token's closest target
-                # each target's group is itself and the tokens it owns: one float sum for all groups
-                total = s.tokens[i, targets].float().index_add(0, owner, s.tokens[i, others].float())
-                size = 1 + torch.bincount(owner, minlength=contextual)
-                merged[i, targets] = (total / size[:, None]).to(merged.dtype)
+                group = torch.cat([torch.arange(contextual, device=rest.device), owner])   # a target and its own
+                merged[i, targets] = group_means(s.tokens[i, torch.cat([targets, others])], group, contextual).to(
+                    merged.dtype)
                 picks.append(targets)
             kept.append(torch.cat(picks).sort().values)
         return torch.stack(kept), merged

@@ -192,6 +192,13 @@ def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int, neighb
     return torch.from_numpy(out)
 
 
+def group_means(x: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """The float32 mean of the rows of x (N, D) in each group: ``group`` (N,) holds each row's group in [0, groups),
+    and every group has a row. One sum for all groups, not a gather and a mean per group (a launch each on a GPU)."""
+    total = torch.zeros(groups, x.shape[-1], device=x.device).index_add_(0, group, x.float())
+    return total / torch.bincount(group, minlength=groups)[:, None]
+
+
 def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the ``k[g]`` highest-scoring entries of each group g.
 
