@@ -72,7 +72,7 @@ for n, keeps in ((45, (1, 2, 7, 20, 44, 45)), (10, (1, 3)), (300, (100,))):   # 
             drops.append(min(8, count - keep, (count + 1) // 2))
             count -= drops[-1]
         want = _duplicate_rounds_numpy(sim.numpy(), drops, keep, neighbours=0)
-        assert torch.equal(duplicate_removal(sim, drops, keep), want), (n, keep)
+        assert torch.equal(duplicate_removal(sim, drops, keep, 16), want), (n, keep)
 sim = xn[:, :40] @ xn[:, :40].transpose(1, 2)
 sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
 first = sim.amax(1).argmin(1)
@@ -101,6 +101,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vtr import kernels_triton as K
+from vtr.kernels import NEIGHBOURS
 h100 = GPUTarget("cuda", 90, 32)
 ints = dict.fromkeys(("n", "keep", "rounds", "k", "stride_image", "stride_row"), "i32")
 duplicates = {"sim_ptr": "*fp32", "near_ptr": "*i32", "drops_ptr": "*i32", "evens_ptr": "*i32", "odd_ptr": "*i8",
@@ -108,7 +109,7 @@ duplicates = {"sim_ptr": "*fp32", "near_ptr": "*i32", "drops_ptr": "*i32", "even
 for block, rows, warps in ((64, 64, 4), (8192, 1, 8)):            # the smallest and largest launches
     signature = {**duplicates, **{k: ints[k] for k in ("n", "keep", "rounds", "stride_image", "stride_row")},
                  **dict.fromkeys(("PER_ROUND", "NEAR", "BLOCK", "ROWS"), "constexpr")}
-    constants = {"PER_ROUND": 8, "NEAR": K.NEAR, "BLOCK": block, "ROWS": rows}
+    constants = {"PER_ROUND": 8, "NEAR": NEIGHBOURS, "BLOCK": block, "ROWS": rows}
     source = ASTSource(K._duplicate_removal, signature, constexprs=constants)
     assert "cubin" in triton.compile(source, target=h100, options={"num_warps": warps}).asm
 signature = {"sim_ptr": "*fp32", "first_ptr": "*i64", "picks_ptr": "*i64",

@@ -135,14 +135,17 @@ def _greedy_numpy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tenso
     return torch.from_numpy(picks)
 
 
+NEIGHBOURS = 16          # how many nearest tokens duplicate removal looks among before it reads a whole row
+
+
 def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tensor:
     """Repeated bipartite duplicate removal (VisPruner's diverse tokens), per image: x (I, M, D) -> (I, keep) indices,
     ascending. Each round splits the remaining tokens (in order) into even and odd ones, scores each even token by its
     highest cosine similarity to an odd one and removes the ``per_round`` highest (ties: the earlier), until ``keep``
     are left. The similarity matrix is one product; the rounds, short sequential steps, run as one Triton kernel on a
     GPU and on the host elsewhere (a device loop would pay launches and a sync per round). Both (the host above 600
-    tokens) look for an even token's highest similarity among its 16 nearest first, and read its row only when none
-    of them is odd."""
+    tokens) look for an even token's highest similarity among its ``NEIGHBOURS`` nearest first, and read its row only
+    when none of them is odd."""
     images, n = x.shape[:2]
     if not 0 <= keep <= n:
         raise ValueError(f"duplicate_removal: keep must be in 0..{n}, got {keep}")
@@ -156,11 +159,12 @@ def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tenso
         count -= drops[-1]
     fused = _triton() if sim.is_cuda and n <= 8192 else None
     if fused is not None:
-        return fused.duplicate_removal(sim, drops, keep)
+        return fused.duplicate_removal(sim, drops, keep, NEIGHBOURS)
     return _duplicate_rounds_numpy(sim.cpu().numpy(), drops, keep).to(x.device)
 
 
-def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int, neighbours: int = 16) -> torch.Tensor:
+def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int,
+                            neighbours: int = NEIGHBOURS) -> torch.Tensor:
     """The rounds of ``duplicate_removal`` on the host, image by image, on the one similarity matrix (a new product
     per round took twice as long on a CPU). Above 600 tokens each even token first looks among its ``neighbours``
     most similar tokens: the first odd one there is its highest (the rest of its row is no higher), and only a token

@@ -91,17 +91,14 @@ def _duplicate_removal(sim_ptr, near_ptr, drops_ptr, evens_ptr, odd_ptr, dup_ptr
     tl.store(out_ptr + image * keep + rank, offsets, mask=alive & (rank < keep))
 
 
-NEAR = 16
-
-
-def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int) -> torch.Tensor:
+def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int, neighbours: int) -> torch.Tensor:
     """Every round of ``vtr.kernels.duplicate_removal`` in one launch: sim (I, M, M) float32, drops the tokens each
-    round removes (known in advance: they depend on the counts only), 1 <= keep <= M. Returns (I, keep) long indices,
-    ascending."""
+    round removes (known in advance: they depend on the counts only), 1 <= keep <= M, ``neighbours`` (a power of 2)
+    nearest tokens looked among first. Returns (I, keep) long indices, ascending."""
     images, n = sim.shape[:2]
     block = triton.next_power_of_2(n)
-    near = torch.arange(n, device=sim.device, dtype=torch.int32)[None, :, None].repeat(images, 1, NEAR)
-    near[..., :min(NEAR, n)] = sim.topk(min(NEAR, n), dim=-1).indices.int()    # padded with the token itself,
+    near = torch.arange(n, device=sim.device, dtype=torch.int32)[None, :, None].repeat(images, 1, neighbours)
+    near[..., :min(neighbours, n)] = sim.topk(min(neighbours, n), dim=-1).indices.int()   # padded with the token,
     near = torch.nn.functional.pad(near, (0, 0, 0, block - n)).contiguous()     # which is never odd to itself
     out = torch.empty(images, keep, dtype=torch.long, device=sim.device)
     dup = torch.empty(images, block, device=sim.device)
@@ -109,6 +106,6 @@ def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int) -> torch.T
     odd = torch.empty(images, block, dtype=torch.int8, device=sim.device)
     schedule = torch.tensor(drops or [0], dtype=torch.int32).to(sim.device, non_blocking=True)
     _duplicate_removal[(images,)](sim, near, schedule, evens, odd, dup, out, n, keep, len(drops), sim.stride(0),
-                                 sim.stride(1), PER_ROUND=max(drops, default=1), NEAR=NEAR, BLOCK=block,
+                                 sim.stride(1), PER_ROUND=max(drops, default=1), NEAR=neighbours, BLOCK=block,
                                  ROWS=max(1, min(64, 8192 // block)), num_warps=8 if block >= 4096 else 4)
     return out
