@@ -9,7 +9,9 @@ Overhead: patched minus ideal, as a share of the patched prefill (end to end, so
 "in hooks": the time spent inside vtr's hooks (selection, gathers, masks), as a share of the patched prefill.
 Decode: tokens/s of 16 greedy tokens, from the first generated token to the last, as a ratio to the unpatched
 model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak: the most memory a generate()
-holds at once above the weights and inputs (``vtr.eval.memory``), as a share of the unpatched one's.
+holds at once above the weights and inputs (``vtr.eval.memory``), as a share of the unpatched one's; ops/syncs: the
+operators vtr's hooks run in one prefill and those of them that wait for the device (``vtr.eval.launches``), what
+the hooks cost on a GPU.
 For FastV (and FasterVLM on LLaVA-1.5), a naive row: the same selection taken from the eager model's attention
 weights, as the methods' own code does it.
 """
@@ -28,8 +30,11 @@ from transformers.masking_utils import create_causal_mask
 import vtr
 from vtr.eval import bench_models
 from vtr.eval.evaluate import StepClock, cache_bytes, sample_flops, visual_token_mask
+from vtr.compat import CACHE_ARG
+from vtr.eval.launches import OpCount
 from vtr.eval.memory import peak_bytes
 from vtr.eval.stock import encode, stock_positions
+from vtr.hooks import watch_hooks
 
 
 def _sync():
@@ -70,7 +75,7 @@ def _prefill_on(model, inputs, embeds, pre_llm: torch.Tensor | None, llm_stages:
     seq = torch.arange(embeds.shape[1], device=embeds.device) if pre_llm is None else pre_llm
     h, pos, cache = embeds[:, seq], stock_positions(model, inputs)[0][..., seq], DynamicCache(config=lm.config)
     if not llm_stages:
-        h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        h = lm(inputs_embeds=h, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True).last_hidden_state
         return model.lm_head(h[:, -1])
     current = seq
     for i, layer in enumerate(lm.layers):
@@ -80,10 +85,10 @@ def _prefill_on(model, inputs, embeds, pre_llm: torch.Tensor | None, llm_stages:
                 keep = torch.isin(current, kept)
                 h, pos, current = h[:, keep], pos[..., keep], current[keep]
             flat = pos if pos.dim() == 2 else None
-            mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
+            mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=None, **{CACHE_ARG: cache},
                                       position_ids=flat, layer_idx=i)
             rope = lm.rotary_emb(h, pos)
-        h = layer(h, attention_mask=mask, position_ids=flat, position_embeddings=rope, past_key_values=cache,
+        h = layer(h, attention_mask=mask, position_ids=flat, position_embeddings=rope, **{CACHE_ARG: cache},
                   use_cache=True)
     return model.lm_head(lm.norm(h)[:, -1])
 
@@ -266,6 +271,8 @@ def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, bas
     with vtr.patch(model, method, retain=retain), torch.no_grad():
         kv = cache_bytes(prefill().past_key_values)
         peak = peak_bytes(lambda: _generate(model, inputs), base["device"])
+        with watch_hooks(OpCount()) as count:
+            prefill()
     naive = NAIVE.get((method, arch))                # the forks' way, for what recomputing a few rows saves
     if naive is not None:
         plugin = vtr.api.resolve(method, retain)[0]
@@ -279,7 +286,7 @@ def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, bas
         "of_ideal": ideal / patched, "overhead": (patched - ideal) / patched, "hook_s": hooks,
         "hook_share": hooks / patched, "kv_cache_bytes": kv, "kv_cache_ratio": kv / base["kv"],
         "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode, "peak_memory_bytes": peak,
-        "peak_memory_ratio": peak / base["peak"],
+        "peak_memory_ratio": peak / base["peak"], "hook_ops": count.ops, "hook_syncs": count.syncs,
         "naive_s": naive, "naive_speedup": None if naive is None else unpatched / naive,
     }
 
@@ -306,8 +313,8 @@ def unpatched_line(result: dict) -> str:
 
 
 def format_rows(rows: list[dict]) -> list[str]:
-    lines = [f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} "
-             f"{'analytic':>8} {'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5} {'peak':>5}"]
+    lines = [f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} {'analytic':>8} "
+             f"{'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5} {'peak':>5} {'ops/syncs':>9}"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['method']:<12} {r['retain']:>6.3f}  n/a: {r['skipped']}")
@@ -316,7 +323,8 @@ def format_rows(rows: list[dict]) -> list[str]:
         lines.append(f"{r['method']:<12} {r['retain']:>6.3f} {r['visual_tokens_out']:>5} {r['prefill_s'] * 1e3:>10.1f} "
                      f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {analytic} "
                      f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
-                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%} {r['peak_memory_ratio']:>5.0%}")
+                     f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%} {r['peak_memory_ratio']:>5.0%} "
+                     f"{str(r['hook_ops']) + '/' + str(r['hook_syncs']):>9}")
         if r["naive_s"] is not None:
             lines.append(f"{'':<12} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
                          "eager attention weights, as the method's code takes them")

@@ -12,6 +12,7 @@ import math
 import torch
 from transformers import DynamicCache
 
+from vtr.compat import CACHE_ARG
 from vtr.eval.stock import encode, stock_positions
 
 
@@ -134,7 +135,7 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
     tokens, logits = [], []
     for step in range(steps):
         if step == 0 and not llm_stages and not deepstack:
-            h = lm(inputs_embeds=h, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+            h = lm(inputs_embeds=h, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True).last_hidden_state
         else:
             current = seq
             for i, layer in enumerate(lm.layers):
@@ -145,7 +146,7 @@ def oracle_generate(model, inputs: dict, pre_llm: torch.Tensor | None, llm_stage
                     h, pos, current = h[:, keep], pos[..., keep], current[keep]
                 q, kv = h.shape[1], cache.get_seq_length(i) + h.shape[1]
                 h = layer(h, attention_mask=_causal(q, kv, h.dtype), position_ids=pos if pos.dim() == 2 else None,
-                          position_embeddings=lm.rotary_emb(h, pos), past_key_values=cache, use_cache=True)
+                          position_embeddings=lm.rotary_emb(h, pos), **{CACHE_ARG: cache}, use_cache=True)
                 if step == 0 and i < len(deepstack):
                     is_visual = torch.isin(current, visual)
                     rows = torch.searchsorted(visual, current[is_visual])      # each kept token's feature row

@@ -80,6 +80,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         assert row["prefill_s"] > 0 and row["ideal_s"] > 0 and row["analytic_speedup"] > 1
         assert row["decode_tokens_per_s"] > 0 and 0 < row["kv_cache_ratio"] < 1      # fewer tokens cached
         assert row["peak_memory_bytes"] > 0 and row["peak_memory_ratio"] > 0
+        assert row["hook_ops"] > 0 and 0 <= row["hook_syncs"] < row["hook_ops"]
     assert result["unpatched_peak_memory_bytes"] > 0
     assert "analytic" in capsys.readouterr().out
 
@@ -119,6 +120,42 @@ def test_tensor_peak_counts_the_bytes_held_at_once():
         d = torch.empty(500)                      # 2,000, maybe at a freed address
     assert watch.peak == 8000
     assert watch.live == d.untyped_storage().nbytes() == 2000
+
+
+def test_op_count_counts_launches_and_syncs():
+    """What a hook would cost on a GPU, counted on the CPU: operators that launch a kernel, and those that wait."""
+    from vtr.eval.launches import OpCount
+
+    x = torch.arange(12.0)
+    with OpCount() as count:
+        x.view(3, 4).t()[0]                       # views and size queries: no kernel
+        x.shape, x.numel()
+        y = (x * 2).sum()                         # 2 kernels
+        x.add_(1)                                 # in place: a kernel
+        y.item()                                  # a kernel that waits
+        torch.nonzero(x > 4)                      # 2 kernels, one waits: its output's shape needs the values
+    assert (count.ops, count.syncs) == (6, 2)
+
+
+def test_watch_hooks_counts_the_hooks_operators_only():
+    from vtr.eval.launches import OpCount
+    from vtr.hooks import HookSet, watch_hooks
+
+    inner, outer = torch.nn.Linear(4, 4), torch.nn.Identity()
+    hooks = HookSet()
+    hooks._add(inner, lambda module, args: (args[0] * 2,), with_kwargs=False)      # one kernel per call
+    hooks._add(outer, lambda module, args: (inner(args[0]).sum().item(),) and None, with_kwargs=False)  # nests
+    x = torch.ones(2, 4)
+    try:
+        with watch_hooks(OpCount()) as count:
+            outer(x)                   # outer's hook: inner's hook (1), the linear inside it (1), sum, item
+            inner(x)                   # inner's hook again; the linear itself is not a hook's
+        assert (count.ops, count.syncs) == (5, 1)
+        inner(x)                       # after the block: nothing counted
+        assert count.ops == 5
+    finally:
+        hooks.remove()
+    assert not inner._forward_pre_hooks and not outer._forward_pre_hooks
 
 
 def test_video_bench_quick_writes_json(tmp_path, capsys):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import vtr
+from vtr.compat import CACHE_ARG
 from vtr.kernels import density_peaks
 from vtr.adapters import adapter_for
 from vtr.plugins import (DyCoke, FastVID, FrameFusion, FrameSample, HoliTom, HoliTomInner, PruneVid, PruneVidMerge,
@@ -331,7 +332,7 @@ def dycoke_kv_oracle(model, inputs, prompt_kept, layer, share, threshold, steps)
                     mask = mask.clone()
                     mask[..., :len(prompt_kept)][..., hidden_mask] = torch.finfo(h.dtype).min
                 h = block(h, attention_mask=mask, position_ids=pos if pos.dim() == 2 else None,
-                          position_embeddings=lm.rotary_emb(h, pos), past_key_values=cache, use_cache=True)
+                          position_embeddings=lm.rotary_emb(h, pos), **{CACHE_ARG: cache}, use_cache=True)
                 if step and i == layer - 1:
                     a = weights[-1][0, :, -1, :len(prompt_kept)].mean(0)[offered].float()
                     if previous is None or torch.nn.functional.cosine_similarity(a, previous, dim=0) < threshold:

@@ -23,6 +23,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from vtr.encoder import EncoderEngine
+from vtr.compat import CACHE_ARG, cache_of
 from vtr.hooks import HookSet, map_output
 from vtr.kernels import gather_tokens
 from vtr.layout import Layout, Record, Stage
@@ -232,7 +233,7 @@ class Engine(HookSet):
     # ------------------------------------------------------------------ hooks
     def _begin(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        past = cache_of(kwargs)
         past_len = past.get_seq_length() if past is not None else 0
         encoded = {m: [int(f.shape[0]) for f in out.pooler_output]
                    for m, out in (kwargs.get("mm_encoder_outputs") or {}).items() if out is not None}
@@ -644,7 +645,7 @@ class Engine(HookSet):
         index = self._layout_index(self.decode_layer - 1, True)
         layout = rec.layouts[index]
         cos, sin = self._kwargs_for(index, kwargs, hidden)["position_embeddings"]
-        past = kwargs["past_key_values"].layers[self.decode_layer - 1].keys
+        past = cache_of(kwargs).layers[self.decode_layer - 1].keys
         x = self.adapter.attention_input(layer, hidden)
         row = self.adapter.last_token_attention(layer, x, cos, sin, torch.cat([layout.mask, rec.tail], dim=1),
                                                 past=past)[:, :layout.orig.shape[1]]
@@ -673,7 +674,7 @@ class Engine(HookSet):
             return {**kwargs, **rec.step_kwargs[key]}
         layout = rec.layouts[index]
         stage_layer = self.llm_stages[index - 1].layer if index else self.decode_layer
-        past = kwargs.get("past_key_values")
+        past = cache_of(kwargs)
         new = {}
         if rec.prefill:
             idx = layout.slot0
@@ -687,8 +688,8 @@ class Engine(HookSet):
             mask2d = torch.cat([visible, rec.tail], dim=1)
         new["attention_mask"] = create_causal_mask(
             config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d.long(),
-            past_key_values=past, position_ids=new.get("position_ids", kwargs.get("position_ids")),
-            layer_idx=stage_layer)
+            position_ids=new.get("position_ids", kwargs.get("position_ids")), layer_idx=stage_layer,
+            **{CACHE_ARG: past})
         rec.step_kwargs[key] = new
         return {**kwargs, **new}
 

@@ -1,0 +1,53 @@
+"""What a hook costs on a GPU, counted on any device: the operators it runs and those that wait for the device.
+
+On a GPU a hook's time is mostly kernel launches and syncs: every operator that is not a view launches at least one
+kernel, and an operator that reads values back to the host (``.item()``, a copy to the CPU, an output whose shape
+depends on the values, such as ``nonzero``) waits until the queue has run dry. ``OpCount`` (a ``TorchDispatchMode``)
+counts both on any device, so a CPU run shows what a GPU would pay. It sees what reaches the dispatcher: on a CPU
+tensor, ``.tolist()`` and ``.numpy()`` do not (on a GPU tensor they are copies to the CPU and are counted), nor does a
+``nonzero`` run inside another operator's kernel (boolean indexing).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# Operators whose output's shape or value on the host needs the device's values: each waits for the device.
+VALUE_READS = {
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
+    aten.is_nonzero.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+    aten.bincount.default, aten.repeat_interleave.Tensor,
+}
+# What the dispatcher passes through without a kernel.
+FREE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+
+
+class OpCount(TorchDispatchMode):
+    """``with OpCount() as count: ...`` then ``count.ops`` (operators that launch a kernel: not views, not size
+    queries) and ``count.syncs`` (those that wait for the device: value reads and copies from it to the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in FREE or func.is_view:
+            return out
+        self.ops += 1
+        if func in VALUE_READS or _to_host(func, args, kwargs or {}, out):
+            self.syncs += 1
+        return out
+
+
+def _to_host(func, args, kwargs, out) -> bool:
+    """A copy from a device's memory to the CPU's (``.cpu()``, ``.tolist()`` of a GPU tensor)."""
+    if func not in (aten._to_copy.default, aten.copy_.default):
+        return False
+    sources = [t for t in tree_leaves((args[1:] if func is aten.copy_.default else args, kwargs))
+               if isinstance(t, torch.Tensor)]
+    targets = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return any(s.device.type != "cpu" for s in sources) and any(t.device.type == "cpu" for t in targets)
