@@ -278,7 +278,7 @@ class Engine(HookSet):
                              "(set processor.tokenizer.padding_side = 'left')")
         slots = torch.arange(length, device=device).expand(b, length)
         return Record(visual=visual, length=length, per_sample_visual=visual.sum(1),
-                      layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots)])
+                      layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots, mask=mask)])
 
     def _keep_projection(self, module, args, output):
         self.projected[module] = output
@@ -482,10 +482,11 @@ class Engine(HookSet):
                         merged = True
                 survivors[rows.flatten()] = True
             rec.alive.append(torch.zeros_like(rec.visual).masked_scatter(rec.visual, survivors))
-        if rec.alive and not bool(rec.alive[-1].sum() == total):
+        if rec.alive:
             layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]))
-            layout.slot0 = torch.arange(layout.orig.shape[1], device=device).expand_as(layout.orig)
-            rec.layouts[0] = layout
+            if layout is not rec.layouts[0]:
+                layout.slot0 = torch.arange(layout.orig.shape[1], device=device).expand_as(layout.orig)
+                rec.layouts[0] = layout
         if merged:
             embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, placeholders, features).view_as(embeds)
         return embeds
@@ -732,9 +733,6 @@ class Engine(HookSet):
         alive = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
         alive.scatter_(1, layout.orig.masked_fill(~layout.mask, length), keep)      # padding lands in the spare column
         rec.alive.append(alive[:, :length] & rec.visual)
-        if bool((keep == layout.mask).all()):
-            rec.layouts.append(layout)                     # nothing dropped: the same layout, the same kwargs
-            return hidden
         new = layout.compact(keep)
-        rec.layouts.append(new)
-        return gather_tokens(hidden, new.src, new.mask)
+        rec.layouts.append(new)               # nothing dropped: the same layout, so the same kwargs
+        return hidden if new is layout else gather_tokens(hidden, new.src, new.mask)

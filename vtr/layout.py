@@ -28,28 +28,29 @@ class Stage:
 @dataclass
 class Layout:
     """A (left-padded) sequence layout. ``orig``: original sequence index of each slot, -1 for padding;
-    ``slot0``: index of each slot in layout 0 (the sequence the language model receives)."""
+    ``slot0``: index of each slot in layout 0 (the sequence the language model receives); ``mask``: ``orig >= 0``,
+    kept rather than recomputed (the hooks read it several times per layer)."""
 
     orig: torch.Tensor
     slot0: torch.Tensor
+    mask: torch.Tensor
     src: torch.Tensor | None = None   # index of each slot in the previous layout (None: this is layout 0 unchanged)
 
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.orig >= 0
-
     def compact(self, keep: torch.Tensor) -> "Layout":
-        """The layout of the slots where ``keep`` (B, L) is True, in order, left-padded again."""
+        """The layout of the slots where ``keep`` (B, L), a subset of ``mask``, is True, in order, left-padded again;
+        this layout itself where ``keep`` is all of it. One read-back to the host for both questions."""
         b, length = keep.shape
         counts = keep.sum(1)
-        width = int(counts.max())
+        width, dropped = torch.stack([counts.max(), (keep != self.mask).sum()]).tolist()
+        if not dropped:
+            return self
         slot = keep.cumsum(1) - 1 + (width - counts)[:, None]          # each kept slot's place, right-aligned
         src = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)   # column ``width``: the dropped
         src.scatter_(1, slot.masked_fill(~keep, width), torch.arange(length, device=keep.device).expand(b, -1))
         src = src[:, :width]
         valid = torch.arange(width, device=keep.device) >= (width - counts)[:, None]
         orig = self.orig.gather(1, src).masked_fill(~valid, -1)
-        return Layout(orig=orig, slot0=self.slot0.gather(1, src), src=src)
+        return Layout(orig=orig, slot0=self.slot0.gather(1, src), mask=valid, src=src)
 
 
 @dataclass
