@@ -3,9 +3,9 @@
 On a GPU a hook's time is mostly kernel launches and syncs: every operator that is not a view launches at least one
 kernel, and an operator that reads values back to the host (``.item()``, a copy to the CPU, an output whose shape
 depends on the values, such as ``nonzero``) waits until the queue has run dry. ``OpCount`` (a ``TorchDispatchMode``)
-counts both on any device, so a CPU run shows what a GPU would pay. It sees what reaches the dispatcher: on a CPU
-tensor, ``.tolist()`` and ``.numpy()`` do not (on a GPU tensor they are copies to the CPU and are counted), nor does a
-``nonzero`` run inside another operator's kernel (boolean indexing).
+counts both on any device, so a CPU run shows what a GPU would pay (CUDA's ``bincount`` reads its input's maximum,
+and indexing by a boolean mask runs a ``nonzero``: both count as syncs). It sees what reaches the dispatcher: on a
+CPU tensor, ``.tolist()`` and ``.numpy()`` do not (on a GPU tensor they are copies to the CPU and are counted).
 """
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ VALUE_READS = {
     aten.is_nonzero.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
     aten.bincount.default, aten.repeat_interleave.Tensor,
 }
+# Indexing that takes a boolean mask turns it into indices first (a nonzero, which waits for the device).
+MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 # What the dispatcher passes through without a kernel.
-FREE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+FREE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
+        aten.lift_fresh.default}
 
 
 class OpCount(TorchDispatchMode):
@@ -38,7 +41,8 @@ class OpCount(TorchDispatchMode):
         if func in FREE or func.is_view:
             return out
         self.ops += 1
-        if func in VALUE_READS or _to_host(func, args, kwargs or {}, out):
+        if func in VALUE_READS or _to_host(func, args, kwargs or {}, out) or (
+                func in MASK_INDEXING and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])):
             self.syncs += 1
         return out
 

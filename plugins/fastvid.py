@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import density_peaks
+from vtr.kernels import density_peaks, group_counts
 
 from .base import Plugin, Signals, shares
 
@@ -94,7 +94,7 @@ class FastVID(Plugin):
                     continue
                 anchor = rest[f][density_peaks(x[f, rest[f]], self.neighbours).topk(count).indices] + f * per
                 owner = (unit[members] @ unit[anchor].T).argmax(1)
-                size = torch.bincount(owner, minlength=count)[:, None]
+                size = group_counts(owner, count)[:, None]
                 mean = torch.zeros(count, dim, device=x.device).index_add_(0, owner, flat[members].float())
                 weight = (1 / (size + 1)).clamp(min=self.beta)
                 picks.append(anchor)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import topk_per_group
+from vtr.kernels import group_counts, topk_per_group
 
 from .base import LLMPlugin, Signals
 
@@ -76,21 +76,23 @@ class FrameFusion(LLMPlugin):
         image, tokens = s.image, s.tokens[s.visual]
         keep, values = torch.ones_like(image, dtype=torch.bool), tokens.clone()
         pruning = [i for i in range(len(k)) if phase.get(i) == "prune"]
+        k_host = k.tolist()                           # host ints: one read-back, not one per video
         if pruning:                                   # the last token's attention keeps the top 1 - P
             scores = s.last_attention[s.visual].float()
-            n = torch.bincount(image, minlength=len(k))
-            want = [int(k[i]) if not self.counts_itself else
-                    round(int(n[i]) * (1 - allowed(ratios.get(i, []), self.depth, self.cost))) for i in range(len(k))]
+            n = torch.bincount(image, minlength=len(k)).tolist()
+            want = [k_host[i] if not self.counts_itself else
+                    round(n[i] * (1 - allowed(ratios.get(i, []), self.depth, self.cost))) for i in range(len(k))]
             chosen = topk_per_group(scores, image, torch.tensor(want, device=k.device))
             for i in pruning:
                 keep[image == i] = chosen[image == i]
                 phase[i] = "done"
-        merging = torch.tensor([phase.setdefault(i, "merge") == "merge" for i in range(len(k))], device=k.device)
-        if not bool(merging[image].any()):
+        merging = [i for i in range(len(k)) if phase.setdefault(i, "merge") == "merge"]
+        if not merging:
             return keep, values[keep] if pruning else None
         # each token's predecessor: the previous token of the same video and patch, in frame order
-        order = torch.argsort(image * (int(s.patch.max()) + 1) + s.patch, stable=True)   # frames ascend inside
-        group = (image * (int(s.patch.max()) + 1) + s.patch)[order]
+        key = image * (int(s.patch.max()) + 1) + s.patch
+        order = torch.argsort(key, stable=True)                         # frames ascend inside
+        group = key[order]
         first = torch.ones_like(group, dtype=torch.bool)
         first[1:] = group[1:] != group[:-1]
         unit = F.normalize(tokens[order].float(), dim=-1)
@@ -98,15 +100,17 @@ class FrameFusion(LLMPlugin):
         sim[1:] = (unit[1:] * unit[:-1]).sum(-1)
         sim[first] = -2.0
         selected = torch.zeros_like(first)
-        for i in merging.nonzero()[:, 0].tolist():
+        for i in merging:
             mine = image[order] == i
-            n = int(mine.sum())
-            room = n if self.counts_itself else n - int(k[i])          # a budget: never below it
+            similar = mine & (sim >= self.similarity)
+            n, matches = torch.stack([mine.sum(), similar.sum()]).tolist()
+            if not n:                                  # no tokens of this video here: nothing to merge
+                continue
+            room = n if self.counts_itself else n - k_host[i]          # a budget: never below it
             done = ratios.setdefault(i, [])
             cap = allowed(done, self.depth, self.cost) if self.counts_itself else 1.0
-            similar = mine & (sim >= self.similarity)
-            rho = int(similar.sum()) / n
-            if rho < cap and int(similar.sum()) < room:
+            rho = matches / n
+            if rho < cap and matches < room:
                 selected |= similar
                 done.append(rho)
                 phase[i] = "prune" if rho < self.ratio_floor else "merge"
@@ -118,9 +122,9 @@ class FrameFusion(LLMPlugin):
         position = torch.arange(len(order), device=order.device)
         anchor = torch.cummax(torch.where(selected, -1, position), 0).values
         total = torch.zeros_like(unit).index_add_(0, anchor, tokens[order].float())
-        count = torch.bincount(anchor, minlength=len(order)).clamp(min=1)[:, None]
+        count = group_counts(anchor, len(order)).clamp(min=1)[:, None]
         merged = (total / count).to(tokens.dtype)
-        has_members = torch.bincount(anchor[selected], minlength=len(order)) > 0
+        has_members = group_counts(anchor[selected], len(order)) > 0
         keep[order[selected]] = False
         values[order[has_members]] = merged[has_members]
         return keep, values[keep]

@@ -134,7 +134,10 @@ def test_op_count_counts_launches_and_syncs():
         x.add_(1)                                 # in place: a kernel
         y.item()                                  # a kernel that waits
         torch.nonzero(x > 4)                      # 2 kernels, one waits: its output's shape needs the values
-    assert (count.ops, count.syncs) == (6, 2)
+        x[x > 4]                                  # so does indexing by a mask (a nonzero inside); not by indices
+        x[torch.tensor([0, 2])]
+        x[x > 4] = 0                              # a masked fill: no wait
+    assert (count.ops, count.syncs) == (11, 3)
 
 
 def test_watch_hooks_counts_the_hooks_operators_only():

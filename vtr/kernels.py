@@ -196,11 +196,17 @@ def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int,
     return torch.from_numpy(out)
 
 
+def group_counts(group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups,) long: how many entries of ``group`` (N,) are each of [0, groups). ``bincount`` without its wait:
+    CUDA's reads the largest entry back to the host to size its output."""
+    return torch.zeros(groups, dtype=torch.long, device=group.device).index_add_(0, group, torch.ones_like(group))
+
+
 def group_means(x: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
     """The float32 mean of the rows of x (N, D) in each group: ``group`` (N,) holds each row's group in [0, groups),
     and every group has a row. One sum for all groups, not a gather and a mean per group (a launch each on a GPU)."""
     total = torch.zeros(groups, x.shape[-1], device=x.device).index_add_(0, group, x.float())
-    return total / torch.bincount(group, minlength=groups)[:, None]
+    return total / group_counts(group, groups)[:, None]
 
 
 def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -249,7 +255,7 @@ def dpc_merge(x: torch.Tensor, centres: int, neighbours: int, beta: float | None
     (HoliTom; a centre alone keeps its value)."""
     centre, owner = dpc_clusters(x, centres, neighbours)
     x = x.float()
-    size = torch.bincount(owner, minlength=centres)[:, None]
+    size = group_counts(owner, centres)[:, None]
     total = torch.zeros(centres, x.shape[-1], device=x.device).index_add_(0, owner, x)
     if beta is None:
         return centre, total / size
