@@ -3,7 +3,7 @@ download), each with one prompt: 35 text tokens, one image, 15 text tokens.
 
 Sizes: "7b" is the released checkpoint's shape (for a GPU, in bfloat16); "cpu" keeps its depth and proportions with
 every width divided by 8 (so each method's layers sit where they do in the real model, and the vision tower weighs
-what it does); "quick" is a small model for smoke runs. Weights are random, which does not change the time.
+what it does); "cpu-wide" (LLaVA only) divides them by 4; "quick" is a small model for smoke runs. Weights are random, which does not change the time.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ LLAVA = {
                 kv_heads=8, intermediate=1376, vocab=1024),
     "quick": dict(image_size=112, patch_size=14, vision_hidden=128, vision_layers=2, hidden=128, layers=8, heads=8,
                   kv_heads=8, intermediate=344, vocab=1024),
+    # widths / 4 (twice "cpu"'s): how the hooks' share of the prefill moves as the model widens toward the 7B
+    "cpu-wide": dict(image_size=336, patch_size=14, vision_hidden=512, vision_layers=9, hidden=1024, layers=32,
+                     heads=16, kv_heads=16, intermediate=2752, vocab=1024),
 }
 # Qwen2.5-VL-7B-Instruct; "cpu": widths / 8, head_dim 64 (the M-RoPE sections halved with it)
 QWEN25 = {
@@ -39,7 +42,7 @@ QWEN25 = {
                   text=dict(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=2,
                             num_key_value_heads=1, vocab_size=1024), mrope=[8, 12, 12], grid=(1, 16, 16)),
 }
-SIZES = ("cpu", "quick", "7b")
+SIZES = ("cpu", "quick", "7b", "cpu-wide")
 
 
 def llava(size: str, device, dtype, attn: str):
@@ -120,6 +123,7 @@ def build(arch: str, size: str, device="cpu", dtype=torch.float32, attn: str = "
     flash-attn on a GPU, "flash_attention_2")."""
     if arch not in ARCHS:
         raise ValueError(f"unknown bench architecture {arch!r}; choose from {', '.join(ARCHS)}")
-    if size not in SIZES:
-        raise ValueError(f"unknown bench size {size!r}; choose from {', '.join(SIZES)}")
+    sizes = QWEN25 if arch == "qwen2.5-vl" else LLAVA
+    if size not in sizes:
+        raise ValueError(f"bench size {size!r} is not defined for {arch}; choose from {', '.join(sizes)}")
     return ARCHS[arch](size, device, dtype, attn)

@@ -73,6 +73,8 @@ def run(methods: list[str], retains: list[float], repeats: int = 3, quick: bool 
         torch.set_num_threads(threads)
     cuda = torch.device(device).type == "cuda"
     size = "quick" if quick else size or ("7b" if cuda else "cpu")
+    if size not in SHAPES:
+        raise ValueError(f"video bench size {size!r} is not defined; choose from {', '.join(SHAPES)}")
     shape, dtype = SHAPES[size], torch.bfloat16 if cuda else torch.float32
     model, inputs = video_model(shape, device, dtype, attn), video_inputs(shape, device, dtype)
     patches = (shape["image_size"] // shape["patch_size"]) ** 2

@@ -104,6 +104,13 @@ def test_bench_refuses_flash_attention_2_on_a_cpu(kind, capsys):
     assert "flash_attention_2 needs a CUDA device (--device cuda) and the flash-attn package" in err
 
 
+@pytest.mark.parametrize("kind", [["--arch", "qwen2.5-vl"], ["--video"]])
+def test_bench_refuses_a_size_its_model_does_not_have(kind, capsys):
+    """cpu-wide (widths / 4) is LLaVA's only."""
+    assert main(["bench", *kind, "--size", "cpu-wide", "--out", ""]) == 2
+    assert "size 'cpu-wide' is not defined" in capsys.readouterr().err
+
+
 def test_tensor_peak_counts_the_bytes_held_at_once():
     """A CPU has no allocator statistics; the bench's peak memory there comes from the operators' outputs."""
     from vtr.eval.memory import TensorPeak

@@ -166,10 +166,10 @@ def main(argv=None):
     bench.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                        help="the image bench model's attention implementation (flash_attention_2: flash-attn on a "
                             "GPU); default: %(default)s")
-    bench.add_argument("--size", choices=["cpu", "quick", "7b"],
+    bench.add_argument("--size", choices=["cpu", "quick", "7b", "cpu-wide"],
                        help="the 7B's depths at widths / 8 in float32 (cpu; with --video, on 8 frames), a smoke-run "
-                            "model (quick) or the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 "
-                            "frames); default: 7b on CUDA, cpu elsewhere")
+                            "model (quick), the full 7B in bfloat16 (7b; with --video, LLaVA-OneVision-7B on 32 "
+                            "frames) or LLaVA at widths / 4 (cpu-wide); default: 7b on CUDA, cpu elsewhere")
     bench.add_argument("--out", default="bench.json", help="JSON output path ('' for none)")
     bench.add_argument("--plot", default="", help="PNG: measured, ideal and analytic prefill speedup per method and "
                        "retention (LLaVA-1.5 bench)")
