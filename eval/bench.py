@@ -30,7 +30,7 @@ from transformers.masking_utils import create_causal_mask
 import vtr
 from vtr.eval import bench_models
 from vtr.eval.evaluate import StepClock, cache_bytes, sample_flops, visual_token_mask
-from vtr.compat import CACHE_ARG
+from vtr.compat import CACHE_ARG, output_cache
 from vtr.eval.launches import OpCount
 from vtr.eval.memory import peak_bytes
 from vtr.eval.stock import encode, stock_positions
@@ -212,7 +212,7 @@ def baseline(model, inputs, repeats: int, device, flops_of) -> dict:
     prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)                 # noqa: E731
     with torch.no_grad():
         seconds = _timed(prefill, repeats)
-        kv = cache_bytes(prefill().past_key_values)
+        kv = cache_bytes(output_cache(prefill()))
     return {"prefill": prefill, "seconds": seconds, "kv": kv, "flops_of": flops_of, "flops": flops_of(None),
             "peak": peak_bytes(lambda: _generate(model, inputs), device), "device": device, "rates": []}
 
@@ -269,7 +269,7 @@ def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, bas
         "base", "patched", "ideal", "hooks", "rates", "base_rates"))
     base["rates"] += times["base_rates"][1:]
     with vtr.patch(model, method, retain=retain), torch.no_grad():
-        kv = cache_bytes(prefill().past_key_values)
+        kv = cache_bytes(output_cache(prefill()))
         peak = peak_bytes(lambda: _generate(model, inputs), base["device"])
         with watch_hooks(OpCount()) as count:
             prefill()

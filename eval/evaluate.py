@@ -23,6 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 import vtr
 from vtr.adapters import adapter_for
 from vtr.builtin import chat_prompt, model_inputs
+from vtr.compat import output_cache
 from vtr.eval.data import load_frames, load_image
 from vtr.eval.flops import decoder_layer_flops, prefill_flops, qwen2_vl_vision_flops
 
@@ -82,7 +83,7 @@ def _answer_batch(model, processor, inputs, max_new_tokens: int) -> dict:
     return {"texts": processor.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True),
             "ttft_s": times[1] - start,
             "decode_s_per_token": (times[-1] - times[1]) / steps if steps > 0 else None,
-            "kv_cache_bytes": cache_bytes(out.past_key_values),
+            "kv_cache_bytes": cache_bytes(output_cache(out)),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 

@@ -63,6 +63,7 @@ class Signals:
     frame, patch: ``(V,)`` each visual token's global frame and its place in that frame (LLM stage, methods that
         need "patches").
     state: what a multi-stage LLM method passes from one of its stages to the next, within one prefill.
+    visual_rows: ``(V,)`` each visual entry's row in the flattened ``(B * L)`` (LLM stage); ``at_visual`` reads by it.
     frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
         raster order; an image is one frame), projector stage, where the adapter knows them.
     """
@@ -86,6 +87,15 @@ class Signals:
     state: dict | None = None
     rater_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
+    visual_rows: torch.Tensor | None = None
+
+    def at_visual(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B, L, ...) at the visual entries, in ``t[visual]``'s order, gathered by ``visual_rows`` (each
+        entry's row of the flattened (B * L), found once per stage: indexing by the mask again would wait for the
+        device each time)."""
+        if self.visual_rows is None:
+            self.visual_rows = self.visual.flatten().nonzero()[:, 0]
+        return t.flatten(0, 1).index_select(0, self.visual_rows)
 
 
 @dataclass
@@ -188,7 +198,7 @@ class LLMPlugin(Plugin):
     def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
         """Which of the visual tokens ``s.tokens[s.visual]`` survive, ``k[i]`` of image i: (V,) bool. Default: the
         top ``k`` of ``score()`` per image (ties: earlier first)."""
-        return topk_per_group(self.score(s)[s.visual].float(), s.image, k)
+        return topk_per_group(s.at_visual(self.score(s)).float(), s.image, k)
 
     def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the engine calls: ``keep`` and then ``absorb``; methods whose merge depends on how they chose

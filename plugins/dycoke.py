@@ -111,7 +111,7 @@ class DyCokeKV(DecodePlugin):
         return self.layer
 
     def visible(self, s: Signals, k: torch.Tensor, state: dict) -> torch.Tensor:
-        scores = s.last_attention[s.visual].float()
+        scores = s.at_visual(s.last_attention).float()
         chosen = topk_per_group(scores, s.image, k)
         previous, kept = state.get("attention"), state.get("visible")
         if previous is not None and previous.shape == scores.shape:     # per image: stable attention keeps its choice

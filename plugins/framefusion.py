@@ -73,12 +73,12 @@ class FrameFusion(LLMPlugin):
         if self._last(s.state):
             phase.update({i: "prune" for i, p in phase.items() if p == "merge"})
         s.state["calls"] = s.state.get("calls", 0) + 1
-        image, tokens = s.image, s.tokens[s.visual]
+        image, tokens = s.image, s.at_visual(s.tokens)
         keep, values = torch.ones_like(image, dtype=torch.bool), tokens.clone()
         pruning = [i for i in range(len(k)) if phase.get(i) == "prune"]
         k_host = k.tolist()                           # host ints: one read-back, not one per video
         if pruning:                                   # the last token's attention keeps the top 1 - P
-            scores = s.last_attention[s.visual].float()
+            scores = s.at_visual(s.last_attention).float()
             n = torch.bincount(image, minlength=len(k)).tolist()
             want = [k_host[i] if not self.counts_itself else
                     round(n[i] * (1 - allowed(ratios.get(i, []), self.depth, self.cost))) for i in range(len(k))]

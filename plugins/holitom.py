@@ -149,7 +149,7 @@ class HoliTomInner(LLMPlugin):
         return s.last_attention
 
     def absorb(self, s: Signals, kept: torch.Tensor) -> torch.Tensor:
-        tokens = s.tokens[s.visual].float()
+        tokens = s.at_visual(s.tokens).float()
         unit = F.normalize(tokens, dim=-1)
         similarity = unit[~kept] @ unit[kept].T
         similarity.masked_fill_(s.image[~kept][:, None] != s.image[kept][None, :], float("-inf"))   # own video only

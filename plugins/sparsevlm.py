@@ -79,7 +79,7 @@ class SparseVLM(LLMPlugin):
         return counts + [final]
 
     def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        scores, image = s.rater_attention[s.visual].float(), s.image
+        scores, image = s.at_visual(s.rater_attention).float(), s.image
         entry, want = torch.bincount(image, minlength=len(k)).tolist(), k.tolist()   # host ints: no sync per step
         top = list(want)
         if self.recycle:         # the survivors by score leave room for the clusters the dropped ones make
@@ -89,7 +89,7 @@ class SparseVLM(LLMPlugin):
         kept = topk_per_group(scores, image, torch.tensor(top, device=k.device))
         if not self.recycle:
             return kept, None
-        tokens = s.tokens[s.visual].float()
+        tokens = s.at_visual(s.tokens).float()
         values = tokens.clone()
         for i, n in enumerate(entry):
             count, clusters = recycled(n - top[i])

@@ -43,8 +43,7 @@ class ToDRERelevance(LLMPlugin):
 
     def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
         share = (s.text_attention.float() * s.visual).sum(1)              # (B,) text-to-visual attention share
-        sample = s.visual.nonzero()[:, 0]                                  # each visual token's sample
-        return (share >= self.tau)[sample]
+        return s.at_visual((share >= self.tau)[:, None].expand_as(s.visual))     # each visual token's sample's
 
 
 @dataclass

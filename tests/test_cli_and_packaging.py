@@ -177,7 +177,7 @@ def test_video_bench_quick_writes_json(tmp_path, capsys):
     for row in result["rows"]:           # 25 % of the 64 frame tokens, plus the newline
         assert row["visual_tokens_out"] == 17 and row["prefill_s"] > 0 and row["analytic_speedup"] > 1
         assert row["ideal_s"] > 0 and row["decode_tokens_per_s"] > 0 and 0 < row["kv_cache_ratio"] < 1
-        assert row["peak_memory_bytes"] > 0 and row["peak_memory_ratio"] > 0
+        assert row["peak_memory_bytes"] > 0 and row["peak_memory_ratio"] > 0 and row["hook_ops"] > 0
     reuse = result["frame_reuse"]                      # each frame twice: half of them reach the vision tower
     assert reuse["frames"] == 4 and reuse["encoded"] == 2 and reuse["reuse_s"] > 0
     assert "4 frames" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vtr
+from vtr.compat import output_cache
 from vtr.kernels import attention_rows, duplicate_removal, max_min_diversity, topk_per_group
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
                          ToDRE, ToDRERelevance, Uniform, VisionZip, VisPruner)
@@ -309,7 +310,7 @@ def test_dart_keys_are_the_layers_rotated_keys():
     model = _model("qwen3_vl", "sdpa")              # q/k norms and M-RoPE: the hardest case
     inputs = make_inputs(model, [SINGLE], seed=1)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     want = cache.layers[1].keys.transpose(1, 2).flatten(2)
     seen = {}
 

@@ -10,6 +10,11 @@ from transformers.masking_utils import create_causal_mask
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
+def output_cache(output):
+    """The KV cache a forward returned (``output.cache``; ``past_key_values`` before 5.24, a warning after)."""
+    return getattr(output, CACHE_ARG)
+
+
 def cache_of(kwargs: dict):
     """The KV cache a forward's keyword arguments carry, or None."""
     cache = kwargs.get("cache")

@@ -651,16 +651,20 @@ class Engine(HookSet):
         row = self.adapter.last_token_attention(layer, x, cos, sin, torch.cat([layout.mask, rec.tail], dim=1),
                                                 past=past)[:, :layout.orig.shape[1]]
         orig = layout.orig.clamp(min=0)
-        visual = layout.mask & rec.visual.gather(1, orig)
-        if rec.protected is not None:
-            visual &= ~rec.protected.gather(1, orig)
-        image = rec.image_of.gather(1, orig)[visual]
-        entry = torch.bincount(image, minlength=len(rec.image_sizes))
-        k = torch.tensor([self.decode.stage_counts(int(n))[0] for n in entry.tolist()], device=hidden.device)
-        keep = self.decode.visible(Signals(tokens=hidden, last_attention=row, visual=visual, image=image), k,
-                                   rec.decode_state)
+        if rec.decode_entries is None:      # the prompt's visual entries in the cache: the same at every step
+            visual = layout.mask & rec.visual.gather(1, orig)
+            if rec.protected is not None:
+                visual &= ~rec.protected.gather(1, orig)
+            rows = visual.flatten().nonzero()[:, 0]
+            image = rec.image_of.gather(1, orig).flatten().index_select(0, rows)
+            entry = torch.bincount(image, minlength=len(rec.image_sizes)).tolist()
+            k = torch.tensor([self.decode.stage_counts(n)[0] for n in entry], device=hidden.device)
+            rec.decode_entries = visual, rows, image, k
+        visual, rows, image, k = rec.decode_entries
+        keep = self.decode.visible(Signals(tokens=hidden, last_attention=row, visual=visual, image=image,
+                                           visual_rows=rows), k, rec.decode_state)
         shown = torch.zeros_like(visual)
-        shown[visual] = keep
+        shown.view(-1)[rows] = keep
         hidden_here = visual & ~shown
         rec.hidden = torch.zeros_like(rec.visual).scatter_(1, orig, hidden_here) if bool(hidden_here.any()) else None
 
@@ -708,7 +712,11 @@ class Engine(HookSet):
         if rec.protected is not None:
             visual &= ~rec.protected.gather(1, orig)
         plugin = stage.plugin
-        image = (rec.frame_of if plugin.per_frame else rec.image_of).gather(1, orig)[visual]
+        rows = visual.flatten().nonzero()[:, 0]     # one read-back: every gather of the visual entries below uses it
+
+        def at_visual(t):
+            return t.gather(1, orig).flatten().index_select(0, rows)
+        image = at_visual(rec.frame_of if plugin.per_frame else rec.image_of)
         images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
         if stage.step == 0:            # every stage's counts at the method's entry: one host sync, not one per stage
             entry = torch.bincount(image, minlength=images).tolist()
@@ -717,15 +725,14 @@ class Engine(HookSet):
         k = rec.stage_keep[id(plugin)][:, stage.step]
         text = layout.mask & ~rec.visual.gather(1, orig)
         signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, text=text,
-                          state=rec.plugin_state.setdefault(id(plugin), {}), **taken)
+                          state=rec.plugin_state.setdefault(id(plugin), {}), visual_rows=rows, **taken)
         if "patches" in plugin.needs:         # each token's frame and its place in the frame (same patch, new frame)
-            signals.frame = rec.frame_of.gather(1, orig)[visual]
-            signals.patch = rec.patch_of.gather(1, orig)[visual]
+            signals.frame, signals.patch = at_visual(rec.frame_of), at_visual(rec.patch_of)
         if "final_norm" in plugin.needs:
             signals.normed = self.adapter.language_model.norm(hidden)
         keep = layout.mask & ~visual
         kept, values = plugin.drop(signals, k)
-        keep[visual] = kept
+        keep.view(-1)[rows] = kept
         if values is not None:                              # the survivors take in the dropped tokens
             hidden = hidden.clone()
             hidden[visual & keep] = values.to(hidden.dtype)

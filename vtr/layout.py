@@ -83,6 +83,7 @@ class Record:
     entry_embeds: torch.Tensor | None = None   # the embeddings entering the language model (layout 0)
     raters: torch.Tensor | None = None      # (B, L) SparseVLM's rater tokens, over the original sequence
     decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
+    decode_entries: tuple | None = None     # decoding: (visual, rows, image, k) of the cache's prompt entries
     plugin_state: dict = field(default_factory=dict)   # id(plugin) -> what its stages pass on, this prefill
     pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
