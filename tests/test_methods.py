@@ -7,7 +7,7 @@ import torch
 
 import vtr
 from vtr.compat import output_cache
-from vtr.kernels import attention_rows, duplicate_removal, max_min_diversity, topk_per_group
+from vtr.kernels import attention_rows, duplicate_removal, group_counts, max_min_diversity, topk_per_group
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
                          ToDRE, ToDRERelevance, Uniform, VisionZip, VisPruner)
 
@@ -138,6 +138,19 @@ def test_topk_per_group_by_hand():
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     keep = topk_per_group(scores, group, torch.tensor([2, 1]))
     assert keep.tolist() == [False, True, True, True, False, False]
+
+
+def test_group_counts_and_visual_gathers_equal_their_syncing_forms():
+    """The forms that do not wait for a GPU (an index_add of ones, a gather by rows found once) give what bincount
+    and indexing by the mask give."""
+    group = torch.tensor([2, 0, 2, 2, 4])
+    assert group_counts(group, 6).tolist() == torch.bincount(group, minlength=6).tolist() == [1, 0, 3, 0, 1, 0]
+    visual = torch.tensor([[False, True, True, False], [True, False, False, True]])
+    hidden = torch.arange(24.0).view(2, 4, 3)
+    s = Signals(tokens=hidden, visual=visual)
+    assert torch.equal(s.at_visual(hidden), hidden[visual])
+    assert torch.equal(s.at_visual(hidden[..., 0]), hidden[..., 0][visual])
+    assert s.visual_rows.tolist() == [1, 2, 4, 7]
 
 
 def test_attention_rows_matches_softmax_with_gqa_and_mask():
