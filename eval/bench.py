@@ -28,9 +28,9 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 import vtr
+from vtr.compat import CACHE_ARG, output_cache
 from vtr.eval import bench_models
 from vtr.eval.evaluate import StepClock, cache_bytes, sample_flops, visual_token_mask
-from vtr.compat import CACHE_ARG, output_cache
 from vtr.eval.launches import OpCount
 from vtr.eval.memory import peak_bytes
 from vtr.eval.stock import encode, stock_positions

@@ -3,7 +3,8 @@ download), each with one prompt: 35 text tokens, one image, 15 text tokens.
 
 Sizes: "7b" is the released checkpoint's shape (for a GPU, in bfloat16); "cpu" keeps its depth and proportions with
 every width divided by 8 (so each method's layers sit where they do in the real model, and the vision tower weighs
-what it does); "cpu-wide" (LLaVA only) divides them by 4; "quick" is a small model for smoke runs. Weights are random, which does not change the time.
+what it does); "cpu-wide" (LLaVA only) divides them by 4; "quick" is a small model for smoke runs. Weights are
+random, which does not change the time.
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ QWEN25 = {
                   text=dict(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=2,
                             num_key_value_heads=1, vocab_size=1024), mrope=[8, 12, 12], grid=(1, 16, 16)),
 }
-SIZES = ("cpu", "quick", "7b", "cpu-wide")
 
 
 def llava(size: str, device, dtype, attn: str):
