@@ -4,8 +4,8 @@ On a GPU a hook's time is mostly kernel launches and syncs: every operator that 
 kernel, and an operator that reads values back to the host (``.item()``, a copy to the CPU, an output whose shape
 depends on the values, such as ``nonzero``) waits until the queue has run dry. ``OpCount`` (a ``TorchDispatchMode``)
 counts both on any device, so a CPU run shows what a GPU would pay (CUDA's ``bincount`` reads its input's maximum,
-and indexing by a boolean mask runs a ``nonzero``: both count as syncs). It sees what reaches the dispatcher: on a
-CPU tensor, ``.tolist()`` and ``.numpy()`` do not (on a GPU tensor they are copies to the CPU and are counted).
+and indexing by a boolean mask runs a ``nonzero``: both count as syncs; so does ``.tolist()``, which on a CPU tensor
+never reaches the dispatcher and is counted by a wrapper instead).
 """
 from __future__ import annotations
 
@@ -35,6 +35,31 @@ class OpCount(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = self.syncs = 0
+        self._originals = {}
+
+    def __enter__(self):
+        # .tolist() and .numpy() of a CPU tensor never reach the dispatcher; on a GPU they are copies to the host,
+        # which it sees. So on a CPU they are counted here, where a GPU run would count the copy.
+        for name in ("tolist", "numpy"):
+            self._originals[name] = torch.Tensor.__dict__.get(name)       # None: inherited from the C base
+            setattr(torch.Tensor, name, self._host_read(getattr(torch.Tensor, name)))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def _host_read(self, original):
+        def read(tensor, *args, **kwargs):
+            if tensor.device.type == "cpu":
+                self.ops += 1
+                self.syncs += 1
+            return original(tensor, *args, **kwargs)
+        return read
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

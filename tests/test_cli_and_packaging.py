@@ -144,7 +144,9 @@ def test_op_count_counts_launches_and_syncs():
         x[x > 4]                                  # so does indexing by a mask (a nonzero inside); not by indices
         x[torch.tensor([0, 2])]
         x[x > 4] = 0                              # a masked fill: no wait
-    assert (count.ops, count.syncs) == (11, 3)
+        x[:2].tolist()                            # a copy to the host on a GPU; on a CPU, counted all the same
+    assert (count.ops, count.syncs) == (12, 4)
+    assert "tolist" not in torch.Tensor.__dict__                        # the counting wrapper is gone
 
 
 def test_watch_hooks_counts_the_hooks_operators_only():
