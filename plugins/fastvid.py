@@ -79,11 +79,10 @@ class FastVID(Plugin):
     def _video(self, x, attention, salient, anchors):
         t, per, dim = x.shape
         top = [attention[f].topk(salient[f]).indices for f in range(t)]
-        rest = []                                            # each frame's non-salient tokens
-        for f in range(t):
-            free = torch.ones(per, dtype=torch.bool, device=x.device)
-            free[top[f]] = False
-            rest.append(free.nonzero()[:, 0])
+        rest = []                                            # each frame's non-salient tokens, ascending
+        for f in range(t):                                   # (their count is known: a sort, not a nonzero's sync)
+            free = torch.ones(per, dtype=torch.long, device=x.device).index_fill_(0, top[f], 0)
+            rest.append(free.argsort(descending=True, stable=True)[:per - salient[f]])
         picks = [top[f] + f * per for f in range(t)]
         values = [x[f, top[f]] for f in range(t)]
         flat, unit = x.reshape(-1, dim), F.normalize(x.float(), dim=-1).reshape(-1, dim)

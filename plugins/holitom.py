@@ -34,24 +34,29 @@ from vtr.kernels import dpc_merge
 from .base import LLMPlugin, Plugin, Signals, apportion
 
 
-def static_windows(similar: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+def static_windows(similar: torch.Tensor) -> list[tuple[int, int, torch.Tensor, int]]:
     """The segmentation saving most tokens: ``similar`` (T - 1, N) bool, positions similar from frame t to t + 1.
-    Returns (first, last, static positions) per segment."""
-    t = similar.shape[0] + 1
+    Returns (first, last, static positions, how many) per segment. A position is static over frames [a, i] when its
+    run of similar steps ending at step i - 1 is at least i - a long, so every candidate's count comes from one
+    read-back, and the dynamic programming runs on host ints (a read-back per candidate was T^2 / 2 GPU syncs)."""
+    t, device = similar.shape[0] + 1, similar.device
+    steps = torch.arange(t - 1, device=device)[:, None]
+    run = steps - torch.cummax(torch.where(similar, -1, steps), dim=0).values        # (T - 1, N)
+    static = (run[:, :, None] >= torch.arange(1, t, device=device)).sum(1).tolist()   # [step][length - 1]
     best, start = [0] * (t + 1), [0] * t                # best[i + 1]: most saved over frames 0..i
     for i in range(t):
         best[i + 1], start[i] = best[i], i              # frame i alone
-        chain = torch.ones(similar.shape[1], dtype=torch.bool, device=similar.device)
         for a in range(i - 1, -1, -1):                  # the segment [a, i], longer and longer
-            chain = chain & similar[a]
-            gain = best[a] + (i - a) * int(chain.sum())
+            gain = best[a] + (i - a) * static[i - 1][i - a - 1]
             if gain > best[i + 1]:
                 best[i + 1], start[i] = gain, a
     segments, i = [], t - 1
     while i >= 0:
         a = start[i]
-        segments.append((a, i, similar[a:i].all(0) if i > a else
-                         torch.zeros(similar.shape[1], dtype=torch.bool, device=similar.device)))
+        if i > a:
+            segments.append((a, i, run[i - 1] >= i - a, static[i - 1][i - a - 1]))
+        else:
+            segments.append((a, i, torch.zeros(similar.shape[1], dtype=torch.bool, device=device), 0))
         i = a - 1
     return segments[::-1]
 
@@ -97,17 +102,18 @@ class HoliTom(Plugin):
 
     def _video(self, x, attention, segments, k):
         t, per = x.shape[:2]
-        saved = [(b - a) * int(static.sum()) for a, b, static in segments]
+        saved = [(b - a) * count for a, b, _, count in segments]
         for i in sorted(range(len(segments)), key=lambda i: saved[i]):      # over budget: collapse fewer segments
             if t * per - sum(saved) >= k:
                 break
-            a, b, _ = segments[i]
-            segments[i], saved[i] = (a, b, torch.zeros_like(segments[i][2])), 0
+            a, b, static, _ = segments[i]
+            segments[i], saved[i] = (a, b, torch.zeros_like(static), 0), 0
         groups = []             # (frame, positions, None) dynamic tokens; (first, positions, last) a segment's static
-        for a, b, static in segments:
-            if static.any():
-                groups.append((a, static.nonzero()[:, 0], b))
-            groups += [(f, (~static).nonzero()[:, 0], None) for f in range(a, b + 1)]
+        for a, b, static, count in segments:
+            order = static.long().argsort(descending=True, stable=True)   # static positions, then the others, ascending
+            if count:
+                groups.append((a, order[:count], b))
+            groups += [(f, order[count:], None) for f in range(a, b + 1)]
         quotas = apportion(k, [len(g[1]) for g in groups])
         picks, values = [], []
         for (f, positions, last), quota in zip(groups, quotas):

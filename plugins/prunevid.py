@@ -131,7 +131,7 @@ class PruneVidMerge(Plugin):
         """(frame, positions, tokens (n, D)) of each segment's static set, which sits in its first frame, and of each
         frame's other tokens; without ``merge_static`` every token of a frame is in its frame's group."""
         per = x.shape[1]
-        groups = []
+        statics = []
         for segment in segments:
             w = len(segment)
             static = torch.zeros(per, dtype=torch.bool, device=x.device)
@@ -139,10 +139,16 @@ class PruneVidMerge(Plugin):
                 u = F.normalize(x[segment].float(), dim=-1)                     # (W, N, D)
                 pairs = torch.einsum("ipd,jpd->p", u, u) - w                   # all ordered pairs, self-pairs out
                 static = pairs / (w * (w - 1)) > self.tau
-            if static.any():
-                groups.append((segment[0], static.nonzero()[:, 0], x[segment][:, static].float().mean(0)))
+            statics.append(static)
+        counts = torch.stack(statics).sum(1).tolist()          # one read-back, then indices instead of masks
+        groups = []
+        for segment, static, count in zip(segments, statics, counts):
+            order = static.long().argsort(descending=True, stable=True)   # static positions, then the others, ascending
+            if count:
+                groups.append((segment[0], order[:count], x[segment][:, order[:count]].float().mean(0)))
+            rest = order[count:]
             for f in segment:
-                groups.append((f, (~static).nonzero()[:, 0], x[f, ~static].float()))
+                groups.append((f, rest, x[f, rest].float()))
         return groups
 
 

@@ -25,3 +25,23 @@ def tome_merge(x, size, keys, r, prefix=1, members=None):
     if members is None:
         return torch.stack(rows), torch.stack(sizes)
     return torch.stack(rows), torch.stack(sizes), [members[i] for i in order] + [group[j] for j in b_ids]
+
+
+def holitom_segments(similar):
+    """HoliTom's segmentation, literally: every candidate segment [a, i] scored by how many positions stay similar
+    over all its steps, (i - a) tokens saved each; the best total by dynamic programming, shorter segments on ties.
+    Returns (first, last, static positions) per segment."""
+    t = similar.shape[0] + 1
+    best, start = [0] * (t + 1), [0] * t
+    for i in range(t):
+        best[i + 1], start[i] = best[i], i
+        for a in range(i - 1, -1, -1):
+            gain = best[a] + (i - a) * int(similar[a:i].all(0).sum())
+            if gain > best[i + 1]:
+                best[i + 1], start[i] = gain, a
+    segments, i = [], t - 1
+    while i >= 0:
+        a = start[i]
+        segments.append((a, i, similar[a:i].all(0) if i > a else torch.zeros(similar.shape[1], dtype=torch.bool)))
+        i = a - 1
+    return segments[::-1]

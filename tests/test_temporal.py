@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from conftest import BATCH, _model, split_batch
 from oracle import _causal, encode, oracle_generate, sequence_after, stock_positions, visual_positions
+from references import holitom_segments
 from test_methods import unit
 from tiny_models import IMAGE, make_inputs
 
@@ -159,9 +160,21 @@ def test_holitom_segmentation_maximises_the_tokens_saved_by_hand():
     # 4 frames, 3 positions; similar[t, p]: position p similar from frame t to t + 1
     similar = torch.tensor([[True, True, False], [True, False, False], [False, False, True]])
     # [0, 1] saves 1 x 2 (positions 0, 1); [0, 2] would save 2 x 1, no more: the shorter wins; then [2, 3] saves 1
-    got = [(a, b, static.tolist()) for a, b, static in static_windows(similar)]
-    assert got == [(0, 1, [True, True, False]), (2, 3, [False, False, True])]
+    got = [(a, b, static.tolist(), count) for a, b, static, count in static_windows(similar)]
+    assert got == [(0, 1, [True, True, False], 2), (2, 3, [False, False, True], 1)]
     assert apportion(4, [2, 1, 1, 1, 2, 2]) == [1, 1, 0, 0, 1, 1]      # largest remainders, ties to the earlier
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holitom_segmentation_from_one_read_back_equals_the_literal_one(seed):
+    """The counts of every candidate segment are read back at once; the segmentation is the literal rule's."""
+    g = torch.Generator().manual_seed(seed)
+    frames, positions = [1, 2, 5, 9, 16, 32][seed], 7
+    similar = torch.rand(frames - 1, positions, generator=g) < 0.3 + 0.1 * seed
+    got = static_windows(similar)
+    want = holitom_segments(similar)
+    assert [(a, b, static.tolist()) for a, b, static, _ in got] == [(a, b, s.tolist()) for a, b, s in want]
+    assert all(count == int(static.sum()) for _, _, static, count in got)
 
 
 def test_holitom_static_clusters_and_dynamic_attention_by_hand():
