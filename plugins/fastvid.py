@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import density_peaks, group_counts
+from vtr.kernels import density_peaks, group_counts, true_first
 
 from .base import Plugin, Signals, shares
 
@@ -82,7 +82,7 @@ class FastVID(Plugin):
         rest = []                                            # each frame's non-salient tokens, ascending
         for f in range(t):                                   # (their count is known: a sort, not a nonzero's sync)
             free = torch.ones(per, dtype=torch.long, device=x.device).index_fill_(0, top[f], 0)
-            rest.append(free.argsort(descending=True, stable=True)[:per - salient[f]])
+            rest.append(true_first(free)[:per - salient[f]])
         picks = [top[f] + f * per for f in range(t)]
         values = [x[f, top[f]] for f in range(t)]
         flat, unit = x.reshape(-1, dim), F.normalize(x.float(), dim=-1).reshape(-1, dim)

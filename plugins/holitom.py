@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_merge
+from vtr.kernels import dpc_merge, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -110,7 +110,7 @@ class HoliTom(Plugin):
             segments[i], saved[i] = (a, b, torch.zeros_like(static), 0), 0
         groups = []             # (frame, positions, None) dynamic tokens; (first, positions, last) a segment's static
         for a, b, static, count in segments:
-            order = static.long().argsort(descending=True, stable=True)   # static positions, then the others, ascending
+            order = true_first(static)                   # the static positions, then the others
             if count:
                 groups.append((a, order[:count], b))
             groups += [(f, order[count:], None) for f in range(a, b + 1)]

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_clusters, dpc_merge
+from vtr.kernels import dpc_clusters, dpc_merge, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -143,7 +143,7 @@ class PruneVidMerge(Plugin):
         counts = torch.stack(statics).sum(1).tolist()          # one read-back, then indices instead of masks
         groups = []
         for segment, static, count in zip(segments, statics, counts):
-            order = static.long().argsort(descending=True, stable=True)   # static positions, then the others, ascending
+            order = true_first(static)                   # the static positions, then the others
             if count:
                 groups.append((segment[0], order[:count], x[segment][:, order[:count]].float().mean(0)))
             rest = order[count:]

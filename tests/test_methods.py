@@ -7,7 +7,8 @@ import torch
 
 import vtr
 from vtr.compat import output_cache
-from vtr.kernels import attention_rows, duplicate_removal, group_counts, max_min_diversity, topk_per_group
+from vtr.kernels import (attention_rows, duplicate_removal, group_counts, max_min_diversity, topk_per_group,
+                         true_first)
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
                          ToDRE, ToDRERelevance, Uniform, VisionZip, VisPruner)
 
@@ -151,6 +152,8 @@ def test_group_counts_and_visual_gathers_equal_their_syncing_forms():
     assert torch.equal(s.at_visual(hidden), hidden[visual])
     assert torch.equal(s.at_visual(hidden[..., 0]), hidden[..., 0][visual])
     assert s.visual_rows.tolist() == [1, 2, 4, 7]
+    mask = torch.tensor([False, True, False, True, True])
+    assert true_first(mask).tolist() == [1, 3, 4, 0, 2] and true_first(mask)[:3].tolist() == mask.nonzero()[:, 0].tolist()
 
 
 def test_attention_rows_matches_softmax_with_gqa_and_mask():

@@ -196,6 +196,13 @@ def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int,
     return torch.from_numpy(out)
 
 
+def true_first(mask: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dimension of ``mask`` (bool, or 0/1): its True entries, then its False ones, each
+    ascending. Where the host knows how many are True, ``true_first(mask)[..., :count]`` is ``nonzero`` without its
+    sync."""
+    return mask.long().argsort(dim=-1, descending=True, stable=True)
+
+
 def group_counts(group: torch.Tensor, groups: int) -> torch.Tensor:
     """(groups,) long: how many entries of ``group`` (N,) are each of [0, groups). ``bincount`` without its wait:
     CUDA's reads the largest entry back to the host to size its output."""

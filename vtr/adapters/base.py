@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vtr.kernels import apply_rope, attention_rows
+from vtr.kernels import apply_rope, attention_rows, true_first
 
 
 def _query_rows(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions of ``queries`` (B, L) bool, each sample's first, padded to the largest count: ``order`` (B, Q)
     and ``valid`` (B, Q), False for the padding rows (whose attention rows may be all masked)."""
     count = queries.sum(1)
-    order = queries.long().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(count.max()))]
+    order = true_first(queries)[:, :max(1, int(count.max()))]
     return order, torch.arange(order.shape[1], device=queries.device) < count[:, None]
 
 
