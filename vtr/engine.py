@@ -652,10 +652,7 @@ class Engine(HookSet):
                                                 past=past)[:, :layout.orig.shape[1]]
         orig = layout.orig.clamp(min=0)
         if rec.decode_entries is None:      # the prompt's visual entries in the cache: the same at every step
-            visual = layout.mask & rec.visual.gather(1, orig)
-            if rec.protected is not None:
-                visual &= ~rec.protected.gather(1, orig)
-            rows = visual.flatten().nonzero()[:, 0]
+            _, visual, rows = self._visual_entries(rec, layout)
             image = rec.image_of.gather(1, orig).flatten().index_select(0, rows)
             entry = torch.bincount(image, minlength=len(rec.image_sizes)).tolist()
             k = torch.tensor([self.decode.stage_counts(n)[0] for n in entry], device=hidden.device)
@@ -698,6 +695,17 @@ class Engine(HookSet):
         rec.step_kwargs[key] = new
         return {**kwargs, **new}
 
+    @staticmethod
+    def _visual_entries(rec: Record, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(orig, visual, rows) of ``layout``: each slot's original index (padding: 0), the visual tokens a stage may
+        drop or a decode method hide (not the protected newlines), and their rows in the flattened (B * L), found
+        with one read-back (indexing by the mask again would wait for the device each time)."""
+        orig = layout.orig.clamp(min=0)
+        visual = layout.mask & rec.visual.gather(1, orig)
+        if rec.protected is not None:
+            visual &= ~rec.protected.gather(1, orig)
+        return orig, visual, visual.flatten().nonzero()[:, 0]
+
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         taken, scored_layout = rec.pending.pop(index)
         layout = rec.layouts[-1]
@@ -707,12 +715,8 @@ class Engine(HookSet):
             return hidden
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
-        orig = layout.orig.clamp(min=0)
-        visual = layout.mask & rec.visual.gather(1, orig)               # the visual tokens this stage may drop
-        if rec.protected is not None:
-            visual &= ~rec.protected.gather(1, orig)
+        orig, visual, rows = self._visual_entries(rec, layout)     # every gather of the visual entries uses rows
         plugin = stage.plugin
-        rows = visual.flatten().nonzero()[:, 0]     # one read-back: every gather of the visual entries below uses it
 
         def at_visual(t):
             return t.gather(1, orig).flatten().index_select(0, rows)
