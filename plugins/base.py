@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from vtr.kernels import topk_per_group
+from vtr.kernels import group_counts, topk_per_group
 
 
 def evenly(n: int, k: int, device=None) -> torch.Tensor:
@@ -64,6 +64,8 @@ class Signals:
         need "patches").
     state: what a multi-stage LLM method passes from one of its stages to the next, within one prefill.
     visual_rows: ``(V,)`` each visual entry's row in the flattened ``(B * L)`` (LLM stage); ``at_visual`` reads by it.
+    counts, budgets: host ints, per image (per frame with ``per_frame``): its visual entries entering the stage, and
+        ``k`` (LLM stage): a method that needs them on the host reads them here, not back from the device.
     frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
         raster order; an image is one frame), projector stage, where the adapter knows them.
     """
@@ -88,6 +90,8 @@ class Signals:
     rater_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
     visual_rows: torch.Tensor | None = None
+    counts: list[int] | None = None
+    budgets: list[int] | None = None
 
     def at_visual(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B, L, ...) at the visual entries, in ``t[visual]``'s order, gathered by ``visual_rows`` (each
@@ -96,6 +100,12 @@ class Signals:
         if self.visual_rows is None:
             self.visual_rows = self.visual.flatten().nonzero()[:, 0]
         return t.flatten(0, 1).index_select(0, self.visual_rows)
+
+    def host(self, k: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(counts, budgets) as host ints: the engine's, or read back where a caller built these signals without
+        them."""
+        counts = self.counts if self.counts is not None else group_counts(self.image, len(k)).tolist()
+        return counts, self.budgets if self.budgets is not None else k.tolist()
 
 
 @dataclass
@@ -207,8 +217,9 @@ class LLMPlugin(Plugin):
         return kept, self.absorb(s, kept)
 
     def absorb(self, s: Signals, kept: torch.Tensor) -> torch.Tensor | None:
-        """For methods that merge the dropped tokens into the survivors: the new hidden states ``(kept, D)`` of the
-        surviving visual tokens ``s.tokens[s.visual][kept]``, in that order. Default: None (dropped tokens vanish)."""
+        """For methods that merge the dropped tokens into the survivors: new hidden states ``(V, D)`` for the visual
+        tokens ``s.tokens[s.visual]``, of which only the survivors' rows are read (whole rows: the engine writes them
+        by index, not by the ``kept`` mask, which would wait for the device). Default: None (dropped tokens vanish)."""
         return None
 
 

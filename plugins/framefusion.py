@@ -76,42 +76,41 @@ class FrameFusion(LLMPlugin):
         image, tokens = s.image, s.at_visual(s.tokens)
         keep, values = torch.ones_like(image, dtype=torch.bool), tokens.clone()
         pruning = [i for i in range(len(k)) if phase.get(i) == "prune"]
-        k_host = k.tolist()                           # host ints: one read-back, not one per video
+        counts, budgets = s.host(k)                   # each video's tokens here and its budget, host ints
         if pruning:                                   # the last token's attention keeps the top 1 - P
             scores = s.at_visual(s.last_attention).float()
-            n = torch.bincount(image, minlength=len(k)).tolist()
-            want = [k_host[i] if not self.counts_itself else
-                    round(n[i] * (1 - allowed(ratios.get(i, []), self.depth, self.cost))) for i in range(len(k))]
+            want = [budgets[i] if not self.counts_itself else
+                    round(counts[i] * (1 - allowed(ratios.get(i, []), self.depth, self.cost))) for i in range(len(k))]
             chosen = topk_per_group(scores, image, torch.tensor(want, device=k.device))
-            for i in pruning:
-                keep[image == i] = chosen[image == i]
-                phase[i] = "done"
+            keep = torch.where(torch.isin(image, torch.tensor(pruning, device=k.device)), chosen, keep)
+            phase.update({i: "done" for i in pruning})
         merging = [i for i in range(len(k)) if phase.setdefault(i, "merge") == "merge"]
         if not merging:
-            return keep, values[keep] if pruning else None
+            return keep, values if pruning else None
         # each token's predecessor: the previous token of the same video and patch, in frame order
-        key = image * (int(s.patch.max()) + 1) + s.patch
-        order = torch.argsort(key, stable=True)                         # frames ascend inside
-        group = key[order]
+        order = torch.argsort(image * (1 << 32) + s.patch, stable=True)       # (video, patch); frames ascend inside
+        group = image[order] * (1 << 32) + s.patch[order]
         first = torch.ones_like(group, dtype=torch.bool)
         first[1:] = group[1:] != group[:-1]
         unit = F.normalize(tokens[order].float(), dim=-1)
         sim = torch.full_like(group, -2.0, dtype=torch.float)
         sim[1:] = (unit[1:] * unit[:-1]).sum(-1)
-        sim[first] = -2.0
+        sim.masked_fill_(first, -2.0)
+        similar = sim >= self.similarity
+        groups = len(k)                               # every video's count of similar tokens in one read-back
+        matching = group_counts(torch.where(similar, image[order], groups), groups + 1).tolist()
         selected = torch.zeros_like(first)
         for i in merging:
-            mine = image[order] == i
-            similar = mine & (sim >= self.similarity)
-            n, matches = torch.stack([mine.sum(), similar.sum()]).tolist()
+            n, matches = counts[i], matching[i]
             if not n:                                  # no tokens of this video here: nothing to merge
                 continue
-            room = n if self.counts_itself else n - k_host[i]          # a budget: never below it
+            mine = image[order] == i
+            room = n if self.counts_itself else n - budgets[i]          # a budget: never below it
             done = ratios.setdefault(i, [])
             cap = allowed(done, self.depth, self.cost) if self.counts_itself else 1.0
             rho = matches / n
             if rho < cap and matches < room:
-                selected |= similar
+                selected |= mine & similar
                 done.append(rho)
                 phase[i] = "prune" if rho < self.ratio_floor else "merge"
             else:                                      # the budget is met by merging alone
@@ -119,12 +118,12 @@ class FrameFusion(LLMPlugin):
                 selected[candidates.topk(min(int(cap * n), room)).indices] = True
                 phase[i] = "done"
         # a run of selected tokens folds into the token before it (its anchor): their unweighted mean
-        position = torch.arange(len(order), device=order.device)
+        size = len(order)
+        position = torch.arange(size, device=order.device)
         anchor = torch.cummax(torch.where(selected, -1, position), 0).values
         total = torch.zeros_like(unit).index_add_(0, anchor, tokens[order].float())
-        count = group_counts(anchor, len(order)).clamp(min=1)[:, None]
-        merged = (total / count).to(tokens.dtype)
-        has_members = group_counts(anchor[selected], len(order)) > 0
-        keep[order[selected]] = False
-        values[order[has_members]] = merged[has_members]
-        return keep, values[keep]
+        merged = (total / group_counts(anchor, size).clamp(min=1)[:, None]).to(tokens.dtype)
+        has_members = group_counts(torch.where(selected, anchor, size), size + 1)[:size] > 0
+        keep[order] = keep[order] & ~selected
+        values[order] = torch.where(has_members[:, None], merged, values[order])
+        return keep, values

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_merge, true_first
+from vtr.kernels import dpc_merge, group_counts, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -156,16 +156,19 @@ class HoliTomInner(LLMPlugin):
 
     def absorb(self, s: Signals, kept: torch.Tensor) -> torch.Tensor:
         tokens = s.at_visual(s.tokens).float()
+        survivors = sum(s.budgets) if s.budgets is not None else int(kept.sum())     # keep(): exactly k per video
+        alive, gone = true_first(kept).split([survivors, len(kept) - survivors])    # each ascending
         unit = F.normalize(tokens, dim=-1)
-        similarity = unit[~kept] @ unit[kept].T
-        similarity.masked_fill_(s.image[~kept][:, None] != s.image[kept][None, :], float("-inf"))   # own video only
+        similarity = unit[gone] @ unit[alive].T
+        similarity.masked_fill_(s.image[gone][:, None] != s.image[alive][None, :], float("-inf"))   # own video only
         owner = similarity.argmax(1)                  # each dropped token's survivor (index among the kept)
         # the running average h <- (h + d) / 2 over a survivor's dropped tokens d_1 < ... < d_m (sequence order):
         # h / 2^m + sum_i d_i / 2^(m - i + 1)
-        members = torch.bincount(owner, minlength=int(kept.sum()))
+        members = group_counts(owner, survivors)
         order = torch.argsort(owner, stable=True)                    # by survivor, sequence order inside
         rank = torch.empty_like(owner)
         rank[order] = torch.arange(len(owner), device=owner.device) - (torch.cumsum(members, 0) - members)[owner[order]]
         weight = 0.5 ** (members[owner] - rank).float()
-        out = tokens[kept] * (0.5 ** members.float())[:, None]
-        return out.index_add_(0, owner, tokens[~kept] * weight[:, None])
+        out = tokens.clone()
+        out[alive] = tokens[alive] * (0.5 ** members.float())[:, None]
+        return out.index_add_(0, alive[owner], tokens[gone] * weight[:, None])

@@ -80,7 +80,7 @@ class SparseVLM(LLMPlugin):
 
     def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         scores, image = s.at_visual(s.rater_attention).float(), s.image
-        entry, want = torch.bincount(image, minlength=len(k)).tolist(), k.tolist()   # host ints: no sync per step
+        entry, want = s.host(k)
         top = list(want)
         if self.recycle:         # the survivors by score leave room for the clusters the dropped ones make
             for i, n in enumerate(entry):
@@ -95,9 +95,9 @@ class SparseVLM(LLMPlugin):
             count, clusters = recycled(n - top[i])
             if not count or top[i] + clusters > want[i]:
                 continue
-            dropped = ((image == i) & ~kept).nonzero()[:, 0]
-            chosen = dropped[scores[dropped].topk(count).indices]          # the best scored of the dropped
+            dropped = scores.masked_fill((image != i) | kept, float("-inf"))    # count <= this image's dropped
+            chosen = dropped.sort(descending=True, stable=True).indices[:count]   # the best of them (ties: earlier)
             centre, merged = dpc_merge(tokens[chosen], clusters, clusters)
             kept[chosen[centre]] = True
             values[chosen[centre]] = merged
-        return kept, values[kept]
+        return kept, values

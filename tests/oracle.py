@@ -97,12 +97,14 @@ def _absorbed(h, current, keep, visual, protected, absorb):
     offered = torch.isin(current, visual)
     if protected is not None:
         offered &= ~torch.isin(current, protected)
-    signals = Signals(tokens=h, visual=offered[None], image=torch.zeros(int(offered.sum()), dtype=torch.long))
-    values = absorb(signals, keep[offered])
+    kept = keep[offered]
+    signals = Signals(tokens=h, visual=offered[None], image=torch.zeros(int(offered.sum()), dtype=torch.long),
+                      counts=[int(offered.sum())], budgets=[int(kept.sum())])
+    values = absorb(signals, kept)
     if values is None:                      # this stage only dropped
         return h
     h = h.clone()
-    h[0, offered & keep] = values.to(h.dtype)
+    h[0, offered & keep] = values[kept].to(h.dtype)
     return h
 
 

@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 from vtr.encoder import EncoderEngine
 from vtr.compat import CACHE_ARG, cache_of
 from vtr.hooks import HookSet, map_output
-from vtr.kernels import gather_tokens
+from vtr.kernels import gather_tokens, group_counts, true_first
 from vtr.layout import Layout, Record, Stage
 from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
 
@@ -652,9 +652,8 @@ class Engine(HookSet):
                                                 past=past)[:, :layout.orig.shape[1]]
         orig = layout.orig.clamp(min=0)
         if rec.decode_entries is None:      # the prompt's visual entries in the cache: the same at every step
-            _, visual, rows = self._visual_entries(rec, layout)
+            _, visual, rows, entry = self._visual_entries(rec, layout, rec.image_of, len(rec.image_sizes))
             image = rec.image_of.gather(1, orig).flatten().index_select(0, rows)
-            entry = torch.bincount(image, minlength=len(rec.image_sizes)).tolist()
             k = torch.tensor([self.decode.stage_counts(n)[0] for n in entry], device=hidden.device)
             rec.decode_entries = visual, rows, image, k
         visual, rows, image, k = rec.decode_entries
@@ -696,15 +695,19 @@ class Engine(HookSet):
         return {**kwargs, **new}
 
     @staticmethod
-    def _visual_entries(rec: Record, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(orig, visual, rows) of ``layout``: each slot's original index (padding: 0), the visual tokens a stage may
-        drop or a decode method hide (not the protected newlines), and their rows in the flattened (B * L), found
-        with one read-back (indexing by the mask again would wait for the device each time)."""
+    def _visual_entries(rec: Record, layout: Layout, group_of: torch.Tensor, groups: int) -> tuple:
+        """(orig, visual, rows, counts) of ``layout``: each slot's original index (padding: 0), the visual tokens a
+        stage may drop or a decode method hide (not the protected newlines), their rows in the flattened (B * L), and
+        how many there are of each of the ``groups`` images or frames (``group_of`` (B, L) over the original
+        sequence), host ints. One read-back for all: a ``nonzero`` for the rows would be a second, and indexing by
+        the mask again would wait for the device each time."""
         orig = layout.orig.clamp(min=0)
         visual = layout.mask & rec.visual.gather(1, orig)
         if rec.protected is not None:
             visual &= ~rec.protected.gather(1, orig)
-        return orig, visual, visual.flatten().nonzero()[:, 0]
+        counts = group_counts(torch.where(visual, group_of.gather(1, orig), groups).flatten(), groups + 1)
+        counts = counts[:groups].tolist()
+        return orig, visual, true_first(visual.flatten())[:sum(counts)], counts
 
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         taken, scored_layout = rec.pending.pop(index)
@@ -715,21 +718,23 @@ class Engine(HookSet):
             return hidden
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
-        orig, visual, rows = self._visual_entries(rec, layout)     # every gather of the visual entries uses rows
         plugin = stage.plugin
+        group_of = rec.frame_of if plugin.per_frame else rec.image_of
+        images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
+        orig, visual, rows, counts = self._visual_entries(rec, layout, group_of, images)   # gathers use rows
 
         def at_visual(t):
             return t.gather(1, orig).flatten().index_select(0, rows)
-        image = at_visual(rec.frame_of if plugin.per_frame else rec.image_of)
-        images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
-        if stage.step == 0:            # every stage's counts at the method's entry: one host sync, not one per stage
-            entry = torch.bincount(image, minlength=images).tolist()
-            rec.stage_keep[id(plugin)] = torch.tensor([plugin.stage_counts(n, stage.steps) for n in entry],
-                                                      device=hidden.device).view(images, stage.steps)
-        k = rec.stage_keep[id(plugin)][:, stage.step]
+        image = at_visual(group_of)
+        if stage.step == 0:            # every stage's counts at the method's entry, on the host and on the device
+            host = [plugin.stage_counts(n, stage.steps) for n in counts]
+            rec.stage_keep[id(plugin)] = host, torch.tensor(host, device=hidden.device).view(images, stage.steps)
+        host, device_counts = rec.stage_keep[id(plugin)]
+        k = device_counts[:, stage.step]
         text = layout.mask & ~rec.visual.gather(1, orig)
         signals = Signals(tokens=hidden, visual=visual, image=image, positions=layout.orig, text=text,
-                          state=rec.plugin_state.setdefault(id(plugin), {}), visual_rows=rows, **taken)
+                          state=rec.plugin_state.setdefault(id(plugin), {}), visual_rows=rows, counts=counts,
+                          budgets=[h[stage.step] for h in host], **taken)
         if "patches" in plugin.needs:         # each token's frame and its place in the frame (same patch, new frame)
             signals.frame, signals.patch = at_visual(rec.frame_of), at_visual(rec.patch_of)
         if "final_norm" in plugin.needs:
@@ -737,9 +742,8 @@ class Engine(HookSet):
         keep = layout.mask & ~visual
         kept, values = plugin.drop(signals, k)
         keep.view(-1)[rows] = kept
-        if values is not None:                              # the survivors take in the dropped tokens
-            hidden = hidden.clone()
-            hidden[visual & keep] = values.to(hidden.dtype)
+        if values is not None:              # the survivors take in the dropped tokens (the dropped rows go below)
+            hidden = hidden.flatten(0, 1).index_copy(0, rows, values.to(hidden.dtype)).view_as(hidden)
         length = rec.visual.shape[1]
         alive = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
         alive.scatter_(1, layout.orig.masked_fill(~layout.mask, length), keep)      # padding lands in the spare column

@@ -75,7 +75,7 @@ class Record:
     frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
     frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts
                                                # in its video's last frame)
-    stage_keep: dict[int, torch.Tensor] = field(default_factory=dict)   # plugin id -> (I, stages) tokens kept
+    stage_keep: dict[int, tuple] = field(default_factory=dict)   # plugin id -> (I, stages) tokens kept: host, device
     prefill: bool = True
     # per forward pass
     step_kwargs: dict[tuple, dict] = field(default_factory=dict)   # (layout index, hide) -> rewritten kwargs
@@ -98,7 +98,7 @@ class Record:
         """(B, L) long: which run of ``sizes`` visual tokens each visual token is in, -1 elsewhere."""
         device = self.visual.device
         return self._over_visual(torch.arange(len(sizes), device=device).repeat_interleave(
-            torch.tensor(sizes, device=device)))
+            torch.tensor(sizes, device=device), output_size=sum(sizes)))      # a known size: no read-back
 
     @property
     def image_of(self) -> torch.Tensor:
