@@ -683,12 +683,15 @@ class Engine(HookSet):
             positions = kwargs.get("position_ids")
             if positions is not None:
                 new["position_ids"] = positions.expand(idx.shape[0], -1).gather(1, idx)
-            mask2d = layout.mask
+            # no padding and a cache: no mask, which the stock layers read as all True without checking it on the
+            # device (without a cache, transformers would take the skipped positions for packed sequences)
+            mask2d = None if layout.full and past is not None else layout.mask
         else:
             visible = layout.mask & ~rec.hidden.gather(1, layout.orig.clamp(min=0)) if hide else layout.mask
             mask2d = torch.cat([visible, rec.tail], dim=1)
         new["attention_mask"] = create_causal_mask(
-            config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d.long(),
+            config=self.adapter.text_config, inputs_embeds=hidden,
+            attention_mask=None if mask2d is None else mask2d.long(),
             position_ids=new.get("position_ids", kwargs.get("position_ids")), layer_idx=stage_layer,
             **{CACHE_ARG: past})
         rec.step_kwargs[key] = new

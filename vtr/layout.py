@@ -29,19 +29,22 @@ class Stage:
 class Layout:
     """A (left-padded) sequence layout. ``orig``: original sequence index of each slot, -1 for padding;
     ``slot0``: index of each slot in layout 0 (the sequence the language model receives); ``mask``: ``orig >= 0``,
-    kept rather than recomputed (the hooks read it several times per layer)."""
+    kept rather than recomputed (the hooks read it several times per layer); ``full``: the host knows ``mask`` is all
+    True (no padding), so the layers' mask needs no check on the device."""
 
     orig: torch.Tensor
     slot0: torch.Tensor
     mask: torch.Tensor
     src: torch.Tensor | None = None   # index of each slot in the previous layout (None: this is layout 0 unchanged)
+    full: bool = False
 
     def compact(self, keep: torch.Tensor) -> "Layout":
         """The layout of the slots where ``keep`` (B, L), a subset of ``mask``, is True, in order, left-padded again;
-        this layout itself where ``keep`` is all of it. One read-back to the host for both questions."""
+        this layout itself where ``keep`` is all of it. One read-back to the host for the new width, whether anything
+        was dropped and whether the new layout has padding."""
         b, length = keep.shape
         counts = keep.sum(1)
-        width, dropped = torch.stack([counts.max(), (keep != self.mask).sum()]).tolist()
+        width, dropped, shortest = torch.stack([counts.max(), (keep != self.mask).sum(), counts.min()]).tolist()
         if not dropped:
             return self
         slot = keep.cumsum(1) - 1 + (width - counts)[:, None]          # each kept slot's place, right-aligned
@@ -50,7 +53,7 @@ class Layout:
         src = src[:, :width]
         valid = torch.arange(width, device=keep.device) >= (width - counts)[:, None]
         orig = self.orig.gather(1, src).masked_fill(~valid, -1)
-        return Layout(orig=orig, slot0=self.slot0.gather(1, src), mask=valid, src=src)
+        return Layout(orig=orig, slot0=self.slot0.gather(1, src), mask=valid, src=src, full=shortest == width)
 
 
 @dataclass
