@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
-# Operators whose output's shape or value on the host needs the device's values: each waits for the device.
+# Operators whose output's shape or value on the host needs the device's values: each waits for the device (a
+# repeat_interleave told its output size does not).
 VALUE_READS = {
     aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
     aten.is_nonzero.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
@@ -66,7 +67,8 @@ class OpCount(TorchDispatchMode):
         if func in FREE or func.is_view:
             return out
         self.ops += 1
-        if func in VALUE_READS or _to_host(func, args, kwargs or {}, out) or (
+        kwargs = kwargs or {}
+        if (func in VALUE_READS and not kwargs.get("output_size")) or _to_host(func, args, kwargs, out) or (
                 func in MASK_INDEXING and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])):
             self.syncs += 1
         return out

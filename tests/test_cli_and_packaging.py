@@ -145,7 +145,9 @@ def test_op_count_counts_launches_and_syncs():
         x[torch.tensor([0, 2])]
         x[x > 4] = 0                              # a masked fill: no wait
         x[:2].tolist()                            # a copy to the host on a GPU; on a CPU, counted all the same
-    assert (count.ops, count.syncs) == (12, 4)
+        x.repeat_interleave(torch.tensor([1] * 12))                  # 2 kernels, one waits: its output's length
+        x.repeat_interleave(torch.tensor([1] * 12), output_size=12)  # told the length: no wait
+    assert (count.ops, count.syncs) == (16, 5)
     assert "tolist" not in torch.Tensor.__dict__                        # the counting wrapper is gone
 
 

@@ -397,15 +397,16 @@ class Engine(HookSet):
         (this works whether the forward pass or ``generate()`` ran the vision tower). Images with the same number of
         features are selected together, one (images, P, D) batch per size. Returns ``embeds``, with the values of
         merging methods (pooling) written in."""
-        placeholders = rec.visual.flatten().nonzero()[:, 0]           # image after image
+        placeholders, device = rec.placeholders, embeds.device          # image after image
+        total = len(placeholders)
         features = embeds.reshape(-1, embeds.shape[-1]).index_select(0, placeholders)      # (total, D)
-        total, device = features.shape[0], embeds.device
-        protected = None if rec.protected is None else rec.protected[rec.visual]   # never offered, always kept
+        protected = None if rec.protected is None else rec.protected.flatten()[placeholders]   # never offered, kept
         if protected is None:
             candidates, counts = None, rec.image_sizes
         else:
-            candidates = (~protected).nonzero()[:, 0]
-            counts = [n - int(p.sum()) for n, p in zip(rec.image_sizes, protected.split(rec.image_sizes))]
+            shielded = torch.stack([p.sum() for p in protected.split(rec.image_sizes)]).tolist()   # one read-back
+            counts = [n - p for n, p in zip(rec.image_sizes, shielded)]
+            candidates = true_first(~protected)[:sum(counts)]
         sizes = torch.tensor(counts, device=device)
         offsets = torch.cumsum(sizes, 0) - sizes
         frames = rec.frame_grids
@@ -499,7 +500,8 @@ class Engine(HookSet):
                 b, length = rec.visual.shape
                 rec.positions = torch.arange(length, device=rec.visual.device).expand(b, length)
             if self.adapter.newline_tokens:
-                protected = self.adapter.protected(kwargs["inputs_embeds"][rec.visual])
+                embeds = kwargs["inputs_embeds"]
+                protected = self.adapter.protected(embeds.flatten(0, 1).index_select(0, rec.placeholders))
                 rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
             if self.adapter.has_frames:
                 self._read_frames(rec)
@@ -598,26 +600,36 @@ class Engine(HookSet):
             if armed is not None:
                 index, layout_index, (cos, sin) = armed
                 layer, mask = self.adapter.decoder_layers[i], self.rec.layouts[layout_index].mask
-                needs, taken = set(self.llm_stages[index].plugin.needs), {}
+                plugin = self.llm_stages[index].plugin
+                needs, taken = set(plugin.needs), {}
                 if "last_attention" in needs:
                     taken["last_attention"] = self.adapter.last_token_attention(layer, args[0], cos, sin, mask, keys)
                 if needs & {"rater_attention", "text_attention"}:     # mean attention rows of some text tokens
                     layout = self.rec.layouts[layout_index]
                     if "rater_attention" in needs:
-                        queries = self._raters(self.llm_stages[index].plugin).gather(1, layout.orig.clamp(min=0))
+                        queries = self._raters(plugin).gather(1, layout.orig.clamp(min=0))
                         queries &= layout.mask
                     else:
                         queries = self._questions(layout)
                     name = "rater_attention" if "rater_attention" in needs else "text_attention"
-                    taken[name] = self.adapter.rater_attention(layer, args[0], cos, sin, mask, queries, keys)
+                    taken[name] = self.adapter.rater_attention(layer, args[0], cos, sin, mask, queries, keys,
+                                                               self._query_width((name, id(plugin)), queries))
                 if "question_attention" in needs:
+                    queries = self._questions(self.rec.layouts[layout_index])
                     taken["question_attention"] = self.adapter.question_attention(
-                        layer, args[0], self._questions(self.rec.layouts[layout_index]), mask, keys)
+                        layer, args[0], queries, mask, keys, self._query_width(("question_attention", id(plugin)), queries))
                 if "keys" in needs:               # as the attention uses them: normed, rotated, heads joined
                     rotated = self.adapter.rotated_keys(layer, keys, cos, sin)
                     taken["keys"] = rotated.transpose(1, 2).flatten(2)
                 self.rec.pending[index] = (taken, layout_index)
         return hook
+
+    def _query_width(self, key: tuple, queries: torch.Tensor) -> int:
+        """The largest count of ``queries`` (B, L) in a sample, read back once per prefill for each (signal, method):
+        the queries are text tokens, which no stage drops, so later forward passes' layouts have the same count."""
+        if key not in self.rec.query_width:
+            self.rec.query_width[key] = max(1, int(queries.sum(1).max()))
+        return self.rec.query_width[key]
 
     def _raters(self, plugin) -> torch.Tensor:
         """(B, L) the text tokens after the image that ``plugin.raters`` picks from the embeddings entering the LLM,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtr.kernels import true_first
 from vtr.plugins.base import Plugin
 
 
@@ -73,6 +74,7 @@ class Record:
     _image_of: torch.Tensor | None = None
     _frame_of: torch.Tensor | None = None
     _patch_of: torch.Tensor | None = None
+    _placeholders: torch.Tensor | None = None
 
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
@@ -85,6 +87,7 @@ class Record:
     hidden: torch.Tensor | None = None      # decoding: (B, L) visual entries the decode method hides this step
     entry_embeds: torch.Tensor | None = None   # the embeddings entering the language model (layout 0)
     raters: torch.Tensor | None = None      # (B, L) SparseVLM's rater tokens, over the original sequence
+    query_width: dict[tuple, int] = field(default_factory=dict)   # (signal, plugin id) -> most queries in a sample
     decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
     decode_entries: tuple | None = None     # decoding: (visual, rows, image, k) of the cache's prompt entries
     plugin_state: dict = field(default_factory=dict)   # id(plugin) -> what its stages pass on, this prefill
@@ -102,6 +105,14 @@ class Record:
         device = self.visual.device
         return self._over_visual(torch.arange(len(sizes), device=device).repeat_interleave(
             torch.tensor(sizes, device=device), output_size=sum(sizes)))      # a known size: no read-back
+
+    @property
+    def placeholders(self) -> torch.Tensor:
+        """(image tokens,) the row of each image token in the flattened (B * L), image after image: ``nonzero``
+        without its wait, since the host knows how many there are."""
+        if self._placeholders is None:
+            self._placeholders = true_first(self.visual.flatten())[:sum(self.image_sizes)]
+        return self._placeholders
 
     @property
     def image_of(self) -> torch.Tensor:

@@ -14,11 +14,12 @@ from torch import nn
 from vtr.kernels import apply_rope, attention_rows, true_first
 
 
-def _query_rows(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions of ``queries`` (B, L) bool, each sample's first, padded to the largest count: ``order`` (B, Q)
-    and ``valid`` (B, Q), False for the padding rows (whose attention rows may be all masked)."""
+def _query_rows(queries: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of ``queries`` (B, L) bool, each sample's first, padded to the largest count (``width`` where the
+    caller knows it, at least that count: no read-back): ``order`` (B, Q) and ``valid`` (B, Q), False for the padding
+    rows (whose attention rows may be all masked)."""
     count = queries.sum(1)
-    order = true_first(queries)[:, :max(1, int(count.max()))]
+    order = true_first(queries)[:, :width or max(1, int(count.max()))]
     return order, torch.arange(order.shape[1], device=queries.device) < count[:, None]
 
 
@@ -140,12 +141,14 @@ class Adapter:
         return attention_rows(q, k, attn.scaling, key_mask)[:, 0]
 
     def rater_attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        key_mask: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+                        key_mask: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor | None = None,
+                        width: int | None = None) -> torch.Tensor:
         """The attention rows of the ``queries`` positions (B, L) bool, as the layer computes them (q/k norms, RoPE,
-        causal mask), head mean, averaged over those queries: (B, L) (SparseVLM's raters, ToDRE's text tokens)."""
+        causal mask), head mean, averaged over those queries: (B, L) (SparseVLM's raters, ToDRE's text tokens).
+        ``width``: at least the largest count of queries in a sample, where the caller knows it."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
-        order, valid = _query_rows(queries)
+        order, valid = _query_rows(queries, width)
         pick = lambda t: t.expand(b, -1, -1).gather(1, order[..., None].expand(-1, -1, t.shape[-1]))   # noqa: E731
         q = attn.q_proj(pick(x)).view(b, order.shape[1], -1, d)
         if hasattr(attn, "q_norm"):
@@ -156,13 +159,13 @@ class Adapter:
         return rows.masked_fill(~valid[..., None], 0).sum(1) / valid.sum(1).clamp(min=1)[:, None]
 
     def question_attention(self, layer: nn.Module, x: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor,
-                           keys: torch.Tensor | None = None) -> torch.Tensor:
+                           keys: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
         """PruneVid's scores: the attention of the ``queries`` positions (B, L) bool, from the layer's q/k projections
         (and q/k norms) without RoPE and without the causal mask, max over heads, then max over the queries: (B, L).
         ``x`` is the attention input; ``keys`` the layer's own k projection when a hook caught it."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
-        order, valid = _query_rows(queries)
+        order, valid = _query_rows(queries, width)
         q = attn.q_proj(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))).view(b, order.shape[1], -1, d)
         k = (attn.k_proj(x) if keys is None else keys).view(b, x.shape[1], -1, d)
         if hasattr(attn, "q_norm"):
