@@ -47,7 +47,8 @@ class Signals:
         LLM stage, for methods that need "keys".
     text: ``(B, L)`` bool, the text (non-image) tokens of the sequence (LLM stage).
     normed: ``(B, L, D)`` ``tokens`` through the language model's final norm (methods that need "final_norm").
-    image: ``(V,)`` image index of each entry of ``tokens[visual]`` (LLM stage).
+    image: ``(V,)`` image index of each entry of ``tokens[visual]``, ascending (images fill the sequence in order)
+        (LLM stage).
     positions: ``(B, L)`` original sequence index of each position, -1 for padding (LLM stage).
     token_grid: ``(images, 2)`` rows and columns of each image's token grid (projector stage, methods that need
         "grid").
@@ -93,13 +94,16 @@ class Signals:
     counts: list[int] | None = None
     budgets: list[int] | None = None
 
-    def at_visual(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (B, L, ...) at the visual entries, in ``t[visual]``'s order, gathered by ``visual_rows`` (each
-        entry's row of the flattened (B * L), found once per stage: indexing by the mask again would wait for the
-        device each time)."""
+    def rows(self) -> torch.Tensor:
+        """``visual_rows``: each visual entry's row of the flattened (B * L), the engine's or found here once."""
         if self.visual_rows is None:
             self.visual_rows = self.visual.flatten().nonzero()[:, 0]
-        return t.flatten(0, 1).index_select(0, self.visual_rows)
+        return self.visual_rows
+
+    def at_visual(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B, L, ...) at the visual entries, in ``t[visual]``'s order, gathered by ``rows()`` (indexing by the
+        mask again would wait for the device each time)."""
+        return t.flatten(0, 1).index_select(0, self.rows())
 
     def host(self, k: torch.Tensor) -> tuple[list[int], list[int]]:
         """(counts, budgets) as host ints: the engine's, or read back where a caller built these signals without

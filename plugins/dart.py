@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vtr.kernels import true_first
+
 from .base import LLMPlugin, Signals
 
 
@@ -41,19 +43,29 @@ class DART(LLMPlugin):
         return layer - 1
 
     def keep(self, s: Signals, k: torch.Tensor) -> torch.Tensor:
-        where = s.visual.nonzero()                           # (V, 2): sample and position of each visual entry
+        counts, budgets = s.host(k)
+        length = s.text.shape[1]
+        rows = s.rows()
+        sample, col = rows // length, rows % length              # of each visual entry
         norms = s.keys.float().abs().sum(-1)
         feats = F.normalize(s.normed.float(), dim=-1)
-        keep = torch.zeros(len(where), dtype=torch.bool, device=where.device)
-        for image in range(len(k)):
-            entries = (s.image == image).nonzero()[:, 0]
-            if len(entries) == 0:
-                continue
-            b, cols = int(where[entries[0], 0]), where[entries, 1]
-            after = torch.arange(s.text.shape[1], device=cols.device) > cols.max()
-            text = (s.text[b] & after).nonzero()[:, 0]
+        keep = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        # each image's entries are a run of them (images fill the sequence in order); its sample and the text
+        # tokens after it come back to the host at once, not image by image
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        images = [i for i, n in enumerate(counts) if n]
+        if not images:
+            return keep
+        first = torch.tensor([starts[i] for i in images], device=rows.device)
+        last = first + torch.tensor([counts[i] for i in images], device=rows.device) - 1
+        after = torch.arange(length, device=rows.device) > col[last][:, None]
+        texts = s.text[sample[first]] & after                     # (images, L)
+        host = torch.cat([sample[first], texts.sum(1)]).tolist()
+        for i, image in enumerate(images):
+            b, cols = host[i], col[starts[image]:starts[image] + counts[image]]
+            text = true_first(texts[i])[:host[len(images) + i]]
             own = norms[b, cols].argsort(descending=True)
-            budget = int(k[image])
+            budget = budgets[image]
             n_img = min(self.image_pivots, len(cols), budget)
             pivots = torch.cat([cols[own[:n_img]], text[norms[b, text].argsort(descending=True)][:self.text_pivots]])
             taken = torch.zeros(len(cols), dtype=torch.bool, device=cols.device)      # picked, or an image pivot
@@ -65,5 +77,5 @@ class DART(LLMPlugin):
                 if take > 0:
                     taken[similarity[:, j].masked_fill(taken, float("inf")).topk(take, largest=False).indices] = True
                     free -= take
-            keep[entries[taken]] = True
+            keep[starts[image]:starts[image] + counts[image]] = taken
         return keep
