@@ -39,8 +39,9 @@ def segments(g: torch.Tensor, count: int, tau: float) -> list[list[int]]:
     t = g.shape[0]
     g = F.normalize(g.float(), dim=-1)
     similarity = (g[:-1] * g[1:]).sum(-1)
-    cuts = set(similarity.topk(min(count - 1, t - 1), largest=False).indices.tolist())
-    cuts |= set((similarity < tau).nonzero()[:, 0].tolist())
+    lowest = similarity.topk(min(count - 1, t - 1), largest=False).indices
+    cut = torch.zeros_like(similarity, dtype=torch.bool).index_fill_(0, lowest, True) | (similarity < tau)
+    cuts = [i for i, c in enumerate(cut.tolist()) if c]                 # one read-back of T - 1 flags
     bounds = [-1, *sorted(cuts), t - 1]
     return [list(range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtr.kernels import duplicate_removal, gather_tokens
+from vtr.kernels import duplicate_removal, gather_tokens, true_first
 
 from .base import Plugin, Signals
 
@@ -39,6 +39,6 @@ class VisPruner(Plugin):
         important = s.cls_attention.topk(round(k * ratio), dim=-1).indices
         images, tokens = s.tokens.shape[:2]
         rest = torch.ones(images, tokens, dtype=torch.bool, device=s.tokens.device).scatter_(1, important, False)
-        rest = rest.nonzero()[:, 1].view(images, -1)                   # the same count in every image, ascending
+        rest = true_first(rest)[:, :tokens - important.shape[1]]      # the same count in every image, ascending
         diverse = duplicate_removal(gather_tokens(s.tokens, rest), k - important.shape[1], DROP_PER_ROUND)
         return torch.cat([important, rest.gather(1, diverse)], dim=1)
