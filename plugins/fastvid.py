@@ -33,17 +33,24 @@ from vtr.kernels import density_peaks, group_counts, true_first
 from .base import Plugin, Signals, shares
 
 
-def segments(g: torch.Tensor, count: int, tau: float) -> list[list[int]]:
-    """DySeg: frames of ``g`` (T, D) global features cut after the ``count - 1`` lowest transitions and every one
-    below ``tau``."""
-    t = g.shape[0]
+def cuts(g: torch.Tensor, count: int, tau: float) -> torch.Tensor:
+    """DySeg: (..., T - 1) bool, where the frames of ``g`` (..., T, D) global features are cut: after the
+    ``count - 1`` lowest transitions and every one below ``tau``."""
     g = F.normalize(g.float(), dim=-1)
-    similarity = (g[:-1] * g[1:]).sum(-1)
-    lowest = similarity.topk(min(count - 1, t - 1), largest=False).indices
-    cut = torch.zeros_like(similarity, dtype=torch.bool).index_fill_(0, lowest, True) | (similarity < tau)
-    cuts = [i for i, c in enumerate(cut.tolist()) if c]                 # one read-back of T - 1 flags
-    bounds = [-1, *sorted(cuts), t - 1]
+    similarity = (g[..., :-1, :] * g[..., 1:, :]).sum(-1)
+    lowest = similarity.topk(min(count - 1, similarity.shape[-1]), dim=-1, largest=False).indices
+    return torch.zeros_like(similarity, dtype=torch.bool).scatter_(-1, lowest, True) | (similarity < tau)
+
+
+def runs(cut: list[bool]) -> list[list[int]]:
+    """The segments of frames that host-side ``cut`` flags (one per transition) make."""
+    bounds = [-1, *(i for i, c in enumerate(cut) if c), len(cut)]
     return [list(range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
+
+
+def segments(g: torch.Tensor, count: int, tau: float) -> list[list[int]]:
+    """DySeg's segments of one video's frames, ``g`` (T, D)."""
+    return runs(cuts(g, count, tau).tolist())
 
 
 @dataclass
@@ -71,13 +78,15 @@ class FastVID(Plugin):
         anchors = [int(self.anchors * r) for r in budget]
         salient = [r - a for r, a in zip(budget, anchors)]
         picks, values = [], []
-        for x, attention in zip(s.tokens.view(-1, t, per, dim), s.cls_attention.view(-1, t, per)):
-            p, v = self._video(x, attention, salient, anchors)
+        videos = s.tokens.view(-1, t, per, dim)
+        flags = cuts(videos.mean(2), self.segments, self.tau).tolist()          # every video's, in one read-back
+        for x, attention, cut in zip(videos, s.cls_attention.view(-1, t, per), flags):
+            p, v = self._video(x, attention, salient, anchors, runs(cut))
             picks.append(p)
             values.append(v)
         return torch.stack(picks), torch.stack(values)
 
-    def _video(self, x, attention, salient, anchors):
+    def _video(self, x, attention, salient, anchors, spans):
         t, per, dim = x.shape
         top = [attention[f].topk(salient[f]).indices for f in range(t)]
         rest = []                                            # each frame's non-salient tokens, ascending
@@ -87,7 +96,7 @@ class FastVID(Plugin):
         picks = [top[f] + f * per for f in range(t)]
         values = [x[f, top[f]] for f in range(t)]
         flat, unit = x.reshape(-1, dim), F.normalize(x.float(), dim=-1).reshape(-1, dim)
-        for segment in segments(x.mean(1), self.segments, self.tau):
+        for segment in spans:
             members = torch.cat([rest[f] + f * per for f in segment])
             for f, count in zip(segment, self._anchor_counts(segment, anchors, [len(rest[f]) for f in range(t)])):
                 if not count:

@@ -23,10 +23,9 @@ class FrameSample(Plugin):
 
     def select(self, s: Signals, k: int) -> torch.Tensor:
         device = s.tokens.device
-        picks = []
-        for t, h, w in s.frames.tolist():                 # one row per video; all alike within a call
-            per = h * w
-            f = min(t, -(-k // per))
-            picks.append(torch.cat([frame * per + evenly(per, c, device)
-                                    for frame, c in zip(evenly(t, f).tolist(), shares(k, f))]))
-        return torch.stack(picks)
+        t, h, w = s.frames[0].tolist()                     # one row per video; all alike within a call
+        per = h * w
+        f = min(t, -(-k // per))
+        frames = evenly(t, f).tolist()
+        picks = torch.cat([frame * per + evenly(per, c, device) for frame, c in zip(frames, shares(k, f))])
+        return picks.repeat(len(s.frames), 1)

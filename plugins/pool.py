@@ -46,7 +46,8 @@ def _pairs(rows: int, cols: int, k: int) -> tuple[torch.Tensor, ...]:
     """The cells of ``cells`` as (each cell's first token, the tokens of every cell, their cells), computed once per
     grid and budget (a cell's tokens may sit in the next cell too)."""
     grid = cells(rows, cols, k)
-    cell = torch.repeat_interleave(torch.arange(k), torch.tensor([len(c) for c in grid]))
+    sizes = [len(c) for c in grid]
+    cell = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes), output_size=sum(sizes))
     return torch.stack([c[0] for c in grid]), torch.cat(grid), cell
 
 

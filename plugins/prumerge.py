@@ -27,6 +27,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from vtr.kernels import true_first
+
 from .base import Plugin, Signals, evenly
 
 
@@ -43,15 +45,16 @@ class PruMergePlus(Plugin):
         images, n = s.cls_attention.shape
         keys = F.normalize(s.keys.float(), dim=-1)
         merged, kept = s.tokens.clone(), []
+        attention = s.cls_attention.float()
+        q1, q3 = torch.quantile(attention, torch.tensor([0.25, 0.75], device=attention.device), dim=1)
+        outliers = (attention > (q3 + 1.5 * (q3 - q1))[:, None]).sum(1).tolist()   # every image's, in one read-back
         for i in range(images):
-            a = s.cls_attention[i].float()
-            q1, q3 = torch.quantile(a, torch.tensor([0.25, 0.75], device=a.device))
-            outliers = int((a > q3 + 1.5 * (q3 - q1)).sum())
-            picks = a.topk(max(1, min(outliers, k - 1))).indices
+            a = attention[i]
+            picks = a.topk(max(1, min(outliers[i], k - 1))).indices
             if k > 1 and len(picks) < k - 1:                        # uniform samples among the rest
                 rest = torch.ones(n, dtype=torch.bool, device=a.device)
                 rest[picks] = False
-                rest = rest.nonzero()[:, 0]
+                rest = true_first(rest)[:n - len(picks)]             # ascending; the count is known
                 picks = torch.cat([picks, rest[evenly(len(rest), k - 1 - len(picks), a.device)]])
             similarity = keys[i, picks] @ keys[i].T
             similarity[torch.arange(len(picks)), picks] = float("-inf")           # other tokens only
@@ -61,8 +64,9 @@ class PruMergePlus(Plugin):
             if k > 1:
                 others = torch.ones(n, dtype=torch.bool, device=a.device)
                 others[picks] = False
-                extra = others.nonzero()[-1, 0]
-                merged[i, extra] = (a[others, None] * x[others]).sum(0).to(merged.dtype)
-                picks = torch.cat([picks, extra[None]])
+                others = true_first(others)[:n - len(picks)]                  # ascending; the count is known
+                extra = others[-1:]                           # a 1-element index: a 0-d one would be read back
+                merged[i, extra] = (a[others, None] * x[others]).sum(0, keepdim=True).to(merged.dtype)
+                picks = torch.cat([picks, extra])
             kept.append(picks.sort().values)
         return torch.stack(kept), merged

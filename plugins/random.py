@@ -20,9 +20,9 @@ class Random(Plugin):
     summary = "uniform random subset of each image's tokens (seeded), before the LLM"
 
     def select(self, s: Signals, k: int) -> torch.Tensor:
-        images, n = s.tokens.shape[:2]
+        n = s.tokens.shape[1]
         picks = []
-        for i in range(images):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(s.image_index[i]))
+        for index in s.image_index.tolist():          # one read-back for every image
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             picks.append(torch.randperm(n, generator=g)[:k])
         return torch.stack(picks).to(s.tokens.device)

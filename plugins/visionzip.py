@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import group_means
+from vtr.kernels import group_means, true_first
 
 from .base import Plugin, Signals
 
@@ -40,13 +40,14 @@ class VisionZip(Plugin):
         for i in range(images):
             rest = torch.ones(n, dtype=torch.bool, device=dominant.device)
             rest[dominant[i]] = False
-            rest = rest.nonzero()[:, 0]
+            rest = true_first(rest)[:n - dominant.shape[1]]              # ascending; the count is known
             picks = [dominant[i]]
             if contextual:
                 stride = len(rest) // contextual
                 is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
                 is_target[torch.arange(contextual, device=rest.device) * stride] = True
-                targets, others = rest[is_target], rest[~is_target]
+                order = true_first(is_target)
+                targets, others = rest[order[:contextual]], rest[order[contextual:]]
                 owner = (keys[i, others] @ keys[i, targets].T).argmax(dim=1)        # each token's closest target
                 group = torch.cat([torch.arange(contextual, device=rest.device), owner])   # a target and its own
                 merged[i, targets] = group_means(s.tokens[i, torch.cat([targets, others])], group, contextual).to(

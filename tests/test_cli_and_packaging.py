@@ -172,6 +172,26 @@ def test_watch_hooks_counts_the_hooks_operators_only():
     assert not inner._forward_pre_hooks and not outer._forward_pre_hooks
 
 
+@pytest.mark.parametrize("method", sorted(m for m, cls in vtr.methods().items() if cls.where in ("projector", "llm")))
+def test_hook_syncs_do_not_grow_with_the_images(llava, method):
+    """A sample with three images waits for the device as often as one with one: budgets, counts and positions of
+    every image come back to the host together, not image by image."""
+    from conftest import applies
+    from tiny_models import IMAGE, make_inputs
+    from vtr.eval.launches import OpCount
+    from vtr.hooks import watch_hooks
+
+    if not applies(llava, method):
+        pytest.skip(f"{method} does not apply to LLaVA-1.5")
+    syncs = []
+    for prompt in ([1, 5, IMAGE, 6, 7, 8], [1, 5, IMAGE, 6, IMAGE, 7, IMAGE, 8]):
+        inputs = make_inputs(llava, [prompt], seed=3)
+        with vtr.patch(llava, method, retain=0.25), torch.no_grad(), watch_hooks(OpCount()) as count:
+            llava(**inputs, use_cache=True)
+        syncs.append(count.syncs)
+    assert syncs[0] == syncs[1]
+
+
 def test_video_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench_video.json"
     assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",

@@ -182,7 +182,7 @@ class Engine(HookSet):
         rec = self._record()
         if rec.frame_grids is None:
             raise RuntimeError(f"vtr reads no frames from {type(self.adapter.model).__name__} or these inputs")
-        return rec.frame_grids.tolist()
+        return [list(g) for g in rec.frame_grid_list]
 
     def positions(self) -> torch.Tensor:
         """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
@@ -390,7 +390,7 @@ class Engine(HookSet):
                 raise RuntimeError(f"vtr: {n} tokens do not make {t} frames of {h} x {w}")
             sizes += [h * w] * (t - 1) + [n - (t - 1) * h * w]
         rec.frame_grids = torch.tensor(grids, device=rec.visual.device)
-        rec.frame_sizes = sizes
+        rec.frame_grid_list, rec.frame_sizes = [tuple(g) for g in grids], sizes
 
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor) -> torch.Tensor:
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
@@ -415,7 +415,7 @@ class Engine(HookSet):
         alone = any(s.plugin.counts_itself for s in pre_llm)
         groups = {}            # (candidates per image, its frame grid if known[, the image]) -> [image indices]
         for i, n in enumerate(counts):
-            key = (n, *(() if frames is None else frames[i].tolist()), *((i,) if alone else ()))
+            key = (n, *(() if frames is None else rec.frame_grid_list[i]), *((i,) if alone else ()))
             groups.setdefault(key, []).append(i)
         groups = {key: torch.tensor(ids, device=device) for key, ids in groups.items()}
         alive = {key: torch.arange(key[0], device=device).expand(len(ids), -1) for key, ids in groups.items()}
@@ -616,8 +616,9 @@ class Engine(HookSet):
                                                                self._query_width((name, id(plugin)), queries))
                 if "question_attention" in needs:
                     queries = self._questions(self.rec.layouts[layout_index])
-                    taken["question_attention"] = self.adapter.question_attention(
-                        layer, args[0], queries, mask, keys, self._query_width(("question_attention", id(plugin)), queries))
+                    width = self._query_width(("question_attention", id(plugin)), queries)
+                    taken["question_attention"] = self.adapter.question_attention(layer, args[0], queries, mask, keys,
+                                                                                  width)
                 if "keys" in needs:               # as the attention uses them: normed, rotated, heads joined
                     rotated = self.adapter.rotated_keys(layer, keys, cos, sin)
                     taken["keys"] = rotated.transpose(1, 2).flatten(2)

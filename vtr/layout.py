@@ -78,6 +78,7 @@ class Record:
 
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
     frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
+    frame_grid_list: list[tuple[int, int, int]] | None = None   # the same on the host
     frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts
                                                # in its video's last frame)
     stage_keep: dict[int, tuple] = field(default_factory=dict)   # plugin id -> (I, stages) tokens kept: host, device
