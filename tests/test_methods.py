@@ -156,6 +156,21 @@ def test_group_counts_and_visual_gathers_equal_their_syncing_forms():
     assert true_first(mask).tolist() == [1, 3, 4, 0, 2] and true_first(mask)[:3].tolist() == mask.nonzero()[:, 0].tolist()
 
 
+def test_layout_compact_by_hand():
+    """Kept slots move right, in order, each row left-padded to the widest; the host learns whether any row is
+    padded (so the layers' mask can be left out) and gets the same layout back when nothing was dropped."""
+    from vtr.layout import Layout
+
+    slots = torch.arange(4).expand(2, 4)
+    layout = Layout(orig=slots, slot0=slots, mask=torch.ones(2, 4, dtype=torch.bool))
+    even = layout.compact(torch.tensor([[True, False, True, True], [True, True, False, True]]))
+    assert even.orig.tolist() == [[0, 2, 3], [0, 1, 3]] and even.full
+    uneven = layout.compact(torch.tensor([[True, False, True, True], [False, True, False, True]]))
+    assert uneven.orig.tolist() == [[0, 2, 3], [-1, 1, 3]] and uneven.src.tolist()[1][1:] == [1, 3]
+    assert uneven.mask.tolist() == [[True] * 3, [False, True, True]] and not uneven.full
+    assert uneven.compact(uneven.mask) is uneven
+
+
 def test_attention_rows_matches_softmax_with_gqa_and_mask():
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8)
