@@ -215,8 +215,8 @@ class LLMPlugin(Plugin):
         return topk_per_group(s.at_visual(self.score(s)).float(), s.image, k)
 
     def drop(self, s: Signals, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What the engine calls: ``keep`` and then ``absorb``; methods whose merge depends on how they chose
-        override this instead."""
+        """What the engine calls: ``keep`` and then ``absorb``, returning (kept (V,) bool, values (V, D) or None);
+        methods whose merge depends on how they chose override this instead."""
         kept = self.keep(s, k)
         return kept, self.absorb(s, kept)
 
