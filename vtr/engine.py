@@ -627,7 +627,7 @@ class Engine(HookSet):
 
     def _query_width(self, key: tuple, queries: torch.Tensor) -> int:
         """The largest count of ``queries`` (B, L) in a sample, read back once per prefill for each (signal, method):
-        the queries are text tokens, which no stage drops, so later forward passes' layouts have the same count."""
+        the queries are text tokens, which no stage drops, so the later stages' layouts have the same count."""
         if key not in self.rec.query_width:
             self.rec.query_width[key] = max(1, int(queries.sum(1).max()))
         return self.rec.query_width[key]
@@ -665,8 +665,7 @@ class Engine(HookSet):
                                                 past=past)[:, :layout.orig.shape[1]]
         orig = layout.orig.clamp(min=0)
         if rec.decode_entries is None:      # the prompt's visual entries in the cache: the same at every step
-            _, visual, rows, entry = self._visual_entries(rec, layout, rec.image_of, len(rec.image_sizes))
-            image = rec.image_of.gather(1, orig).flatten().index_select(0, rows)
+            _, visual, rows, image, entry = self._visual_entries(rec, layout, rec.image_of, len(rec.image_sizes))
             k = torch.tensor([self.decode.stage_counts(n)[0] for n in entry], device=hidden.device)
             rec.decode_entries = visual, rows, image, k
         visual, rows, image, k = rec.decode_entries
@@ -712,18 +711,19 @@ class Engine(HookSet):
 
     @staticmethod
     def _visual_entries(rec: Record, layout: Layout, group_of: torch.Tensor, groups: int) -> tuple:
-        """(orig, visual, rows, counts) of ``layout``: each slot's original index (padding: 0), the visual tokens a
-        stage may drop or a decode method hide (not the protected newlines), their rows in the flattened (B * L), and
-        how many there are of each of the ``groups`` images or frames (``group_of`` (B, L) over the original
-        sequence), host ints. One read-back for all: a ``nonzero`` for the rows would be a second, and indexing by
+        """(orig, visual, rows, group, counts) of ``layout``: each slot's original index (padding: 0), the visual tokens
+        a stage may drop or a decode method hide (not the protected newlines), their rows in the flattened (B * L),
+        the image or frame of each (``group_of`` (B, L) over the original sequence) and how many each of the
+        ``groups`` has, host ints. One read-back for all: a ``nonzero`` for the rows would be a second, and indexing by
         the mask again would wait for the device each time."""
         orig = layout.orig.clamp(min=0)
         visual = layout.mask & rec.visual.gather(1, orig)
         if rec.protected is not None:
             visual &= ~rec.protected.gather(1, orig)
-        counts = group_counts(torch.where(visual, group_of.gather(1, orig), groups).flatten(), groups + 1)
-        counts = counts[:groups].tolist()
-        return orig, visual, true_first(visual.flatten())[:sum(counts)], counts
+        group = group_of.gather(1, orig)
+        counts = group_counts(torch.where(visual, group, groups).flatten(), groups + 1)[:groups].tolist()
+        rows = true_first(visual.flatten())[:sum(counts)]
+        return orig, visual, rows, group.flatten().index_select(0, rows), counts
 
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         taken, scored_layout = rec.pending.pop(index)
@@ -737,11 +737,10 @@ class Engine(HookSet):
         plugin = stage.plugin
         group_of = rec.frame_of if plugin.per_frame else rec.image_of
         images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
-        orig, visual, rows, counts = self._visual_entries(rec, layout, group_of, images)   # gathers use rows
+        orig, visual, rows, image, counts = self._visual_entries(rec, layout, group_of, images)   # gathers use rows
 
         def at_visual(t):
             return t.gather(1, orig).flatten().index_select(0, rows)
-        image = at_visual(group_of)
         if stage.step == 0:            # every stage's counts at the method's entry, on the host and on the device
             host = [plugin.stage_counts(n, stage.steps) for n in counts]
             rec.stage_keep[id(plugin)] = host, torch.tensor(host, device=hidden.device).view(images, stage.steps)
