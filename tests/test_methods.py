@@ -158,7 +158,8 @@ def test_group_counts_and_visual_gathers_equal_their_syncing_forms():
 
 def test_layout_compact_by_hand():
     """Kept slots move right, in order, each row left-padded to the widest; the host learns whether any row is
-    padded (so the layers' mask can be left out) and gets the same layout back when nothing was dropped."""
+    padded (so the layers' mask can be left out) and gets the same layout back when nothing was dropped; counts handed
+    to the compaction come back with it, onto the layout they describe."""
     from vtr.layout import Layout
 
     slots = torch.arange(4).expand(2, 4)
@@ -169,7 +170,42 @@ def test_layout_compact_by_hand():
     assert uneven.orig.tolist() == [[0, 2, 3], [-1, 1, 3]] and uneven.src.tolist()[1][1:] == [1, 3]
     assert uneven.mask.tolist() == [[True] * 3, [False, True, True]] and not uneven.full
     assert uneven.compact(uneven.mask) is uneven
+    carried = layout.compact(torch.tensor([[True, False, True, True]] * 2), ("image", torch.tensor([3, 1])))
+    assert carried.entry_counts == {"image": [3, 1]} and not layout.entry_counts
+    assert uneven.compact(uneven.mask, ("frame", torch.tensor([2]))) is uneven and uneven.entry_counts["frame"] == [2]
 
+
+
+def test_stage_counts_come_back_with_the_compaction(llava):
+    """An in-LLM stage after the first reads no count back of its own: the previous stage's compaction brings back
+    each image's (or frame's) surviving visual tokens with the new width, so a third PyramidDrop stage costs one
+    read-back (the compaction), not two; what a layout carries equals a fresh count."""
+    import dataclasses
+    from conftest import BATCH
+    from vtr.eval.launches import OpCount
+    from vtr.hooks import watch_hooks
+
+    syncs = {}
+    for layers in ((2, 4), (2, 4, 6)):
+        inputs = make_inputs(llava, [BATCH[0]], seed=3)
+        with vtr.patch(llava, PyramidDrop(retain=0.25, layer_list=layers)), torch.no_grad(), \
+                watch_hooks(OpCount()) as count:
+            llava(**inputs, use_cache=True)
+        syncs[len(layers)] = count.syncs
+    assert syncs[3] == syncs[2] + 1
+
+    video = _model("llava_onevision", "sdpa")              # per-frame stage after a per-video one: other grouping
+    inputs = make_inputs(video, BATCH, seed=2, video=True)
+    stack = [PyramidDrop(retain=0.5, layer_list=(2,)), FastV(retain=0.5, layer=4, per_frame=True)]
+    with vtr.patch(video, stack) as handle, torch.no_grad():
+        video(**inputs, use_cache=True)
+        engine = handle._engine
+        layouts = engine.rec.layouts
+        assert set(layouts[1].entry_counts) == {"frame"} and len(layouts[1].entry_counts["frame"]) > 2
+        for layout in layouts:
+            for grouping, counts in layout.entry_counts.items():
+                fresh = dataclasses.replace(layout, entry_counts={})
+                assert engine._visual_entries(engine.rec, fresh, grouping)[4] == counts, grouping
 
 def test_attention_rows_matches_softmax_with_gqa_and_mask():
     torch.manual_seed(0)

@@ -665,7 +665,7 @@ class Engine(HookSet):
                                                 past=past)[:, :layout.orig.shape[1]]
         orig = layout.orig.clamp(min=0)
         if rec.decode_entries is None:      # the prompt's visual entries in the cache: the same at every step
-            _, visual, rows, image, entry = self._visual_entries(rec, layout, rec.image_of, len(rec.image_sizes))
+            _, visual, rows, image, entry = self._visual_entries(rec, layout, "image")
             k = torch.tensor([self.decode.stage_counts(n)[0] for n in entry], device=hidden.device)
             rec.decode_entries = visual, rows, image, k
         visual, rows, image, k = rec.decode_entries
@@ -710,20 +710,36 @@ class Engine(HookSet):
         return {**kwargs, **new}
 
     @staticmethod
-    def _visual_entries(rec: Record, layout: Layout, group_of: torch.Tensor, groups: int) -> tuple:
+    def _groups(rec: Record, grouping: str) -> tuple[torch.Tensor, int]:
+        """(B, L) image or frame of each visual token over the original sequence (-1 elsewhere), and how many."""
+        if grouping == "frame":
+            return rec.frame_of, len(rec.frame_sizes)
+        return rec.image_of, len(rec.image_sizes)
+
+    def _visual_entries(self, rec: Record, layout: Layout, grouping: str) -> tuple:
         """(orig, visual, rows, group, counts) of ``layout``: each slot's original index (padding: 0), the visual tokens
         a stage may drop or a decode method hide (not the protected newlines), their rows in the flattened (B * L),
-        the image or frame of each (``group_of`` (B, L) over the original sequence) and how many each of the
-        ``groups`` has, host ints. One read-back for all: a ``nonzero`` for the rows would be a second, and indexing by
-        the mask again would wait for the device each time."""
+        the image or frame of each (``grouping``) and how many each image or frame has, host ints. At most one
+        read-back (none where the previous stage's compaction brought the counts back): a ``nonzero`` for the rows
+        would be a second, and indexing by the mask again would wait for the device each time."""
+        group_of, groups = self._groups(rec, grouping)
         orig = layout.orig.clamp(min=0)
         visual = layout.mask & rec.visual.gather(1, orig)
         if rec.protected is not None:
             visual &= ~rec.protected.gather(1, orig)
         group = group_of.gather(1, orig)
-        counts = group_counts(torch.where(visual, group, groups).flatten(), groups + 1)[:groups].tolist()
+        if grouping not in layout.entry_counts:
+            layout.entry_counts[grouping] = group_counts(torch.where(visual, group, groups).flatten(),
+                                                         groups + 1)[:groups].tolist()
+        counts = layout.entry_counts[grouping]
         rows = true_first(visual.flatten())[:sum(counts)]
         return orig, visual, rows, group.flatten().index_select(0, rows), counts
+
+    def _next_grouping(self, index: int) -> str | None:
+        """The grouping the next user of the visual entries after LLM stage ``index`` counts them by, if any."""
+        if index + 1 < len(self.llm_stages):
+            return "frame" if self.llm_stages[index + 1].plugin.per_frame else "image"
+        return "image" if self.decode is not None else None
 
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         taken, scored_layout = rec.pending.pop(index)
@@ -735,9 +751,9 @@ class Engine(HookSet):
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
         plugin = stage.plugin
-        group_of = rec.frame_of if plugin.per_frame else rec.image_of
-        images = len(rec.frame_sizes if plugin.per_frame else rec.image_sizes)
-        orig, visual, rows, image, counts = self._visual_entries(rec, layout, group_of, images)   # gathers use rows
+        grouping = "frame" if plugin.per_frame else "image"
+        orig, visual, rows, image, counts = self._visual_entries(rec, layout, grouping)   # gathers use rows
+        images = len(counts)
 
         def at_visual(t):
             return t.gather(1, orig).flatten().index_select(0, rows)
@@ -763,6 +779,11 @@ class Engine(HookSet):
         alive = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
         alive.scatter_(1, layout.orig.masked_fill(~layout.mask, length), keep)      # padding lands in the spare column
         rec.alive.append(alive[:, :length] & rec.visual)
-        new = layout.compact(keep)
+        next_grouping, entry_counts = self._next_grouping(index), None
+        if next_grouping is not None:     # the survivors per image or frame come back with the new width
+            next_of, groups = self._groups(rec, next_grouping)
+            group = image if next_grouping == grouping else at_visual(next_of)
+            entry_counts = next_grouping, group_counts(torch.where(kept, group, groups), groups + 1)[:groups]
+        new = layout.compact(keep, entry_counts)
         rec.layouts.append(new)               # nothing dropped: the same layout, so the same kwargs
         return hidden if new is layout else gather_tokens(hidden, new.src, new.mask)

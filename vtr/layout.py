@@ -31,22 +31,30 @@ class Layout:
     """A (left-padded) sequence layout. ``orig``: original sequence index of each slot, -1 for padding;
     ``slot0``: index of each slot in layout 0 (the sequence the language model receives); ``mask``: ``orig >= 0``,
     kept rather than recomputed (the hooks read it several times per layer); ``full``: the host knows ``mask`` is all
-    True (no padding), so the layers' mask needs no check on the device."""
+    True (no padding), so the layers' mask needs no check on the device; ``entry_counts``: grouping ("image" or
+    "frame") -> droppable visual tokens of each image or frame, host ints, once they have been read back."""
 
     orig: torch.Tensor
     slot0: torch.Tensor
     mask: torch.Tensor
     src: torch.Tensor | None = None   # index of each slot in the previous layout (None: this is layout 0 unchanged)
     full: bool = False
+    entry_counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def compact(self, keep: torch.Tensor) -> "Layout":
+    def compact(self, keep: torch.Tensor, entry_counts: tuple[str, torch.Tensor] | None = None) -> "Layout":
         """The layout of the slots where ``keep`` (B, L), a subset of ``mask``, is True, in order, left-padded again;
         this layout itself where ``keep`` is all of it. One read-back to the host for the new width, whether anything
-        was dropped and whether the new layout has padding."""
+        was dropped and whether the new layout has padding; ``entry_counts`` (grouping, counts on the device), the
+        new layout's visual tokens per image or frame, comes back in the same read-back."""
         b, length = keep.shape
         counts = keep.sum(1)
-        width, dropped, shortest = torch.stack([counts.max(), (keep != self.mask).sum(), counts.min()]).tolist()
+        read = [counts.max(), (keep != self.mask).sum(), counts.min()]
+        if entry_counts is not None:
+            read.append(entry_counts[1])
+        width, dropped, shortest, *entries = torch.cat([t.view(-1) for t in read]).tolist()
         if not dropped:
+            if entry_counts is not None:
+                self.entry_counts[entry_counts[0]] = entries
             return self
         slot = keep.cumsum(1) - 1 + (width - counts)[:, None]          # each kept slot's place, right-aligned
         src = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)   # column ``width``: the dropped
@@ -54,7 +62,8 @@ class Layout:
         src = src[:, :width]
         valid = torch.arange(width, device=keep.device) >= (width - counts)[:, None]
         orig = self.orig.gather(1, src).masked_fill(~valid, -1)
-        return Layout(orig=orig, slot0=self.slot0.gather(1, src), mask=valid, src=src, full=shortest == width)
+        return Layout(orig=orig, slot0=self.slot0.gather(1, src), mask=valid, src=src, full=shortest == width,
+                      entry_counts={entry_counts[0]: entries} if entry_counts is not None else {})
 
 
 @dataclass
