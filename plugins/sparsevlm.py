@@ -52,10 +52,13 @@ class SparseVLM(LLMPlugin):
     recycle: bool = True
 
     @staticmethod
-    def raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Which ``text`` tokens (T, D) rate the ``visual`` ones (V, D), from the embeddings entering the LLM."""
-        relevance = (visual.float() @ text.float().T).softmax(dim=-1).mean(0)
-        return relevance > relevance.mean()
+    def raters(embeds: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Which ``text`` tokens (B, T, D; ``valid`` (B, T) marks the real ones) rate the visual tokens, the
+        ``visual`` (B, L) rows of ``embeds`` (B, L, D), the embeddings entering the LLM: (B, T) bool."""
+        logits = (embeds.float() @ text.float().transpose(1, 2)).masked_fill(~valid[:, None], float("-inf"))
+        relevance = (logits.softmax(dim=-1) * visual[..., None]).sum(1) / visual.sum(1, keepdim=True).clamp(min=1)
+        mean = (relevance * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+        return valid & (relevance > mean)
 
     def layers(self, num_layers: int) -> list[int]:
         out = []

@@ -177,35 +177,39 @@ def test_layout_compact_by_hand():
 
 
 def test_stage_counts_come_back_with_the_compaction(llava):
-    """An in-LLM stage after the first reads no count back of its own: the previous stage's compaction brings back
-    each image's (or frame's) surviving visual tokens with the new width, so a third PyramidDrop stage costs one
-    read-back (the compaction), not two; what a layout carries equals a fresh count."""
+    """The host knows each image's visual tokens before the LLM (its sizes, less what a pre-LLM method kept), and
+    each in-LLM stage's compaction brings back the survivors per image (or frame) with the new width: FastV waits for
+    the device twice per prefill (the prompt's checks, its compaction), a third PyramidDrop stage adds one wait, not
+    two; and what each layout carries equals a fresh count, for groupings and stacks that differ."""
     import dataclasses
     from conftest import BATCH
     from vtr.eval.launches import OpCount
     from vtr.hooks import watch_hooks
 
+    inputs = make_inputs(llava, [BATCH[0]], seed=3)
     syncs = {}
-    for layers in ((2, 4), (2, 4, 6)):
-        inputs = make_inputs(llava, [BATCH[0]], seed=3)
-        with vtr.patch(llava, PyramidDrop(retain=0.25, layer_list=layers)), torch.no_grad(), \
-                watch_hooks(OpCount()) as count:
+    for name, method in [("fastv", FastV(retain=0.5)), (2, PyramidDrop(retain=0.25, layer_list=(2, 4))),
+                         (3, PyramidDrop(retain=0.25, layer_list=(2, 4, 6)))]:
+        with vtr.patch(llava, method), torch.no_grad(), watch_hooks(OpCount()) as count:
             llava(**inputs, use_cache=True)
-        syncs[len(layers)] = count.syncs
-    assert syncs[3] == syncs[2] + 1
+        syncs[name] = count.syncs
+    assert syncs["fastv"] == 2 and syncs[3] == syncs[2] + 1
 
-    video = _model("llava_onevision", "sdpa")              # per-frame stage after a per-video one: other grouping
-    inputs = make_inputs(video, BATCH, seed=2, video=True)
-    stack = [PyramidDrop(retain=0.5, layer_list=(2,)), FastV(retain=0.5, layer=4, per_frame=True)]
-    with vtr.patch(video, stack) as handle, torch.no_grad():
-        video(**inputs, use_cache=True)
-        engine = handle._engine
-        layouts = engine.rec.layouts
-        assert set(layouts[1].entry_counts) == {"frame"} and len(layouts[1].entry_counts["frame"]) > 2
-        for layout in layouts:
-            for grouping, counts in layout.entry_counts.items():
-                fresh = dataclasses.replace(layout, entry_counts={})
-                assert engine._visual_entries(engine.rec, fresh, grouping)[4] == counts, grouping
+    video = _model("llava_onevision", "sdpa")     # a closing newline per video, never dropped: not counted
+    for model, video_input, stack in [
+            (llava, False, [Random(retain=0.5), PyramidDrop(retain=0.5, layer_list=(2, 4))]),
+            (video, True, [PyramidDrop(retain=0.5, layer_list=(2,)), FastV(retain=0.5, layer=4, per_frame=True)]),
+            (video, True, [Random(retain=0.5), FastV(retain=0.5, layer=3)])]:
+        with vtr.patch(model, stack) as handle, torch.no_grad():
+            model(**make_inputs(model, BATCH, seed=2, video=video_input), use_cache=True)
+            engine = handle._engine
+        carried = [(layout, grouping, counts) for layout in engine.rec.layouts
+                   for grouping, counts in layout.entry_counts.items()]
+        assert len(carried) >= len(engine.llm_stages)      # layout 0 and each one a later stage reads
+        for layout, grouping, counts in carried:
+            fresh = dataclasses.replace(layout, entry_counts={})
+            assert engine._visual_entries(engine.rec, fresh, grouping)[4] == counts, (stack, grouping)
+
 
 def test_attention_rows_matches_softmax_with_gqa_and_mask():
     torch.manual_seed(0)
@@ -442,7 +446,16 @@ def test_sparsevlm_raters_by_hand():
     # visual 0 -> (e, 1, 1) / (e + 2), visual 1 -> (1, e, 1) / (e + 2); means: (e+1, e+1, 2) / 2 (e + 2): the first
     # two are above the mean 1/3, the third below
     visual, text = torch.tensor([[1.0, 0], [0, 1]]), torch.tensor([[1.0, 0], [0, 1], [0, 0]])
-    assert SparseVLM.raters(visual, text).tolist() == [True, True, False]
+    every = torch.ones(1, 3, dtype=torch.bool)
+    assert SparseVLM.raters(visual[None], every[:, :2], text[None], every).tolist() == [[True, True, False]]
+    # batched beside a sample with one visual row (1, 0) among non-visual ones and text (1, 0), (0, 0) x 3:
+    # P = (e, 1, 1, 1) / (e + 3), only the first above the mean 1/4; the first sample's padding changes nothing
+    embeds = torch.stack([torch.cat([visual, torch.tensor([[5.0, 5]])]), torch.tensor([[1.0, 0], [7, 7], [7, 7]])])
+    texts = torch.stack([torch.cat([text, torch.tensor([[9.0, 9]])]), torch.tensor([[1.0, 0], [0, 0], [0, 0], [0, 0]])])
+    rows = torch.tensor([[True, True, False], [True, False, False]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    assert SparseVLM.raters(embeds, rows, texts, valid).tolist() == [[True, True, False, False],
+                                                                     [True, False, False, False]]
 
 
 def test_sparsevlm_schedule_layers_and_recycling_by_hand():

@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 from vtr.encoder import EncoderEngine
 from vtr.compat import CACHE_ARG, cache_of
 from vtr.hooks import HookSet, map_output
-from vtr.kernels import gather_tokens, group_counts, true_first
+from vtr.kernels import gather_tokens, group_counts, query_rows, true_first
 from vtr.layout import Layout, Record, Stage
 from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
 
@@ -102,6 +102,8 @@ class Engine(HookSet):
             raise ValueError(f"{self.tower.plugin.name} in the vision tower cannot be followed by a method that "
                              "reads the tower's attention or keys")
         self.by_frame = any("frames" in p.needs or p.per_frame for p in plugins)
+        self.asks_questions = any({"rater_attention", "text_attention", "question_attention"} & set(p.needs)
+                                  for p in plugins)
         self.rec: Record | None = None
         # generate() runs the vision tower before the model's forward: its signals wait here until then
         self.cls_attention: torch.Tensor | None = None
@@ -196,7 +198,7 @@ class Engine(HookSet):
         out = []
         videos = rec.frame_grids is not None and bool((rec.frame_grids[:, 0] > 1).any())
         for b in range(rec.visual.shape[0]):
-            total = int(rec.per_sample_visual[b])
+            total = rec.per_sample_visual[b]
             counts = [int(a[b].sum()) for a in rec.alive]
             stages, before = [], total
             for stage, n in zip(self.stages, counts):
@@ -268,16 +270,22 @@ class Engine(HookSet):
         device = input_ids.device
         ids = self.adapter.visual_token_ids
         visual = input_ids == ids[0] if len(ids) == 1 else torch.isin(input_ids, torch.tensor(ids, device=device))
-        if not visual.any():
-            raise ValueError(f"vtr: pixel values were given but input_ids hold no image or video tokens (ids {ids})")
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         if mask.dim() != 2:
             raise ValueError("vtr: attention_mask must be the 2-D padding mask")
-        if not bool(mask[:, -1].all()):
+        read = [visual.sum(1), mask[:, -1].all().view(1)]
+        if self.asks_questions:
+            read.append(_after_last(visual, mask).sum(1).amax().view(1))
+        read = torch.cat(read).tolist()                # one read-back for all
+        per_sample, left_padded, questions = read[:b], read[b], read[b + 1:]
+        if not sum(per_sample):
+            raise ValueError(f"vtr: pixel values were given but input_ids hold no image or video tokens (ids {ids})")
+        if not left_padded:
             raise ValueError("vtr: samples must be left-padded, as generate() needs for decoder-only models "
                              "(set processor.tokenizer.padding_side = 'left')")
         slots = torch.arange(length, device=device).expand(b, length)
-        return Record(visual=visual, length=length, per_sample_visual=visual.sum(1),
+        return Record(visual=visual, length=length, per_sample_visual=per_sample,
+                      question_width=max(1, questions[0]) if questions else None,
                       layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots, mask=mask)])
 
     def _keep_projection(self, module, args, output):
@@ -362,7 +370,7 @@ class Engine(HookSet):
     def _assign_images(rec: Record, sizes: list[int]):
         """Image features fill the image placeholders in row-major order, one run of ``sizes[i]`` tokens each; an
         image may not run across two samples."""
-        counts = rec.per_sample_visual.tolist()
+        counts = rec.per_sample_visual
         if sum(sizes) != sum(counts):
             raise ValueError(f"vtr: {sum(counts)} image tokens in input_ids, but the images have {sum(sizes)} features")
         local, sample, filled, seen = [], 0, 0, 0
@@ -417,6 +425,7 @@ class Engine(HookSet):
         for i, n in enumerate(counts):
             key = (n, *(() if frames is None else rec.frame_grid_list[i]), *((i,) if alone else ()))
             groups.setdefault(key, []).append(i)
+        images_of = groups
         groups = {key: torch.tensor(ids, device=device) for key, ids in groups.items()}
         alive = {key: torch.arange(key[0], device=device).expand(len(ids), -1) for key, ids in groups.items()}
 
@@ -487,6 +496,10 @@ class Engine(HookSet):
             layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]))
             if layout is not rec.layouts[0]:
                 layout.slot0 = torch.arange(layout.orig.shape[1], device=device).expand_as(layout.orig)
+                layout.entry_counts["image"] = [0] * len(counts)    # each image's survivors, known on the host
+                for key, ids in images_of.items():
+                    for i in ids:
+                        layout.entry_counts["image"][i] = alive[key].shape[1]
                 rec.layouts[0] = layout
         if merged:
             embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, placeholders, features).view_as(embeds)
@@ -505,6 +518,9 @@ class Engine(HookSet):
                 rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
             if self.adapter.has_frames:
                 self._read_frames(rec)
+            if rec.protected is None:      # every image token may be dropped: the host knows how many of each
+                rec.layouts[0].entry_counts.update(image=list(rec.image_sizes), **(
+                    {} if rec.frame_sizes is None else {"frame": list(rec.frame_sizes)}))
             if any(s.layer is None for s in self.stages):
                 kwargs["inputs_embeds"] = self._select_before_llm(rec, kwargs["inputs_embeds"])
             rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place
@@ -613,45 +629,33 @@ class Engine(HookSet):
                         queries = self._questions(layout)
                     name = "rater_attention" if "rater_attention" in needs else "text_attention"
                     taken[name] = self.adapter.rater_attention(layer, args[0], cos, sin, mask, queries, keys,
-                                                               self._query_width((name, id(plugin)), queries))
+                                                               self.rec.question_width)
                 if "question_attention" in needs:
                     queries = self._questions(self.rec.layouts[layout_index])
-                    width = self._query_width(("question_attention", id(plugin)), queries)
                     taken["question_attention"] = self.adapter.question_attention(layer, args[0], queries, mask, keys,
-                                                                                  width)
+                                                                                  self.rec.question_width)
                 if "keys" in needs:               # as the attention uses them: normed, rotated, heads joined
                     rotated = self.adapter.rotated_keys(layer, keys, cos, sin)
                     taken["keys"] = rotated.transpose(1, 2).flatten(2)
                 self.rec.pending[index] = (taken, layout_index)
         return hook
 
-    def _query_width(self, key: tuple, queries: torch.Tensor) -> int:
-        """The largest count of ``queries`` (B, L) in a sample, read back once per prefill for each (signal, method):
-        the queries are text tokens, which no stage drops, so the later stages' layouts have the same count."""
-        if key not in self.rec.query_width:
-            self.rec.query_width[key] = max(1, int(queries.sum(1).max()))
-        return self.rec.query_width[key]
-
     def _raters(self, plugin) -> torch.Tensor:
         """(B, L) the text tokens after the image that ``plugin.raters`` picks from the embeddings entering the LLM,
-        over the original sequence (once per prefill)."""
+        over the original sequence (once per prefill, all samples at once)."""
         rec = self.rec
         if rec.raters is None:
-            layout = rec.layouts[0]
+            layout, embeds = rec.layouts[0], rec.entry_embeds
             visual = layout.mask & rec.visual.gather(1, layout.orig.clamp(min=0))
-            text = self._questions(layout)
-            raters = torch.zeros_like(text)
-            for b in range(text.shape[0]):
-                raters[b, text[b]] = plugin.raters(rec.entry_embeds[b][visual[b]], rec.entry_embeds[b][text[b]])
+            order, valid = query_rows(self._questions(layout), self.rec.question_width)
+            text = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+            raters = torch.zeros_like(visual).scatter_(1, order, plugin.raters(embeds, visual, text, valid))
             rec.raters = torch.zeros_like(rec.visual).scatter_(1, layout.orig.clamp(min=0), raters & layout.mask)
         return rec.raters
 
     def _questions(self, layout: Layout) -> torch.Tensor:
         """(B, L) bool: the tokens after each sample's last visual token (the question and what follows it)."""
-        visual = layout.mask & self.rec.visual.gather(1, layout.orig.clamp(min=0))
-        slots = torch.arange(visual.shape[1], device=visual.device)
-        last = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
-        return layout.mask & (slots > last)
+        return _after_last(layout.mask & self.rec.visual.gather(1, layout.orig.clamp(min=0)), layout.mask)
 
     def _hide(self, rec: Record, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict):
         """Decoding, at the layer before the decode method's: the new token's attention over this layer's cache
@@ -787,3 +791,9 @@ class Engine(HookSet):
         new = layout.compact(keep, entry_counts)
         rec.layouts.append(new)               # nothing dropped: the same layout, so the same kwargs
         return hidden if new is layout else gather_tokens(hidden, new.src, new.mask)
+
+
+def _after_last(visual: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the slots of ``mask`` after each row's last ``visual`` one."""
+    slots = torch.arange(visual.shape[1], device=visual.device)
+    return mask & (slots > torch.where(visual, slots, -1).amax(dim=1, keepdim=True))

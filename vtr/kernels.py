@@ -203,6 +203,15 @@ def true_first(mask: torch.Tensor) -> torch.Tensor:
     return mask.long().argsort(dim=-1, descending=True, stable=True)
 
 
+def query_rows(queries: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of ``queries`` (B, L) bool, each sample's first, padded to the largest count (``width`` where the
+    caller knows it, at least that count: no read-back): ``order`` (B, Q) and ``valid`` (B, Q), False for the padding
+    rows (whose attention rows may be all masked)."""
+    count = queries.sum(1)
+    order = true_first(queries)[:, :width or max(1, int(count.max()))]
+    return order, torch.arange(order.shape[1], device=queries.device) < count[:, None]
+
+
 def group_counts(group: torch.Tensor, groups: int) -> torch.Tensor:
     """(groups,) long: how many entries of ``group`` (N,) are each of [0, groups). ``bincount`` without its wait:
     CUDA's reads the largest entry back to the host to size its output."""

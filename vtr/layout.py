@@ -73,7 +73,7 @@ class Record:
     visual: torch.Tensor            # (B, L) bool: image-token positions of the original sequence
     length: int                     # original prompt length L
     layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
-    per_sample_visual: torch.Tensor  # (B,) image tokens per sample
+    per_sample_visual: list[int]    # image tokens per sample
     alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
     positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
     protected: torch.Tensor | None = None   # (B, L) bool: visual tokens never dropped (newline tokens)
@@ -97,7 +97,8 @@ class Record:
     hidden: torch.Tensor | None = None      # decoding: (B, L) visual entries the decode method hides this step
     entry_embeds: torch.Tensor | None = None   # the embeddings entering the language model (layout 0)
     raters: torch.Tensor | None = None      # (B, L) SparseVLM's rater tokens, over the original sequence
-    query_width: dict[tuple, int] = field(default_factory=dict)   # (signal, plugin id) -> most queries in a sample
+    question_width: int | None = None   # most question tokens (after the last image) in a sample: text, never
+                                        # dropped, so as many in every layout; raters (a subset) fit in it too
     decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
     decode_entries: tuple | None = None     # decoding: (visual, rows, image, k) of the cache's prompt entries
     plugin_state: dict = field(default_factory=dict)   # id(plugin) -> what its stages pass on, this prefill

@@ -11,16 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vtr.kernels import apply_rope, attention_rows, true_first
-
-
-def _query_rows(queries: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions of ``queries`` (B, L) bool, each sample's first, padded to the largest count (``width`` where the
-    caller knows it, at least that count: no read-back): ``order`` (B, Q) and ``valid`` (B, Q), False for the padding
-    rows (whose attention rows may be all masked)."""
-    count = queries.sum(1)
-    order = true_first(queries)[:, :width or max(1, int(count.max()))]
-    return order, torch.arange(order.shape[1], device=queries.device) < count[:, None]
+from vtr.kernels import apply_rope, attention_rows, query_rows
 
 
 class Adapter:
@@ -148,7 +139,7 @@ class Adapter:
         ``width``: at least the largest count of queries in a sample, where the caller knows it."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
-        order, valid = _query_rows(queries, width)
+        order, valid = query_rows(queries, width)
         pick = lambda t: t.expand(b, -1, -1).gather(1, order[..., None].expand(-1, -1, t.shape[-1]))   # noqa: E731
         q = attn.q_proj(pick(x)).view(b, order.shape[1], -1, d)
         if hasattr(attn, "q_norm"):
@@ -165,7 +156,7 @@ class Adapter:
         ``x`` is the attention input; ``keys`` the layer's own k projection when a hook caught it."""
         attn = layer.self_attn
         b, d = x.shape[0], attn.head_dim
-        order, valid = _query_rows(queries, width)
+        order, valid = query_rows(queries, width)
         q = attn.q_proj(x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))).view(b, order.shape[1], -1, d)
         k = (attn.k_proj(x) if keys is None else keys).view(b, x.shape[1], -1, d)
         if hasattr(attn, "q_norm"):

@@ -59,11 +59,14 @@ class LlavaAdapter(Adapter):
         return VisionTowerAdapter(self.vision_model, layers[:layers.index(self.feature_layer) + 1], self.has_cls)
 
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
-        """Every image of a LLaVA-1.5 batch has the same number of features."""
+        """Every image of a LLaVA-1.5 batch has a feature per patch of its pixels (and the [CLS] one with the "full"
+        strategy): known from the shapes, nothing read back."""
         if "image" in encoded:
             return encoded["image"]
-        images = kwargs["pixel_values"].shape[0]
-        return [int(visual.sum()) // images] * images
+        pixels, patch = kwargs["pixel_values"], self.config.vision_config.patch_size
+        cls = int(self.has_cls and self.features_keep_cls)
+        features = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + cls
+        return [features] * pixels.shape[0]
 
     def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
         side = [math.isqrt(n) for n in sizes]
