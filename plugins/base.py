@@ -42,7 +42,7 @@ class Signals:
     cls_attention: ``(images, P)`` [CLS]->patch attention (head mean) of the vision layer the features come from.
     last_attention: ``(B, L)`` attention of the last prompt token (head mean) over the current sequence.
     visual: ``(B, L)`` bool, which positions of ``tokens`` are visual tokens still alive (LLM stage only).
-    image_index: ``(images,)`` index of each image inside its own sample (projector stage only).
+    image_index: index of each image inside its own sample, host ints (projector stage only).
     keys: ``(B, L, Hkv * d)`` the score layer's keys as its attention uses them (per-head norm, RoPE), heads joined;
         LLM stage, for methods that need "keys".
     text: ``(B, L)`` bool, the text (non-image) tokens of the sequence (LLM stage).
@@ -50,8 +50,7 @@ class Signals:
     image: ``(V,)`` image index of each entry of ``tokens[visual]``, ascending (images fill the sequence in order)
         (LLM stage).
     positions: ``(B, L)`` original sequence index of each position, -1 for padding (LLM stage).
-    token_grid: ``(images, 2)`` rows and columns of each image's token grid (projector stage, methods that need
-        "grid").
+    token_grid: rows and columns of each image's token grid, host ints (projector stage, methods that need "grid").
     layout: anyres models (LLaVA-NeXT/OneVision), projector stage, for methods that need "anyres_layout": ``crop``
         ``(images, P)`` (0 = the base image / thumbnail, then the grid crops in raster order), ``row``/``col`` (the
         token's place in the thumbnail, or in the image's unpadded grid of crop patches), ``grid`` ``(images, 2)``
@@ -67,23 +66,23 @@ class Signals:
     visual_rows: ``(V,)`` each visual entry's row in the flattened ``(B * L)`` (LLM stage); ``at_visual`` reads by it.
     counts, budgets: host ints, per image (per frame with ``per_frame``): its visual entries entering the stage, and
         ``k`` (LLM stage): a method that needs them on the host reads them here, not back from the device.
-    frames: ``(images, 3)`` frames, rows and columns of each image (a video's tokens come frame after frame, each in
-        raster order; an image is one frame), projector stage, where the adapter knows them.
+    frames: frames, rows and columns of every image of the call (all alike), host ints (a video's tokens come frame
+        after frame, each in raster order; an image is one frame), projector stage, where the adapter knows them.
     """
 
     tokens: torch.Tensor
     cls_attention: torch.Tensor | None = None
     last_attention: torch.Tensor | None = None
     visual: torch.Tensor | None = None
-    image_index: torch.Tensor | None = None
+    image_index: list[int] | None = None
     keys: torch.Tensor | None = None
     text: torch.Tensor | None = None
     normed: torch.Tensor | None = None
     image: torch.Tensor | None = None
     positions: torch.Tensor | None = None
-    token_grid: torch.Tensor | None = None
+    token_grid: list[tuple[int, int]] | None = None
     layout: dict | None = None
-    frames: torch.Tensor | None = None
+    frames: tuple[int, int, int] | None = None
     question_attention: torch.Tensor | None = None
     frame: torch.Tensor | None = None
     patch: torch.Tensor | None = None
@@ -181,8 +180,9 @@ class Plugin:
         return [self]
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Projector stage: the kept indices ``(images, k)`` and, for methods that merge rather than only select,
-        the kept tokens' new values ``(images, k, D)`` in the same order (None: unchanged). Default: ``select``."""
+        """Projector stage: the kept indices ``(images, k)``, distinct, and, for methods that merge rather than only
+        select, the kept tokens' new values ``(images, k, D)`` in the same order (None: unchanged). Default:
+        ``select``."""
         return self.select(s, k), None
 
 

@@ -65,7 +65,7 @@ class DyCoke(Plugin):
 
     def select(self, s: Signals, k: int) -> torch.Tensor:
         images, n, d = s.tokens.shape
-        t, h, w = s.frames[0].tolist()
+        t, h, w = s.frames
         per = h * w
         if t == 1:                              # an image: a whole first frame, or evenly spaced tokens (a budget)
             return evenly(per, per if self.counts_itself else k, s.tokens.device).expand(images, -1)

@@ -72,7 +72,7 @@ class FastVID(Plugin):
             raise ValueError("FastVID: segments and step must be >= 1, anchors and beta fractions in [0, 1]")
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t, h, w = s.frames[0].tolist()
+        t, h, w = s.frames
         per, dim = h * w, s.tokens.shape[-1]
         budget = shares(k, t)
         anchors = [int(self.anchors * r) for r in budget]

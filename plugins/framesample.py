@@ -23,9 +23,9 @@ class FrameSample(Plugin):
 
     def select(self, s: Signals, k: int) -> torch.Tensor:
         device = s.tokens.device
-        t, h, w = s.frames[0].tolist()                     # one row per video; all alike within a call
+        t, h, w = s.frames
         per = h * w
         f = min(t, -(-k // per))
         frames = evenly(t, f).tolist()
         picks = torch.cat([frame * per + evenly(per, c, device) for frame, c in zip(frames, shares(k, f))])
-        return picks.repeat(len(s.frames), 1)
+        return picks.repeat(s.tokens.shape[0], 1)

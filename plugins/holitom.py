@@ -88,7 +88,7 @@ class HoliTom(Plugin):
         return [HoliTom(retain=first, **outer), HoliTomInner(retain=self.retain / first, layer=self.merge_layer)]
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t, h, w = s.frames[0].tolist()
+        t, h, w = s.frames
         per = h * w
         tau = self.tau if self.tau is not None else (0.65 if self.target_retain <= 0.10 else 0.80)
         picks, values = [], []

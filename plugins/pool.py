@@ -60,7 +60,7 @@ class Pool(Plugin):
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each cell's first token, which takes the mean of the cell."""
         picks, values = [], []
-        for i, (rows, cols) in enumerate(s.token_grid.tolist()):
+        for i, (rows, cols) in enumerate(s.token_grid):
             first, members, cell = (t.to(s.tokens.device) for t in _pairs(rows, cols, k))
             picks.append(first)
             values.append(group_means(s.tokens[i, members], cell, k).to(s.tokens.dtype))

@@ -95,7 +95,7 @@ class PruneVidMerge(Plugin):
     cluster_ratio: float = 0.5
 
     def reduce(self, s: Signals, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t, h, w = s.frames[0].tolist()
+        t, h, w = s.frames
         picks, values = [], []
         for x in s.tokens.view(-1, t, h * w, s.tokens.shape[-1]):
             p, v = self._video(x, k)

@@ -22,7 +22,7 @@ class Random(Plugin):
     def select(self, s: Signals, k: int) -> torch.Tensor:
         n = s.tokens.shape[1]
         picks = []
-        for index in s.image_index.tolist():          # one read-back for every image
+        for index in s.image_index:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             picks.append(torch.randperm(n, generator=g)[:k])
         return torch.stack(picks).to(s.tokens.device)

@@ -83,8 +83,8 @@ def merged_after_projector(model, inputs: dict, plugin, cls_attention: torch.Ten
         frames = (1, n // side, side)
     else:
         frames = (1, math.isqrt(n), math.isqrt(n))
-    signals = Signals(tokens=features[None, :n], token_grid=torch.tensor([[frames[0] * frames[1], frames[2]]]),
-                      frames=torch.tensor([frames]), cls_attention=cls_attention)
+    signals = Signals(tokens=features[None, :n], token_grid=[(frames[0] * frames[1], frames[2])], frames=frames,
+                      cls_attention=cls_attention)
     picks, values = plugin.reduce(signals, plugin.stage_counts(n)[0])
     out = features.clone()
     out[picks[0]] = values[0]

@@ -173,6 +173,8 @@ def test_layout_compact_by_hand():
     carried = layout.compact(torch.tensor([[True, False, True, True]] * 2), ("image", torch.tensor([3, 1])))
     assert carried.entry_counts == {"image": [3, 1]} and not layout.entry_counts
     assert uneven.compact(uneven.mask, ("frame", torch.tensor([2]))) is uneven and uneven.entry_counts["frame"] == [2]
+    told = layout.compact(torch.tensor([[True, False, True, True], [False, True, False, True]]), lengths=[3, 2])
+    assert told.orig.tolist() == uneven.orig.tolist() and told.mask.tolist() == uneven.mask.tolist() and not told.full
 
 
 
@@ -236,9 +238,9 @@ def test_pdrop_paper_schedule():
 
 def test_random_is_seeded_per_image_position():
     tokens = torch.zeros(3, 20, 4)
-    picks = Random(seed=1).select(Signals(tokens=tokens, image_index=torch.tensor([0, 1, 0])), 5)
+    picks = Random(seed=1).select(Signals(tokens=tokens, image_index=[0, 1, 0]), 5)
     assert torch.equal(picks[0], picks[2]) and not torch.equal(picks[0], picks[1])
-    other = Random(seed=2).select(Signals(tokens=tokens, image_index=torch.tensor([0, 1, 0])), 5)
+    other = Random(seed=2).select(Signals(tokens=tokens, image_index=[0, 1, 0]), 5)
     assert not torch.equal(picks[0], other[0])
 
 
@@ -427,7 +429,7 @@ def test_pool_cells_by_hand():
     # a 2 x 3 grid to 5: no a x b = 5 fits, so runs of consecutive tokens
     assert [c.tolist() for c in cells(2, 3, 5)] == [[0], [1], [2], [3], [4, 5]]
     tokens = torch.arange(16.0).view(1, 16, 1)
-    s = Signals(tokens=tokens, token_grid=torch.tensor([[4, 4]]))
+    s = Signals(tokens=tokens, token_grid=[(4, 4)])
     picks, values = Pool().reduce(s, 4)
     assert picks.tolist() == [[0, 2, 8, 10]] and values[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
 

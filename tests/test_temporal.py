@@ -28,7 +28,7 @@ VIDEO_MODELS = ["llava_onevision", "llava_next_video", "qwen2_vl", "qwen3_vl"]
 def frames_of(t, h, w, d=4, seed=0):
     """(1, t*h*w, d) random frame-major tokens and their Signals."""
     x = torch.randn(1, t * h * w, d, generator=torch.Generator().manual_seed(seed))
-    return Signals(tokens=x, frames=torch.tensor([[t, h, w]]), token_grid=torch.tensor([[t * h, w]]))
+    return Signals(tokens=x, frames=(t, h, w), token_grid=[(t * h, w)])
 
 
 def test_framesample_keeps_equidistant_whole_frames_by_hand():
@@ -99,7 +99,7 @@ def test_dycoke_ttm_pairs_then_windows_of_four_by_hand():
     frames[3] = [unit(60), unit(-90)]   # vs frame 2: 1, -1 -> token 1 (7)
     frames[5] = [unit(30), b]           # vs frame 4: 0.87, 1 -> token 0 (10)
     frames[7] = [a, unit(0)]            # vs frame 6: 1, 0 -> token 1 (15)
-    s = Signals(tokens=torch.tensor([sum(frames, [])]), frames=torch.tensor([[8, 1, 2]]))
+    s = Signals(tokens=torch.tensor([sum(frames, [])]), frames=(8, 1, 2))
 
     def kept(plugin, k=0):
         return sorted(plugin.select(s, k)[0].tolist())
@@ -149,7 +149,7 @@ def test_fastvid_salient_then_density_anchors_merged_by_hand():
     densest (score 0.76 x 0.95), then u3 (0.56 x 0.91), then u1 (0.74 x 0.07). Members by cosine: t1, t2, u1, u2 ->
     u2; t3, u3 -> u3. u2 = 0.6 u2 + 0.4 mean(0, 1.0) = (0, 0.94); u3 = 0.6 u3 + 0.4 (-1, 0.05) = (-1, 0.08)."""
     tokens = torch.tensor([[[1, 0], [0, 1], [0, 1.1], [-1, 0], [1, 0.1], [0, 1], [0, 0.9], [-1, 0.1]]])
-    s = Signals(tokens=tokens, frames=torch.tensor([[2, 1, 4]]),
+    s = Signals(tokens=tokens, frames=(2, 1, 4),
                 cls_attention=torch.tensor([[1.0, 0, 0, 0, 1.0, 0, 0, 0]]))
     picks, values = FastVID(anchors=0.5, segments=1, tau=0.0).reduce(s, 4)
     assert picks.tolist() == [[0, 4, 6, 7]]
@@ -184,7 +184,7 @@ def test_holitom_static_clusters_and_dynamic_attention_by_hand():
     and 2; (10, 1) joins (2.5, 1), which becomes 0.6 (2.5, 1) + 0.4 (10, 1) = (5.5, 1)."""
     static = [[0, 1], [1, 1], [2.5, 1], [10, 1]]
     tokens = torch.tensor([static + [[1, -1]] + static + [[-1, 1]]])
-    s = Signals(tokens=tokens, frames=torch.tensor([[2, 1, 5]]), cls_attention=torch.ones(1, 10))
+    s = Signals(tokens=tokens, frames=(2, 1, 5), cls_attention=torch.ones(1, 10))
     picks, values = HoliTom(tau=0.8).reduce(s, 4)
     assert picks.tolist() == [[0, 1, 2, 4]]
     torch.testing.assert_close(values[0], torch.tensor([[0, 1], [1, 1], [5.5, 1], [1, -1]]))
@@ -237,7 +237,7 @@ def test_prunevid_static_tokens_merge_over_time_by_hand():
     degrees (cosine 0): 0 and 1 become their mean over the segment, placed in frame 0; groups this small (<= 14) are
     not clustered by default."""
     tokens = torch.tensor([[[1, 0], [0, 1], [1, 1], [1, 0.1], [0, 1], [-1, 1]]])
-    picks, values = PruneVidMerge().reduce(Signals(tokens=tokens, frames=torch.tensor([[2, 1, 3]])), 0)
+    picks, values = PruneVidMerge().reduce(Signals(tokens=tokens, frames=(2, 1, 3)), 0)
     assert picks.tolist() == [[0, 1, 2, 5]]
     torch.testing.assert_close(values[0], torch.tensor([[1, 0.05], [0, 1], [1, 1], [-1, 1]]))
 
@@ -247,7 +247,7 @@ def test_prunevid_budget_above_what_merging_leaves_merges_nothing_over_time():
     of 5 cannot be spent on them, so nothing merges over time: frame 0 keeps its 3 tokens as they are (3 of the 5 by
     largest remainders, ties to the earlier frame) and frame 1's 3 are clustered to 2."""
     tokens = torch.tensor([[[1, 0], [0, 1], [1, 1], [1, 0.1], [0, 1], [-1, 1]]])
-    signals = Signals(tokens=tokens, frames=torch.tensor([[2, 1, 3]]))
+    signals = Signals(tokens=tokens, frames=(2, 1, 3))
     picks, _ = PruneVidMerge(budget=4).reduce(signals, 4)
     assert picks.tolist() == [[0, 1, 2, 5]]
     picks, values = PruneVidMerge(budget=5).reduce(signals, 5)

@@ -184,7 +184,7 @@ class Engine(HookSet):
         rec = self._record()
         if rec.frame_grids is None:
             raise RuntimeError(f"vtr reads no frames from {type(self.adapter.model).__name__} or these inputs")
-        return [list(g) for g in rec.frame_grid_list]
+        return [list(g) for g in rec.frame_grids]
 
     def positions(self) -> torch.Tensor:
         """(B, L') original sequence index of each position of the language model's output (-1 for padding)."""
@@ -196,7 +196,7 @@ class Engine(HookSet):
         rec = self._record()
         depth = self.num_layers
         out = []
-        videos = rec.frame_grids is not None and bool((rec.frame_grids[:, 0] > 1).any())
+        videos = rec.frame_grids is not None and any(t > 1 for t, _, _ in rec.frame_grids)
         for b in range(rec.visual.shape[0]):
             total = rec.per_sample_visual[b]
             counts = [int(a[b].sum()) for a in rec.alive]
@@ -273,18 +273,18 @@ class Engine(HookSet):
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         if mask.dim() != 2:
             raise ValueError("vtr: attention_mask must be the 2-D padding mask")
-        read = [visual.sum(1), mask[:, -1].all().view(1)]
+        read = [visual.sum(1), mask.sum(1), mask[:, -1].all().view(1)]
         if self.asks_questions:
             read.append(_after_last(visual, mask).sum(1).amax().view(1))
         read = torch.cat(read).tolist()                # one read-back for all
-        per_sample, left_padded, questions = read[:b], read[b], read[b + 1:]
+        per_sample, lengths, left_padded, questions = read[:b], read[b:2 * b], read[2 * b], read[2 * b + 1:]
         if not sum(per_sample):
             raise ValueError(f"vtr: pixel values were given but input_ids hold no image or video tokens (ids {ids})")
         if not left_padded:
             raise ValueError("vtr: samples must be left-padded, as generate() needs for decoder-only models "
                              "(set processor.tokenizer.padding_side = 'left')")
         slots = torch.arange(length, device=device).expand(b, length)
-        return Record(visual=visual, length=length, per_sample_visual=per_sample,
+        return Record(visual=visual, length=length, per_sample_visual=per_sample, per_sample_length=lengths,
                       question_width=max(1, questions[0]) if questions else None,
                       layouts=[Layout(orig=slots.masked_fill(~mask, -1), slot0=slots, mask=mask)])
 
@@ -380,9 +380,10 @@ class Engine(HookSet):
             if filled + n > counts[sample]:
                 raise ValueError("vtr: an image's placeholders are split across samples")
             local.append(seen)
+            rec.image_sample.append(sample)
             filled, seen = filled + n, seen + 1
         rec.image_sizes = sizes
-        rec.image_local = torch.tensor(local, device=rec.visual.device)
+        rec.image_local = local
 
     def _read_frames(self, rec: Record):
         """Each image's frame grid and each frame's token count (videos; an image is one frame)."""
@@ -397,8 +398,7 @@ class Engine(HookSet):
             if not 0 <= n - t * h * w <= 1:
                 raise RuntimeError(f"vtr: {n} tokens do not make {t} frames of {h} x {w}")
             sizes += [h * w] * (t - 1) + [n - (t - 1) * h * w]
-        rec.frame_grids = torch.tensor(grids, device=rec.visual.device)
-        rec.frame_grid_list, rec.frame_sizes = [tuple(g) for g in grids], sizes
+        rec.frame_grids, rec.frame_sizes = [tuple(g) for g in grids], sizes
 
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor) -> torch.Tensor:
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
@@ -410,7 +410,7 @@ class Engine(HookSet):
         features = embeds.reshape(-1, embeds.shape[-1]).index_select(0, placeholders)      # (total, D)
         protected = None if rec.protected is None else rec.protected.flatten()[placeholders]   # never offered, kept
         if protected is None:
-            candidates, counts = None, rec.image_sizes
+            candidates, counts, shielded = None, rec.image_sizes, [0] * len(rec.image_sizes)
         else:
             shielded = torch.stack([p.sum() for p in protected.split(rec.image_sizes)]).tolist()   # one read-back
             counts = [n - p for n, p in zip(rec.image_sizes, shielded)]
@@ -423,7 +423,7 @@ class Engine(HookSet):
         alone = any(s.plugin.counts_itself for s in pre_llm)
         groups = {}            # (candidates per image, its frame grid if known[, the image]) -> [image indices]
         for i, n in enumerate(counts):
-            key = (n, *(() if frames is None else rec.frame_grid_list[i]), *((i,) if alone else ()))
+            key = (n, *(() if frames is None else frames[i]), *((i,) if alone else ()))
             groups.setdefault(key, []).append(i)
         images_of = groups
         groups = {key: torch.tensor(ids, device=device) for key, ids in groups.items()}
@@ -439,7 +439,7 @@ class Engine(HookSet):
         if any("anyres_layout" in s.plugin.needs for s in pre_llm):
             anyres = self.adapter.anyres_layout(features, rec.image_sizes)
         if any("grid" in s.plugin.needs for s in pre_llm):
-            grids = torch.tensor(self.adapter.token_grids(rec.image_sizes), device=device)
+            grids = self.adapter.token_grids(rec.image_sizes)
         merged = False
         self.cls_attention = None
         for stage in pre_llm:
@@ -466,17 +466,17 @@ class Engine(HookSet):
                     whole = candidates is None and len(groups) == 1 and rows.shape[1] == n
                     tokens = features.view(-1, n, features.shape[-1]) if whole else features[rows]   # whole: no copy
                     signals = Signals(tokens=tokens.reshape(-1, per, tokens.shape[-1]),
-                                      image_index=rec.image_local[ids].repeat_interleave(t),
+                                      image_index=[rec.image_local[i] for i in images_of[key] for _ in range(t)],
                                       cls_attention=None if cls is None else cls[rows].view(-1, per))
                     if anyres is not None:
                         signals.layout = {"crop": anyres["crop"][rows], "row": anyres["row"][rows],
                                           "col": anyres["col"][rows], "grid": anyres["grid"][ids],
                                           "side": anyres["side"]}
-                    if frames is not None:
-                        signals.frames = frames[ids] if t == 1 else frames[ids][:, None].repeat(1, t, 1).view(-1, 3)
-                        signals.frames[:, 0] //= t
+                    if frames is not None:        # every image of the group has this grid (it is in the key)
+                        signals.frames = (key[1] // t, key[2], key[3])
                     if grids is not None:
-                        signals.token_grid = grids[ids] if t == 1 else signals.frames[:, 1:]
+                        signals.token_grid = [grids[i] for i in images_of[key]] if t == 1 else \
+                            [signals.frames[1:]] * (len(ids) * t)
                     picks, values = plugin.reduce(signals, k)                         # (images * t, k)
                     if plugin.counts_itself:
                         k = picks.shape[1]
@@ -492,14 +492,18 @@ class Engine(HookSet):
                         merged = True
                 survivors[rows.flatten()] = True
             rec.alive.append(torch.zeros_like(rec.visual).masked_scatter(rec.visual, survivors))
-        if rec.alive:
-            layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]))
-            if layout is not rec.layouts[0]:
+        if rec.alive:         # each image's survivors and so each sample's new length are known on the host
+            kept = [0] * len(counts)
+            for key, ids in images_of.items():
+                for i in ids:
+                    kept[i] = alive[key].shape[1]
+            lengths = list(rec.per_sample_length)
+            for i, sample in enumerate(rec.image_sample):
+                lengths[sample] -= rec.image_sizes[i] - shielded[i] - kept[i]
+            if lengths != rec.per_sample_length:
+                layout = rec.layouts[0].compact(rec.layouts[0].mask & (~rec.visual | rec.alive[-1]), lengths=lengths)
                 layout.slot0 = torch.arange(layout.orig.shape[1], device=device).expand_as(layout.orig)
-                layout.entry_counts["image"] = [0] * len(counts)    # each image's survivors, known on the host
-                for key, ids in images_of.items():
-                    for i in ids:
-                        layout.entry_counts["image"][i] = alive[key].shape[1]
+                layout.entry_counts["image"] = kept
                 rec.layouts[0] = layout
         if merged:
             embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, placeholders, features).view_as(embeds)

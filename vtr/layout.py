@@ -41,21 +41,27 @@ class Layout:
     full: bool = False
     entry_counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def compact(self, keep: torch.Tensor, entry_counts: tuple[str, torch.Tensor] | None = None) -> "Layout":
+    def compact(self, keep: torch.Tensor, entry_counts: tuple[str, torch.Tensor] | None = None,
+                lengths: list[int] | None = None) -> "Layout":
         """The layout of the slots where ``keep`` (B, L), a subset of ``mask``, is True, in order, left-padded again;
         this layout itself where ``keep`` is all of it. One read-back to the host for the new width, whether anything
         was dropped and whether the new layout has padding; ``entry_counts`` (grouping, counts on the device), the
-        new layout's visual tokens per image or frame, comes back in the same read-back."""
+        new layout's visual tokens per image or frame, comes back in the same read-back. ``lengths``: each row's
+        count of ``keep``, where the host knows it and that something is dropped (nothing is read back)."""
         b, length = keep.shape
         counts = keep.sum(1)
-        read = [counts.max(), (keep != self.mask).sum(), counts.min()]
-        if entry_counts is not None:
-            read.append(entry_counts[1])
-        width, dropped, shortest, *entries = torch.cat([t.view(-1) for t in read]).tolist()
-        if not dropped:
+        if lengths is not None:
+            assert entry_counts is None, "counts known on the host go onto the layout directly"
+            width, shortest = max(lengths), min(lengths)
+        else:
+            read = [counts.max(), (keep != self.mask).sum(), counts.min()]
             if entry_counts is not None:
-                self.entry_counts[entry_counts[0]] = entries
-            return self
+                read.append(entry_counts[1])
+            width, dropped, shortest, *entries = torch.cat([t.view(-1) for t in read]).tolist()
+            if not dropped:
+                if entry_counts is not None:
+                    self.entry_counts[entry_counts[0]] = entries
+                return self
         slot = keep.cumsum(1) - 1 + (width - counts)[:, None]          # each kept slot's place, right-aligned
         src = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device)   # column ``width``: the dropped
         src.scatter_(1, slot.masked_fill(~keep, width), torch.arange(length, device=keep.device).expand(b, -1))
@@ -74,20 +80,22 @@ class Record:
     length: int                     # original prompt length L
     layouts: list[Layout]           # [layout 0, after LLM stage 1, ...]
     per_sample_visual: list[int]    # image tokens per sample
+    per_sample_length: list[int]    # tokens per sample, padding left out
     alive: list[torch.Tensor] = field(default_factory=list)    # per stage: (B, L) bool over the original sequence
     positions: torch.Tensor | None = None   # (..., B, L) position ids the language model got (M-RoPE: 3-4 rows)
     protected: torch.Tensor | None = None   # (B, L) bool: visual tokens never dropped (newline tokens)
     injections: list[torch.Tensor] | None = None   # per early layer: (visual tokens, D) features added to its output
     feature_row: torch.Tensor | None = None        # (B, L) row of each image token in ``injections``
-    image_local: torch.Tensor | None = None    # (I,) index of each image inside its sample
+    image_local: list[int] = field(default_factory=list)    # index of each image inside its sample
+    image_sample: list[int] = field(default_factory=list)   # the sample of each image
     _image_of: torch.Tensor | None = None
     _frame_of: torch.Tensor | None = None
     _patch_of: torch.Tensor | None = None
     _placeholders: torch.Tensor | None = None
 
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
-    frame_grids: torch.Tensor | None = None    # (I, 3) frames, rows, columns of each image (where the adapter knows)
-    frame_grid_list: list[tuple[int, int, int]] | None = None   # the same on the host
+    frame_grids: list[tuple[int, int, int]] | None = None   # frames, rows, columns of each image (where the
+                                                            # adapter knows)
     frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts
                                                # in its video's last frame)
     stage_keep: dict[int, tuple] = field(default_factory=dict)   # plugin id -> (I, stages) tokens kept: host, device
