@@ -182,7 +182,8 @@ def test_stage_counts_come_back_with_the_compaction(llava):
     """The host knows each image's visual tokens before the LLM (its sizes, less what a pre-LLM method kept), and
     each in-LLM stage's compaction brings back the survivors per image (or frame) with the new width: FastV waits for
     the device twice per prefill (the prompt's checks, its compaction), a third PyramidDrop stage adds one wait, not
-    two; and what each layout carries equals a fresh count, for groupings and stacks that differ."""
+    two, and a projector method only the prompt's checks (each sample's new length is known); what each layout
+    carries equals a fresh count, for groupings and stacks that differ."""
     import dataclasses
     from conftest import BATCH
     from vtr.eval.launches import OpCount
@@ -190,12 +191,14 @@ def test_stage_counts_come_back_with_the_compaction(llava):
 
     inputs = make_inputs(llava, [BATCH[0]], seed=3)
     syncs = {}
-    for name, method in [("fastv", FastV(retain=0.5)), (2, PyramidDrop(retain=0.25, layer_list=(2, 4))),
+    for name, method in [("fastv", FastV(retain=0.5)), ("uniform", "uniform"),
+                         (2, PyramidDrop(retain=0.25, layer_list=(2, 4))),
                          (3, PyramidDrop(retain=0.25, layer_list=(2, 4, 6)))]:
-        with vtr.patch(llava, method), torch.no_grad(), watch_hooks(OpCount()) as count:
+        with vtr.patch(llava, method, **({"retain": 0.25} if method == "uniform" else {})), torch.no_grad(), \
+                watch_hooks(OpCount()) as count:
             llava(**inputs, use_cache=True)
         syncs[name] = count.syncs
-    assert syncs["fastv"] == 2 and syncs[3] == syncs[2] + 1
+    assert syncs["fastv"] == 2 and syncs["uniform"] == 1 and syncs[3] == syncs[2] + 1
 
     video = _model("llava_onevision", "sdpa")     # a closing newline per video, never dropped: not counted
     for model, video_input, stack in [
