@@ -192,6 +192,22 @@ def test_hook_syncs_do_not_grow_with_the_images(llava, method):
     assert syncs[0] == syncs[1]
 
 
+def test_kernel_bench_quick_writes_json(tmp_path, capsys):
+    """Each sequential selection step timed in every implementation the device has (host and PyTorch loops on a
+    CPU), all picking the same tokens; the attention row beside the full weights' matrix."""
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "--kernels", "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    steps = [r for r in result["rows"] if "same" in r]
+    assert {(r["kernel"], r["impl"]) for r in steps} == {("max-min diversity", "numpy"), ("max-min diversity", "torch"),
+                                                         ("duplicate removal", "numpy")}
+    assert all(r["same"] and r["ms"] > 0 and r["k"] == r["n"] // 4 for r in steps)
+    rows = [r for r in result["rows"] if r["kernel"] == "last-query attention"]
+    assert [r["n"] for r in rows] == [64, 160] and all(r["full_ms"] > 0 and r["full_bytes"] == r["n"] * r["bytes"]
+                                                       for r in rows)
+    assert "picks the same" in capsys.readouterr().out
+
+
 def test_video_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench_video.json"
     assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",

@@ -56,9 +56,11 @@ def test_divprune_greedy_paths_agree_with_the_definition():
 
 
 TRITON_KERNELS = """
+import os
 import torch
 from vtr.kernels import _duplicate_rounds_numpy, _greedy_torch
 from vtr.kernels_triton import duplicate_removal, max_min_greedy
+device = os.environ.get("VTR_KERNEL_DEVICE", "cpu")      # cpu: Triton's interpreter; cuda: the compiled kernels
 g = torch.Generator().manual_seed(0)
 for n, keeps in ((45, (1, 2, 7, 20, 44, 45)), (10, (1, 3)), (300, (100,))):   # under 16 tokens: padded lists
     x = torch.randn(3, n, 8, generator=g)
@@ -74,12 +76,12 @@ for n, keeps in ((45, (1, 2, 7, 20, 44, 45)), (10, (1, 3)), (300, (100,))):   # 
             drops.append(min(8, count - keep, (count + 1) // 2))
             count -= drops[-1]
         want = _duplicate_rounds_numpy(sim.numpy(), drops, keep, neighbours=0)
-        assert torch.equal(duplicate_removal(sim, drops, keep, 16), want), (n, keep)
+        assert torch.equal(duplicate_removal(sim.to(device), drops, keep, 16).cpu(), want), (n, keep)
 sim = xn[:, :40] @ xn[:, :40].transpose(1, 2)
 sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
 first = sim.amax(1).argmin(1)
 for k in (1, 12, 40):
-    assert torch.equal(max_min_greedy(sim, first, k), _greedy_torch(sim, first, k)), k
+    assert torch.equal(max_min_greedy(sim.to(device), first.to(device), k).cpu(), _greedy_torch(sim, first, k)), k
 print("same")
 """
 

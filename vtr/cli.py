@@ -27,9 +27,13 @@ def _demo(args):
 
 
 def _bench(args):
-    from vtr.eval import bench, bench_encoder, bench_video
+    from vtr.eval import bench, bench_encoder, bench_kernels, bench_video
 
-    if args.video:
+    if args.kernels:
+        module = bench_kernels
+        result = bench_kernels.run(repeats=args.repeats, quick=args.quick, device=args.device,
+                                   out=args.out if args.out != "bench.json" else "bench_kernels.json")
+    elif args.video:
         module = bench_video
         methods = args.methods if args.methods != BENCH_METHODS else "framesample,dycoke,fastvid,holitom,random,fastv"
         result = bench_video.run(methods.split(","), [float(r) for r in args.retain.split(",")],
@@ -177,6 +181,9 @@ def main(argv=None):
                        help="instead: images/s of an encoder-only ViT under tome and evit")
     bench.add_argument("--video", action="store_true", help="instead: a video on a LLaVA-OneVision-shaped model "
                        "(output bench_video.json)")
+    bench.add_argument("--kernels", action="store_true", help="instead: the sequential selection kernels alone "
+                       "(Triton, PyTorch and host loops) and recomputed attention rows at 576, 2,880 and 8,192 tokens "
+                       "(output bench_kernels.json)")
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

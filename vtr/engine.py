@@ -421,12 +421,11 @@ class Engine(HookSet):
         pre_llm = [s for s in self.stages if s.layer is None]
         # A method counting for itself may keep a different number of each image's tokens: it sees one at a time.
         alone = any(s.plugin.counts_itself for s in pre_llm)
-        groups = {}            # (candidates per image, its frame grid if known[, the image]) -> [image indices]
+        images_of = {}         # (candidates per image, its frame grid if known[, the image]) -> [image indices]
         for i, n in enumerate(counts):
             key = (n, *(() if frames is None else frames[i]), *((i,) if alone else ()))
-            groups.setdefault(key, []).append(i)
-        images_of = groups
-        groups = {key: torch.tensor(ids, device=device) for key, ids in groups.items()}
+            images_of.setdefault(key, []).append(i)
+        groups = {key: torch.tensor(ids, device=device) for key, ids in images_of.items()}     # the same, on the device
         alive = {key: torch.arange(key[0], device=device).expand(len(ids), -1) for key, ids in groups.items()}
 
         def rows_of(ids, survivors):               # (G, alive) rows of ``features`` of these images' survivors

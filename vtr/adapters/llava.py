@@ -138,11 +138,12 @@ class LlavaNextAdapter(LlavaAdapter):
         """From the pre-encoded features under generate(); else the model's own packing of the crops."""
         if "image" in encoded:
             return encoded["image"]
-        sizes = kwargs["image_sizes"]
+        device = kwargs["image_sizes"].device
+        sizes = kwargs["image_sizes"].tolist()      # read once: the model's functions take host sizes as well
         crops = self._crops(sizes, kwargs)
         patches = self.side * self.side + int(self.has_cls and self.features_keep_cls)      # features per crop
-        ones = torch.ones(sum(crops), patches, 1, device=sizes.device)
-        return [len(p) for p in self._pack(list(ones.split(crops)), sizes, torch.ones(1, device=sizes.device))]
+        ones = torch.ones(sum(crops), patches, 1, device=device)
+        return [len(p) for p in self._pack(list(ones.split(crops)), sizes, torch.ones(1, device=device))]
 
     def protected(self, features: torch.Tensor) -> torch.Tensor:
         """Newline tokens: the features that are the model's ``image_newline`` vector."""
