@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from vtr import kernels
-from vtr.kernels import NEIGHBOURS, _duplicate_rounds_numpy, _greedy_numpy, _greedy_torch, attention_rows
+from vtr.kernels import (NEIGHBOURS, _duplicate_rounds_numpy, _greedy_numpy, _greedy_torch, attention_rows,
+                         duplicate_rounds)
+from vtr.plugins.vispruner import DROP_PER_ROUND
 
 SIZES = (576, 2880, 8192)
 QUICK_SIZES = (64, 160)
-DROP_PER_ROUND = 8                 # VisPruner's
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
@@ -67,10 +68,7 @@ def run(repeats: int = 5, quick: bool = False, device: str = "cpu", out: str = "
             impls["triton"] = lambda: fused.max_min_greedy(greedy, first, keep)
         rows += _rows("max-min diversity", n, keep, impls, device, repeats)
 
-        drops, count = [], n
-        while count > keep:
-            drops.append(min(DROP_PER_ROUND, count - keep, (count + 1) // 2))
-            count -= drops[-1]
+        drops = duplicate_rounds(n, keep, DROP_PER_ROUND)
         impls = {"numpy": lambda: _duplicate_rounds_numpy(sim.cpu().numpy(), drops, keep)}
         if fused is not None and n <= 8192:
             impls["triton"] = lambda: fused.duplicate_removal(sim, drops, keep, NEIGHBOURS)

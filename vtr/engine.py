@@ -745,7 +745,7 @@ class Engine(HookSet):
     def _next_grouping(self, index: int) -> str | None:
         """The grouping the next user of the visual entries after LLM stage ``index`` counts them by, if any."""
         if index + 1 < len(self.llm_stages):
-            return "frame" if self.llm_stages[index + 1].plugin.per_frame else "image"
+            return _grouping(self.llm_stages[index + 1].plugin)
         return "image" if self.decode is not None else None
 
     def _drop(self, rec: Record, index: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
@@ -758,7 +758,7 @@ class Engine(HookSet):
         if rec.layouts[scored_layout] is not layout:
             raise RuntimeError(f"{stage.plugin.name}: scores were taken on a sequence that changed before the drop")
         plugin = stage.plugin
-        grouping = "frame" if plugin.per_frame else "image"
+        grouping = _grouping(plugin)
         orig, visual, rows, image, counts = self._visual_entries(rec, layout, grouping)   # gathers use rows
         images = len(counts)
 
@@ -800,3 +800,8 @@ def _after_last(visual: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: the slots of ``mask`` after each row's last ``visual`` one."""
     slots = torch.arange(visual.shape[1], device=visual.device)
     return mask & (slots > torch.where(visual, slots, -1).amax(dim=1, keepdim=True))
+
+
+def _grouping(plugin: Plugin) -> str:
+    """What a stage of ``plugin`` counts its budgets by: each frame, or each image (a video is one)."""
+    return "frame" if plugin.per_frame else "image"

@@ -153,14 +153,20 @@ def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tenso
         return torch.empty(images, 0, dtype=torch.long, device=x.device)
     xn = F.normalize(x.detach().float(), dim=-1)
     sim = xn @ xn.transpose(1, 2)
-    drops, count = [], n                     # what each round removes depends on the counts only
-    while count > keep:
-        drops.append(min(per_round, count - keep, (count + 1) // 2))      # at most every even token
-        count -= drops[-1]
+    drops = duplicate_rounds(n, keep, per_round)
     fused = _triton() if sim.is_cuda and n <= 8192 else None
     if fused is not None:
         return fused.duplicate_removal(sim, drops, keep, NEIGHBOURS)
     return _duplicate_rounds_numpy(sim.cpu().numpy(), drops, keep).to(x.device)
+
+
+def duplicate_rounds(n: int, keep: int, per_round: int) -> list[int]:
+    """How many tokens each round of ``duplicate_removal`` removes: it depends on the counts only."""
+    drops, count = [], n
+    while count > keep:
+        drops.append(min(per_round, count - keep, (count + 1) // 2))      # at most every even token
+        count -= drops[-1]
+    return drops
 
 
 def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int,
