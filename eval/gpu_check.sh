@@ -4,9 +4,12 @@
 # brings back at most 8 files). A lent machine reaches no network:
 # before the call, where pip works, download into .whl/ (git-ignored) what its image lacks (transformers >= 5.20;
 # flash-attn built for its torch, to time flash_attention_2) with the device tool's `pip download` line, and carry
-# .whl. Run from the repository root: bash eval/gpu_check.sh
+# .whl (bash eval/gpu_wheels.sh does it). Run from the repository root: bash eval/gpu_check.sh
+# A dry run of the plumbing on a CPU, small models: DEVICE=cpu SIZE=quick VTR_TEST_DEVICE=cpu OUT=/tmp bash eval/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-.}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-}               # the bench's --size; empty: its default for the device (7b on CUDA)
 WORK=/tmp/gpu-check
 mkdir -p "$WORK"
 trap 'tar czf "$OUT/gpu-check.tar.gz" -C /tmp gpu-check' EXIT
@@ -29,10 +32,10 @@ step() {          # step NAME SECONDS COMMAND...: a step that overruns is stoppe
 flash=sdpa
 python3 -c "import flash_attn" 2> /dev/null && flash=flash_attention_2
 step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step kernels 60 python3 -m vtr.cli bench --kernels --device cuda --out "$WORK/kernels.json"
-step llava 100 python3 -m vtr.cli bench --device cuda --repeats 3 --out "$WORK/llava.json" --plot "$WORK/llava.png"
-step qwen 80 python3 -m vtr.cli bench --device cuda --arch qwen2.5-vl --repeats 3 --out "$WORK/qwen.json"
-step next 90 python3 -m vtr.cli bench --device cuda --arch llava-next --attn "$flash" --repeats 3 \
-    --out "$WORK/next.json"
-step video 110 python3 -m vtr.cli bench --device cuda --video --repeats 3 --out "$WORK/video.json"
+bench="python3 -m vtr.cli bench --device $DEVICE ${SIZE:+--size $SIZE} --repeats 3"
+step kernels 60 python3 -m vtr.cli bench --kernels --device "$DEVICE" ${SIZE:+--quick} --out "$WORK/kernels.json"
+step llava 100 $bench --out "$WORK/llava.json" --plot "$WORK/llava.png"
+step qwen 80 $bench --arch qwen2.5-vl --out "$WORK/qwen.json"
+step next 90 $bench --arch llava-next --attn "$flash" --out "$WORK/next.json"
+step video 110 $bench --video --out "$WORK/video.json"
 tail -n 3 "$WORK"/*.log
