@@ -14,7 +14,7 @@ from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, 
 
 from conftest import SINGLE, _model
 from oracle import visual_positions
-from tiny_models import anyres_newlines, make_inputs
+from tiny_models import IMAGE as I, anyres_newlines, make_inputs, tiny_qwen2_vl
 
 
 def unit(degrees):
@@ -263,20 +263,30 @@ def test_cls_attention_kernel_equals_clip_attention_weights():
     assert torch.equal(kept, want[0].topk(5).indices.sort().values)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_towers_without_cls_score_by_attention_received_in_the_last_block(arch):
+@pytest.mark.parametrize("arch, case", [("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "image"),
+                                        ("qwen2_5_vl", "video"), ("qwen2_5_vl", "full-attention last block"),
+                                        ("qwen3_vl", "video")])
+def test_towers_without_cls_score_by_attention_received_in_the_last_block(arch, case):
     """The fallback, written out naively: full softmax attention of the last vision block per image, the mean each
     patch receives (over heads and queries), averaged over its merge group; merged tokens are matched to the
-    tower's output order by running the stock merger (Qwen2.5-VL's blocks see patches in window order)."""
+    tower's output order by running the stock merger (Qwen2.5-VL's blocks see patches in window order). The block's
+    attention spans (the engine takes them from the host grid: each temporal patch of each image) come from the
+    stock tower's own ``cu_seqlens``; two images of different sizes, or a video's two temporal patches."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
     model = _model(arch, "eager")
-    inputs = make_inputs(model, [SINGLE], seed=1)
+    if case == "full-attention last block":       # as in the real checkpoints (the tiny one's last block is windowed)
+        model = tiny_qwen2_vl("eager", version="2.5")
+        model.model.visual.fullatt_block_indexes = [1, 2]
+    video = case == "video"
+    inputs = make_inputs(model, [[1, 5, I, 6, I, 7]], seed=1, video=video)
+    pixels, grid = ((inputs["pixel_values_videos"], inputs["video_grid_thw"]) if video else
+                    (inputs["pixel_values"], inputs["image_grid_thw"]))
     visual, seen = model.model.visual, {}
     probe = visual.blocks[-1].register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
     try:
         with torch.no_grad():
-            out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            out = visual(pixels, grid_thw=grid)
     finally:
         probe.remove()
     block, merge = visual.blocks[-1], model.config.vision_config.spatial_merge_size
@@ -284,6 +294,8 @@ def test_towers_without_cls_score_by_attention_received_in_the_last_block(arch):
     q, k, _ = block.attn.qkv(block.norm1(seen["x"])).reshape(n, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3)
     q, k = apply_rotary_pos_emb_vision(q, k, *seen["kw"]["position_embeddings"])
     bounds = seen["kw"]["cu_seqlens"].tolist()
+    windowed = arch == "qwen2_5_vl" and case != "full-attention last block"
+    assert windowed or len(bounds) - 1 == int(grid[:, 0].sum())         # else one span per temporal patch
     received = torch.cat([(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * block.attn.scaling).softmax(-1).mean((0, 1))
                           for a, b in zip(bounds[:-1], bounds[1:])])
     block_order = received.view(-1, merge ** 2).mean(1)
@@ -295,7 +307,11 @@ def test_towers_without_cls_score_by_attention_received_in_the_last_block(arch):
         assert order != sorted(order), "the example must exercise the window reordering"
     with vtr.patch(model, "fastervlm", budget=5) as handle, torch.no_grad():
         model(**inputs)
-    assert torch.equal(handle.kept()[0], want.topk(5).indices.sort().values)
+    per_image = [t * h * w // merge ** 2 for t, h, w in grid.tolist()]        # budget 5 per image (or video)
+    starts = torch.tensor(per_image).cumsum(0) - torch.tensor(per_image)
+    expected = torch.cat([part.topk(5).indices.sort().values + start
+                          for part, start in zip(want.split(per_image), starts)])
+    assert torch.equal(handle.kept()[0], expected)
 
 
 @pytest.mark.parametrize("method,score_layer", [("fastv", 1), ("pdrop", 2)])

@@ -16,6 +16,8 @@ vision block (all heads, all queries of the same image), the fallback FasterVLM-
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import nn
 
@@ -44,6 +46,14 @@ class Qwen2VLAdapter(Adapter):
         self.merge = config.vision_config.spatial_merge_size
         self.merged_order: torch.Tensor | None = None      # block order -> merger output order (Qwen2.5-VL windows)
         self.grid_thw: torch.Tensor | None = None          # (images, 3) patches per image, from the vision pass
+        self.grid_list: list[list[int]] = []               # the same on the host
+        self._read_grid: tuple[torch.Tensor, list] | None = None
+
+    def _host_grid(self, grid: torch.Tensor) -> list[list[int]]:
+        """``grid`` as host ints, read once per forward: the token counts and the vision pass get the same tensor."""
+        if self._read_grid is None or self._read_grid[0] is not grid:
+            self._read_grid = (grid, grid.tolist())
+        return self._read_grid[1]
 
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
@@ -56,36 +66,41 @@ class Qwen2VLAdapter(Adapter):
             if modality in encoded:
                 counts[modality] = encoded[modality]
             elif kwargs.get(grid) is not None:
-                counts[modality] = (kwargs[grid].prod(-1) // self.merge ** 2).tolist()
+                counts[modality] = [t * h * w // self.merge ** 2 for t, h, w in self._host_grid(kwargs[grid])]
         if len(counts) > 1:
             raise NotImplementedError("vtr: images and videos in one batch are not reduced yet; send them apart")
         return next(iter(counts.values()))
 
     def begin_vision(self, args: tuple, kwargs: dict):
         self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        self.grid_list = self._host_grid(self.grid_thw)
 
     def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
         """The merged grid: frames stacked, (t * h / merge, w / merge)."""
-        return [(t * h // self.merge, w // self.merge) for t, h, w in self.grid_thw.tolist()]
+        return [(t * h // self.merge, w // self.merge) for t, h, w in self.grid_list]
 
     def frame_grids(self, sizes: list[int]) -> list[tuple[int, int, int]]:
         """A frame is a temporal patch (2 video frames), of (h / merge, w / merge) merged tokens."""
-        return [(t, h // self.merge, w // self.merge) for t, h, w in self.grid_thw.tolist()]
+        return [(t, h // self.merge, w // self.merge) for t, h, w in self.grid_list]
 
     def score_projections(self) -> tuple[nn.Module, ...]:
         return (self.feature_layer.attn.qkv,)
 
     def cls_attention(self, layer: nn.Module, args: tuple, kwargs: dict, projected: tuple) -> torch.Tensor:
-        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
         cos, sin = (t.float().unsqueeze(-2) for t in kwargs["position_embeddings"])
         attn, qkv = layer.attn, projected[0]
         q, k, _ = qkv.reshape(qkv.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = (t.float() * cos + rotate_half(t.float()) * sin for t in (q, k))       # the block's vision RoPE
-        bounds = cu_seqlens.tolist()
+        bounds = self.attention_bounds(args, kwargs)
         received = torch.cat([attention_received(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), attn.scaling)
                               for a, b in zip(bounds[:-1], bounds[1:])])
         merged = received.view(-1, self.merge ** 2).mean(dim=1)      # a merge group's patches are consecutive
         return merged if self.merged_order is None else merged[self.merged_order]
+
+    def attention_bounds(self, args: tuple, kwargs: dict) -> list[int]:
+        """Where the feature block's attention spans start and end: each temporal patch's h * w patches (the block's
+        ``cu_seqlens``), from the host grid rather than a device read."""
+        return [0, *accumulate(h * w for t, h, w in self.grid_list for _ in range(t))]
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
@@ -102,10 +117,18 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         from transformers.vision_utils import get_vision_window_index
 
         super().begin_vision(args, kwargs)
-        visual, grid = self.vision_model, self.grid_thw
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
-                                                  window_size=visual.window_size, patch_size=visual.patch_size)
-        self.merged_order = torch.argsort(window_index.to(grid.device))
+        visual = self.vision_model
+        # from the host grid, so the index is built on the CPU without a device read
+        window_index, _ = get_vision_window_index(torch.tensor(self.grid_list), visual.spatial_merge_size,
+                                                  visual.window_size, visual.patch_size)
+        self.merged_order = torch.argsort(window_index).to(self.grid_thw.device, non_blocking=True)
+
+    def attention_bounds(self, args: tuple, kwargs: dict) -> list[int]:
+        """The full-attention blocks span frames; a windowed feature block (small configs) reads its windows."""
+        visual = self.vision_model
+        if len(visual.blocks) - 1 in visual.fullatt_block_indexes:
+            return super().attention_bounds(args, kwargs)
+        return (kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]).tolist()
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
