@@ -17,6 +17,7 @@ heads, all queries of its crop), the documented fallback.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -171,27 +172,28 @@ class LlavaNextAdapter(LlavaAdapter):
             return self._cache[1]
         crops = self.crop_features.to(features.dtype)
         patches, probe = crops.shape[1], min(8, crops.shape[-1])
-        bases, start = [], 0
-        for n in sizes:                               # an image's packed features start with its base crop
-            match = (crops[:, 0] == features[start]).all(dim=-1).nonzero()
-            if len(match) != 1:
-                raise RuntimeError("vtr: the image features do not come from this forward pass's vision tower")
-            bases.append(int(match[0]))
-            start += n
-        out, start = [], 0
-        for i, n in enumerate(sizes):
+        starts = [0, *accumulate(sizes)][:-1]
+        # one read for all images: the crop an image's packed features start with (its base crop; exactly one must
+        # match) and the newline rows of its crop grid
+        first = (crops[:, None, 0] == features[starts][None]).all(dim=-1)                  # (crops, images)
+        newline = self.protected(features)
+        rows = torch.stack([newline[start + patches:start + n].sum() for start, n in zip(starts, sizes)])
+        read = torch.cat([first.sum(dim=0), first.long().argmax(dim=0), rows]).tolist()
+        matches, bases, grid_rows = read[:len(sizes)], read[len(sizes):2 * len(sizes)], read[2 * len(sizes):]
+        if any(m != 1 for m in matches):
+            raise RuntimeError("vtr: the image features do not come from this forward pass's vision tower")
+        out = []
+        for i, (start, n) in enumerate(zip(starts, sizes)):
             base = bases[i]
             count = (bases[i + 1] if i + 1 < len(bases) else len(crops)) - base
             geometry = {"base": base, "crops": count, "grid": (0, 0), "patches": patches}
             grid_part = features[start + patches:start + n]
-            newline = self.protected(grid_part)
             if count > 1:
-                rows = int(newline.sum())
+                rows = grid_rows[i]
                 cols = len(grid_part) // rows - 1
                 want = grid_part.view(rows, cols + 1, -1)[:, :cols, :probe].permute(2, 0, 1)
                 geometry.update(self._search(crops[base + 1:base + count, :, :probe], count - 1, rows, cols, want))
             out.append(geometry)
-            start += n
         self._cache = (features, out)
         return out
 
