@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtr
-from vtr.compat import output_cache
+from vtr.compat import CACHE_ARG, output_cache
 from vtr.kernels import (attention_rows, duplicate_removal, group_counts, max_min_diversity, topk_per_group,
                          true_first)
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
@@ -216,6 +216,24 @@ def test_stage_counts_come_back_with_the_compaction(llava):
         for layout, grouping, counts in carried:
             fresh = dataclasses.replace(layout, entry_counts={})
             assert engine._visual_entries(engine.rec, fresh, grouping)[4] == counts, (stack, grouping)
+
+
+def test_a_decode_step_reads_nothing_back(llava):
+    """Past the prefill, an unpadded sample's decode step runs every stage's layers without a device read: the stock
+    model found its whole mask all ones, so the shorter caches' masks are skipped too (a padded batch, or a method
+    that hides tokens while decoding, builds them; the contract tests check those)."""
+    from conftest import BATCH
+    from vtr.eval.launches import OpCount
+    from vtr.hooks import watch_hooks
+
+    inputs = make_inputs(llava, [BATCH[0]], seed=3)
+    with vtr.patch(llava, PyramidDrop(retain=0.25, layer_list=(2, 4, 6))), torch.no_grad():
+        out = llava(**inputs, use_cache=True)
+        step = {"input_ids": out.logits[:, -1:].argmax(-1), CACHE_ARG: output_cache(out),
+                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)}
+        with watch_hooks(OpCount()) as count:
+            llava(**step, use_cache=True)
+    assert count.ops > 0 and count.syncs == 0
 
 
 def test_attention_rows_matches_softmax_with_gqa_and_mask():

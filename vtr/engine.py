@@ -705,6 +705,10 @@ class Engine(HookSet):
             # no padding and a cache: no mask, which the stock layers read as all True without checking it on the
             # device (without a cache, transformers would take the skipped positions for packed sequences)
             mask2d = None if layout.full and past is not None else layout.mask
+        elif layout.full and not hide and hidden.shape[1] == 1 and kwargs.get("attention_mask") is None:
+            # the stock mask of the whole cache was skipped (it checked it is all ones, one query): so is a shorter
+            # unpadded one's, and the check (a device read per stage and step) need not run again
+            mask2d = None
         else:
             visible = layout.mask & ~rec.hidden.gather(1, layout.orig.clamp(min=0)) if hide else layout.mask
             mask2d = torch.cat([visible, rec.tail], dim=1)
