@@ -115,7 +115,7 @@ class DyCokeKV(DecodePlugin):
         chosen = topk_per_group(scores, s.image, k)
         previous, kept = state.get("attention"), state.get("visible")
         if previous is not None and previous.shape == scores.shape:     # per image: stable attention keeps its choice
-            images = int(s.image.max()) + 1
+            images = len(s.host(k)[0])
             dot = torch.zeros(images, device=scores.device).index_add_(0, s.image, scores * previous)
             norms = [torch.zeros(images, device=scores.device).index_add_(0, s.image, v * v).sqrt()
                      for v in (scores, previous)]

@@ -673,15 +673,17 @@ class Engine(HookSet):
         orig = layout.orig.clamp(min=0)
         if rec.decode_entries is None:      # the prompt's visual entries in the cache: the same at every step
             _, visual, rows, image, entry = self._visual_entries(rec, layout, "image")
-            k = torch.tensor([self.decode.stage_counts(n)[0] for n in entry], device=hidden.device)
-            rec.decode_entries = visual, rows, image, k
-        visual, rows, image, k = rec.decode_entries
+            budgets = [self.decode.stage_counts(n)[0] for n in entry]
+            k = torch.tensor(budgets, device=hidden.device)
+            rec.decode_entries = visual, rows, image, k, entry, budgets
+        visual, rows, image, k, entry, budgets = rec.decode_entries
         keep = self.decode.visible(Signals(tokens=hidden, last_attention=row, visual=visual, image=image,
-                                           visual_rows=rows), k, rec.decode_state)
+                                           visual_rows=rows, counts=entry, budgets=budgets), k, rec.decode_state)
         shown = torch.zeros_like(visual)
         shown.view(-1)[rows] = keep
-        hidden_here = visual & ~shown
-        rec.hidden = torch.zeros_like(rec.visual).scatter_(1, orig, hidden_here) if bool(hidden_here.any()) else None
+        # k[i] of image i stay visible: something is hidden exactly where a budget is below its count (host ints)
+        hides = any(b < n for b, n in zip(budgets, entry))
+        rec.hidden = torch.zeros_like(rec.visual).scatter_(1, orig, visual & ~shown) if hides else None
 
     def _kwargs_for(self, index: int, kwargs: dict, hidden: torch.Tensor, hide: bool = False) -> dict:
         """Layer kwargs for a sequence in layout ``index``, computed once per forward pass and layout; ``hide``

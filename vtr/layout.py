@@ -108,7 +108,7 @@ class Record:
     question_width: int | None = None   # most question tokens (after the last image) in a sample: text, never
                                         # dropped, so as many in every layout; raters (a subset) fit in it too
     decode_state: dict = field(default_factory=dict)   # what the decode method keeps from step to step
-    decode_entries: tuple | None = None     # decoding: (visual, rows, image, k) of the cache's prompt entries
+    decode_entries: tuple | None = None     # decoding: the prompt entries (visual, rows, image, k, counts, budgets)
     plugin_state: dict = field(default_factory=dict)   # id(plugin) -> what its stages pass on, this prefill
     pending: dict[int, tuple[dict, int]] = field(default_factory=dict)  # stage -> (signals, layout index)
     armed: dict[int, tuple] = field(default_factory=dict)   # score layer -> (stage, layout index, cos/sin), until keys
