@@ -203,7 +203,10 @@ def test_stage_counts_come_back_with_the_compaction(llava):
     assert syncs["fastv"] == 2 and syncs["uniform"] == 1 and syncs[3] == syncs[2] + 1
 
     video = _model("llava_onevision", "sdpa")     # a closing newline per video, never dropped: not counted
+    anyres = _model("llava_next", "sdpa")         # a newline per row of crops, counted by the host (forward pass)
     for model, video_input, stack in [
+            (anyres, False, [Random(retain=0.5), FastV(retain=0.5, layer=3)]),
+            (anyres, False, [PyramidDrop(retain=0.5, layer_list=(2, 4))]),
             (llava, False, [Random(retain=0.5), PyramidDrop(retain=0.5, layer_list=(2, 4))]),
             (video, True, [PyramidDrop(retain=0.5, layer_list=(2,)), FastV(retain=0.5, layer=4, per_frame=True)]),
             (video, True, [Random(retain=0.5), FastV(retain=0.5, layer=3)])]:

@@ -247,6 +247,7 @@ class Engine(HookSet):
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
             sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded)
             self._assign_images(rec, sizes)
+            rec.newline_counts = self.adapter.newline_counts if self.adapter.newline_tokens else None
             self.rec = rec
         elif self.rec is not None and past_len:
             rec = self.rec
@@ -385,6 +386,20 @@ class Engine(HookSet):
         rec.image_sizes = sizes
         rec.image_local = local
 
+    @staticmethod
+    def _host_entry_counts(rec: Record):
+        """Layout 0's entries a stage may drop, per image and frame, from host counts: every image token but the
+        protected newlines (a video's closing one sits in its last frame)."""
+        newlines = rec.newline_counts or [0] * len(rec.image_sizes)
+        counts = {"image": [n - p for n, p in zip(rec.image_sizes, newlines)]}
+        if rec.frame_sizes is not None:
+            frames, start = list(rec.frame_sizes), 0
+            for (t, _, _), p in zip(rec.frame_grids, newlines):
+                start += t
+                frames[start - 1] -= p
+            counts["frame"] = frames
+        rec.layouts[0].entry_counts.update(counts)
+
     def _read_frames(self, rec: Record):
         """Each image's frame grid and each frame's token count (videos; an image is one frame)."""
         try:
@@ -412,7 +427,9 @@ class Engine(HookSet):
         if protected is None:
             candidates, counts, shielded = None, rec.image_sizes, [0] * len(rec.image_sizes)
         else:
-            shielded = torch.stack([p.sum() for p in protected.split(rec.image_sizes)]).tolist()   # one read-back
+            shielded = rec.newline_counts                                 # the host's, else one read-back
+            if shielded is None:
+                shielded = torch.stack([p.sum() for p in protected.split(rec.image_sizes)]).tolist()
             counts = [n - p for n, p in zip(rec.image_sizes, shielded)]
             candidates = true_first(~protected)[:sum(counts)]
         sizes = torch.tensor(counts, device=device)
@@ -521,9 +538,8 @@ class Engine(HookSet):
                 rec.protected = torch.zeros_like(rec.visual).masked_scatter(rec.visual, protected)
             if self.adapter.has_frames:
                 self._read_frames(rec)
-            if rec.protected is None:      # every image token may be dropped: the host knows how many of each
-                rec.layouts[0].entry_counts.update(image=list(rec.image_sizes), **(
-                    {} if rec.frame_sizes is None else {"frame": list(rec.frame_sizes)}))
+            if rec.protected is None or rec.newline_counts is not None:     # the host knows each image's entries
+                self._host_entry_counts(rec)
             if any(s.layer is None for s in self.stages):
                 kwargs["inputs_embeds"] = self._select_before_llm(rec, kwargs["inputs_embeds"])
             rec.injections = self.adapter.take_injections(kwargs)      # edits kwargs in place

@@ -94,6 +94,7 @@ class Record:
     _placeholders: torch.Tensor | None = None
 
     image_sizes: list[int] = field(default_factory=list)   # tokens of each image
+    newline_counts: list[int] | None = None    # protected tokens of each image, where the adapter knows them
     frame_grids: list[tuple[int, int, int]] | None = None   # frames, rows, columns of each image (where the
                                                             # adapter knows)
     frame_sizes: list[int] | None = None       # tokens of each frame, image after image (a closing newline counts

@@ -69,6 +69,10 @@ class Adapter:
         those never dropped (LLaVA-NeXT's newline tokens); called only when ``newline_tokens``."""
         raise NotImplementedError
 
+    #: per image of the last ``image_token_counts``: how many of its tokens ``protected`` flags, where the host knows
+    #: (None: the engine counts them on the device)
+    newline_counts: list[int] | None = None
+
     def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """``cls_attention``'s output laid out like ``features`` (one score per feature; ``sizes``: features per
         image)."""

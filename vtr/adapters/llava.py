@@ -137,14 +137,17 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def image_token_counts(self, kwargs: dict, visual: torch.Tensor, encoded: dict) -> list[int]:
         """From the pre-encoded features under generate(); else the model's own packing of the crops."""
+        self.newline_counts = None
         if "image" in encoded:
             return encoded["image"]
-        device = kwargs["image_sizes"].device
         sizes = kwargs["image_sizes"].tolist()      # read once: the model's functions take host sizes as well
         crops = self._crops(sizes, kwargs)
         patches = self.side * self.side + int(self.has_cls and self.features_keep_cls)      # features per crop
-        ones = torch.ones(sum(crops), patches, 1, device=device)
-        return [len(p) for p in self._pack(list(ones.split(crops)), sizes, torch.ones(1, device=device))]
+        # the model's own packing of a one-channel stand-in, on the CPU (shape work, no device read): features 1,
+        # newlines 0
+        packed = self._pack(list(torch.ones(sum(crops), patches, 1).split(crops)), sizes, torch.zeros(1))
+        self.newline_counts = torch.stack([(p == 0).sum() for p in packed]).tolist()
+        return [len(p) for p in packed]
 
     def protected(self, features: torch.Tensor) -> torch.Tensor:
         """Newline tokens: the features that are the model's ``image_newline`` vector."""
@@ -287,8 +290,11 @@ class _VideoAdapter(LlavaNextAdapter):
         if not self.video:
             return super().image_token_counts(kwargs, visual, encoded)
         if "video" in encoded:
-            return encoded["video"]
-        return [videos.shape[1] * self.pooled_side ** 2 + self.video_newline] * videos.shape[0]
+            counts = encoded["video"]
+        else:
+            counts = [videos.shape[1] * self.pooled_side ** 2 + self.video_newline] * videos.shape[0]
+        self.newline_counts = [int(self.video_newline)] * len(counts)
+        return counts
 
     def arrange_scores(self, scores: torch.Tensor, features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Videos: each frame's patch scores pooled like its features, frames in a row (0 for a closing newline)."""
