@@ -5,7 +5,8 @@
 # before the call, where pip works, download into .whl/ (git-ignored) what its image lacks (transformers >= 5.20;
 # flash-attn built for its torch, to time flash_attention_2) with the device tool's `pip download` line, and carry
 # .whl (bash eval/gpu_wheels.sh does it). Run from the repository root: bash eval/gpu_check.sh
-# A dry run of the plumbing on a CPU, small models: DEVICE=cpu SIZE=quick VTR_TEST_DEVICE=cpu OUT=/tmp bash eval/gpu_check.sh
+# A dry run of the plumbing on a CPU, small models:
+#   DEVICE=cpu SIZE=quick VTR_TEST_DEVICE=cpu OUT=/tmp bash eval/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-.}
 DEVICE=${DEVICE:-cuda}
