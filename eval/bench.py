@@ -11,7 +11,7 @@ Decode: tokens/s of 16 greedy tokens, from the first generated token to the last
 model's; KV: the cache's bytes after prefill, as a share of the unpatched cache's; peak: the most memory a generate()
 holds at once above the weights and inputs (``vtr.eval.memory``), as a share of the unpatched one's; ops/syncs: the
 operators vtr's hooks run in one prefill and those of them that wait for the device (``vtr.eval.launches``), what
-the hooks cost on a GPU.
+the hooks cost on a GPU; step: the same in the decode step after it.
 For FastV (and FasterVLM on LLaVA-1.5), a naive row: the same selection taken from the eager model's attention
 weights, as the methods' own code does it.
 """
@@ -272,7 +272,9 @@ def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, bas
         kv = cache_bytes(output_cache(prefill()))
         peak = peak_bytes(lambda: _generate(model, inputs), base["device"])
         with watch_hooks(OpCount()) as count:
-            prefill()
+            out = prefill()
+        with watch_hooks(OpCount()) as step:
+            model(**next_step(inputs, out))
     naive = NAIVE.get((method, arch))                # the forks' way, for what recomputing a few rows saves
     if naive is not None:
         plugin = vtr.api.resolve(method, retain)[0]
@@ -287,8 +289,16 @@ def _row(model, inputs, method: str, retain: float, repeats: int, arch: str, bas
         "hook_share": hooks / patched, "kv_cache_bytes": kv, "kv_cache_ratio": kv / base["kv"],
         "decode_tokens_per_s": decode, "decode_speedup": decode / base_decode, "peak_memory_bytes": peak,
         "peak_memory_ratio": peak / base["peak"], "hook_ops": count.ops, "hook_syncs": count.syncs,
+        "decode_hook_ops": step.ops, "decode_hook_syncs": step.syncs,
         "naive_s": naive, "naive_speedup": None if naive is None else unpatched / naive,
     }
+
+
+def next_step(inputs: dict, out) -> dict:
+    """The inputs of the greedy decode step after the prefill that returned ``out``."""
+    mask = inputs["attention_mask"]
+    return {"input_ids": out.logits[:, -1:].argmax(-1), CACHE_ARG: output_cache(out), "use_cache": True,
+            "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)}
 
 
 def _device_name(device: str) -> str:
@@ -314,7 +324,8 @@ def unpatched_line(result: dict) -> str:
 
 def format_rows(rows: list[dict]) -> list[str]:
     lines = [f"{'method':<12} {'retain':>6} {'kept':>5} {'prefill ms':>10} {'speedup':>8} {'ideal':>7} {'analytic':>8} "
-             f"{'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5} {'peak':>5} {'ops/syncs':>9}"]
+             f"{'of ideal':>8} {'overhead':>8} {'in hooks':>8} {'decode':>7} {'KV':>5} {'peak':>5} {'ops/syncs':>9} "
+             f"{'step':>6}"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['method']:<12} {r['retain']:>6.3f}  n/a: {r['skipped']}")
@@ -324,7 +335,8 @@ def format_rows(rows: list[dict]) -> list[str]:
                      f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {analytic} "
                      f"{r['of_ideal']:>7.0%} {r['overhead']:>8.1%} {r['hook_share']:>8.1%} "
                      f"{r['decode_speedup']:>6.2f}x {r['kv_cache_ratio']:>5.0%} {r['peak_memory_ratio']:>5.0%} "
-                     f"{str(r['hook_ops']) + '/' + str(r['hook_syncs']):>9}")
+                     f"{str(r['hook_ops']) + '/' + str(r['hook_syncs']):>9} "
+                     f"{str(r['decode_hook_ops']) + '/' + str(r['decode_hook_syncs']):>6}")
         if r["naive_s"] is not None:
             lines.append(f"{'':<12} {'':>6} {'':>5} {r['naive_s'] * 1e3:>10.1f} {r['naive_speedup']:>7.2f}x  naive: "
                          "eager attention weights, as the method's code takes them")

@@ -81,6 +81,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         assert row["decode_tokens_per_s"] > 0 and 0 < row["kv_cache_ratio"] < 1      # fewer tokens cached
         assert row["peak_memory_bytes"] > 0 and row["peak_memory_ratio"] > 0
         assert row["hook_ops"] > 0 and 0 <= row["hook_syncs"] < row["hook_ops"]
+        assert row["decode_hook_ops"] > 0 and row["decode_hook_syncs"] == 0     # an unpadded step waits for nothing
     assert result["unpatched_peak_memory_bytes"] > 0
     assert "analytic" in capsys.readouterr().out
 
