@@ -34,7 +34,8 @@ flash=sdpa
 python3 -c "import flash_attn" 2> /dev/null && flash=flash_attention_2
 step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 bench="python3 -m vtr.cli bench --device $DEVICE ${SIZE:+--size $SIZE} --repeats 3"
-step kernels 60 python3 -m vtr.cli bench --kernels --device "$DEVICE" ${SIZE:+--quick} --out "$WORK/kernels.json"
+quick=; [ "$SIZE" = quick ] && quick=--quick
+step kernels 60 python3 -m vtr.cli bench --kernels --device "$DEVICE" $quick --out "$WORK/kernels.json"
 step llava 100 $bench --out "$WORK/llava.json" --plot "$WORK/llava.png"
 step qwen 80 $bench --arch qwen2.5-vl --out "$WORK/qwen.json"
 step next 90 $bench --arch llava-next --attn "$flash" --out "$WORK/next.json"
