@@ -207,6 +207,7 @@ def test_stage_counts_come_back_with_the_compaction(llava):
     for model, video_input, stack in [
             (anyres, False, [Random(retain=0.5), FastV(retain=0.5, layer=3)]),
             (anyres, False, [PyramidDrop(retain=0.5, layer_list=(2, 4))]),
+            (video, False, [Random(retain=0.5), FastV(retain=0.5, layer=3)]),     # OneVision images, multi-image too
             (llava, False, [Random(retain=0.5), PyramidDrop(retain=0.5, layer_list=(2, 4))]),
             (video, True, [PyramidDrop(retain=0.5, layer_list=(2,)), FastV(retain=0.5, layer=4, per_frame=True)]),
             (video, True, [Random(retain=0.5), FastV(retain=0.5, layer=3)])]:
