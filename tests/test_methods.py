@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtr
-from vtr.compat import CACHE_ARG, output_cache
+from vtr.compat import output_cache
 from vtr.kernels import (attention_rows, duplicate_removal, group_counts, max_min_diversity, topk_per_group,
                          true_first)
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
@@ -58,7 +58,7 @@ def test_divprune_greedy_paths_agree_with_the_definition():
 TRITON_KERNELS = """
 import os
 import torch
-from vtr.kernels import _duplicate_rounds_numpy, _greedy_torch
+from vtr.kernels import _duplicate_rounds_numpy, _greedy_torch, duplicate_rounds
 from vtr.kernels_triton import duplicate_removal, max_min_greedy
 device = os.environ.get("VTR_KERNEL_DEVICE", "cpu")      # cpu: Triton's interpreter; cuda: the compiled kernels
 g = torch.Generator().manual_seed(0)
@@ -71,10 +71,7 @@ for n, keeps in ((45, (1, 2, 7, 20, 44, 45)), (10, (1, 3)), (300, (100,))):   # 
     xn = torch.nn.functional.normalize(x, dim=-1)
     sim = xn @ xn.transpose(1, 2)
     for keep in keeps:
-        drops, count = [], n
-        while count > keep:
-            drops.append(min(8, count - keep, (count + 1) // 2))
-            count -= drops[-1]
+        drops = duplicate_rounds(n, keep, 8)
         want = _duplicate_rounds_numpy(sim.numpy(), drops, keep, neighbours=0)
         assert torch.equal(duplicate_removal(sim.to(device), drops, keep, 16).cpu(), want), (n, keep)
 sim = xn[:, :40] @ xn[:, :40].transpose(1, 2)
@@ -227,16 +224,15 @@ def test_a_decode_step_reads_nothing_back(llava):
     model found its whole mask all ones, so the shorter caches' masks are skipped too (a padded batch, or a method
     that hides tokens while decoding, builds them; the contract tests check those)."""
     from conftest import BATCH
+    from vtr.eval.bench import next_step
     from vtr.eval.launches import OpCount
     from vtr.hooks import watch_hooks
 
     inputs = make_inputs(llava, [BATCH[0]], seed=3)
     with vtr.patch(llava, PyramidDrop(retain=0.25, layer_list=(2, 4, 6))), torch.no_grad():
         out = llava(**inputs, use_cache=True)
-        step = {"input_ids": out.logits[:, -1:].argmax(-1), CACHE_ARG: output_cache(out),
-                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)}
         with watch_hooks(OpCount()) as count:
-            llava(**step, use_cache=True)
+            llava(**next_step(inputs, out))
     assert count.ops > 0 and count.syncs == 0
 
 

@@ -401,7 +401,7 @@ def test_dycoke_kv_decode_step_waits_once():
     """A hiding decode step waits for the device once, in transformers' check of the mask it is handed: which
     entries are hidden and how many images there are come from host counts and budgets. Without hiding (kv=0) a
     step waits for nothing."""
-    from vtr.compat import output_cache
+    from vtr.eval.bench import next_step
     from vtr.eval.launches import OpCount
     from vtr.hooks import watch_hooks
 
@@ -409,12 +409,11 @@ def test_dycoke_kv_decode_step_waits_once():
     inputs = make_inputs(model, [BATCH[0]], seed=2, video=True)
     for kv, per_step in ((0.7, 1), (0.0, 0)):
         with vtr.patch(model, "dycoke", retain=0.5, kv=kv), torch.no_grad():
-            out, mask, syncs = model(**inputs, use_cache=True), inputs["attention_mask"], []
+            out, step, syncs = model(**inputs, use_cache=True), inputs, []
             for _ in range(3):
-                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+                step = next_step(step, out)
                 with watch_hooks(OpCount()) as count:
-                    out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, use_cache=True,
-                                **{CACHE_ARG: output_cache(out)})
+                    out = model(**step)
                 syncs.append(count.syncs)
         assert syncs == [per_step] * 3, (kv, syncs)
 
