@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import density_peaks, group_counts, true_first
+from vtr.kernels import density_peaks, rows_up_to, true_first
 
 from .base import Plugin, Signals, shares
 
@@ -88,27 +88,41 @@ class FastVID(Plugin):
 
     def _video(self, x, attention, salient, anchors, spans):
         t, per, dim = x.shape
-        top = [attention[f].topk(salient[f]).indices for f in range(t)]
-        rest = []                                            # each frame's non-salient tokens, ascending
-        for f in range(t):                                   # (their count is known: a sort, not a nonzero's sync)
-            free = torch.ones(per, dtype=torch.long, device=x.device).index_fill_(0, top[f], 0)
-            rest.append(true_first(free)[:per - salient[f]])
-        picks = [top[f] + f * per for f in range(t)]
-        values = [x[f, top[f]] for f in range(t)]
-        flat, unit = x.reshape(-1, dim), F.normalize(x.float(), dim=-1).reshape(-1, dim)
-        for segment in spans:
-            members = torch.cat([rest[f] + f * per for f in segment])
-            for f, count in zip(segment, self._anchor_counts(segment, anchors, [len(rest[f]) for f in range(t)])):
-                if not count:
-                    continue
-                anchor = rest[f][density_peaks(x[f, rest[f]], self.neighbours).topk(count).indices] + f * per
-                owner = (unit[members] @ unit[anchor].T).argmax(1)
-                size = group_counts(owner, count)[:, None]
-                mean = torch.zeros(count, dim, device=x.device).index_add_(0, owner, flat[members].float())
-                weight = (1 / (size + 1)).clamp(min=self.beta)
-                picks.append(anchor)
-                values.append((weight * flat[anchor].float() + (1 - weight) * mean / size.clamp(min=1)).to(x.dtype))
-        return torch.cat(picks), torch.cat(values)
+        device, flat = x.device, x.reshape(-1, dim)
+        offset = torch.arange(t, device=device)[:, None] * per                # each frame's first token
+        ranked = attention.sort(dim=-1, descending=True, stable=True).indices      # ties: the earlier token
+        top = torch.arange(per, device=device) < torch.tensor(salient, device=device)[:, None]
+        rest = true_first(~torch.zeros_like(top).scatter_(1, ranked, top))   # each frame's non-salient tokens first,
+        room = [per - n for n in salient]                                     # ascending (their count is known)
+        picks = [(ranked + offset).flatten()[rows_up_to(salient, per, device)]]
+        values = [flat[picks[0]]]
+        holders = [(i, f, count) for i, segment in enumerate(spans)          # (segment, anchor frame, anchors)
+                   for f, count in zip(segment, self._anchor_counts(segment, anchors, room)) if count]
+        if not holders:
+            return torch.cat(picks), torch.cat(values)
+        # every anchor frame at once: its anchors are its non-salient tokens of highest density-peaks score
+        frames, counts = [f for _, f, _ in holders], [count for _, _, count in holders]
+        order = rest[frames]                                                  # (H, N)
+        candidates = x[frames].gather(1, order[..., None].expand(-1, -1, dim))
+        score = density_peaks(candidates, self.neighbours, [room[f] for f in frames])
+        best = score.sort(dim=-1, descending=True, stable=True).indices[:, :max(counts)]            # (H, C)
+        anchor = (order.gather(1, best) + offset[frames]).flatten()
+        spare = torch.arange(best.shape[1], device=device) >= torch.tensor(counts, device=device)[:, None]
+        # each segment's non-salient tokens join their most similar anchor of each of its anchor frames
+        members = (rest + offset).flatten()[rows_up_to(room, per, device)]
+        unit = F.normalize(flat.float(), dim=-1)
+        similarity = (unit[members] @ unit[anchor].T).view(len(members), *best.shape).masked_fill_(spare, float("-inf"))
+        cluster = similarity.argmax(-1) + torch.arange(len(holders), device=device) * best.shape[1]    # (M, H)
+        segment_of = torch.tensor([i for i, segment in enumerate(spans) for f in segment for _ in range(room[f])],
+                                  device=device)
+        others = segment_of[:, None] != torch.tensor([i for i, _, _ in holders], device=device)
+        cluster.masked_fill_(others, anchor.numel())                         # another segment's: a spare row
+        joins = torch.zeros(anchor.numel() + 1, len(members), device=device).scatter_(0, cluster.T, 1.0)[:-1]
+        size, total = joins.sum(1, keepdim=True), joins @ flat[members].float()
+        weight = (1 / (size + 1)).clamp(min=self.beta)
+        merged = weight * flat[anchor].float() + (1 - weight) * total / size.clamp(min=1)
+        kept = rows_up_to(counts, best.shape[1], device)
+        return torch.cat([*picks, anchor[kept]]), torch.cat([*values, merged[kept].to(x.dtype)])
 
     def _anchor_counts(self, segment: list[int], anchors: list[int], room: list[int]) -> list[int]:
         """Anchors of each frame of a segment: the segment's total shared by its anchor frames (the last, then every

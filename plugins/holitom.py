@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_merge, group_counts, true_first
+from vtr.kernels import dpc_merge_groups, group_counts, rows_up_to, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -108,26 +108,34 @@ class HoliTom(Plugin):
                 break
             a, b, static, _ = segments[i]
             segments[i], saved[i] = (a, b, torch.zeros_like(static), 0), 0
-        groups = []             # (frame, positions, None) dynamic tokens; (first, positions, last) a segment's static
-        for a, b, static, count in segments:
-            order = true_first(static)                   # the static positions, then the others
-            if count:
-                groups.append((a, order[:count], b))
-            groups += [(f, order[count:], None) for f in range(a, b + 1)]
-        quotas = apportion(k, [len(g[1]) for g in groups])
-        picks, values = [], []
-        for (f, positions, last), quota in zip(groups, quotas):
-            if not quota:
-                continue
-            if last is None:                            # a frame's dynamic tokens: top attention
-                keep = positions[attention[f, positions].topk(quota).indices]
-                picks.append(keep + f * per)
-                values.append(x[f, keep])
-                continue
-            tokens = x[f:last + 1, positions].float().mean(0)        # static: the mean over the segment
-            centre, merged = dpc_merge(tokens, quota, min(self.max_neighbours, quota), self.beta)
-            picks.append(positions[centre] + f * per)
-            values.append(merged.to(x.dtype))
+        groups = []              # in order, each segment's static set (if any), then its frames' other tokens
+        for i, (a, b, _, count) in enumerate(segments):
+            groups += [("static", i, count)] * bool(count) + [("frame", f, per - count) for f in range(a, b + 1)]
+        quotas = apportion(k, [size for _, _, size in groups])
+        dynamic = [q for (kind, _, _), q in zip(groups, quotas) if kind == "frame"]           # frame by frame
+        statics = [(i, q) for (kind, i, _), q in zip(groups, quotas) if kind == "static" and q]
+        segment_of = torch.tensor([i for i, (a, b, _, _) in enumerate(segments) for _ in range(a, b + 1)],
+                                  device=x.device)
+        static = torch.stack([segment[2] for segment in segments])                  # (segments, N)
+        # a frame's dynamic tokens: the top by attention (ties: the earlier), all frames at once
+        top = attention.masked_fill(static[segment_of], float("-inf")).sort(dim=-1, descending=True, stable=True)
+        top = top.indices + torch.arange(t, device=x.device)[:, None] * per
+        picks = [top.flatten()[rows_up_to(dynamic, per, x.device)]]
+        values = [x.flatten(0, 1)[picks[0]]]
+        if statics:             # a segment's static tokens: their mean over it, clustered, all segments at once
+            which = torch.tensor([i for i, _ in statics], device=x.device)
+            width = torch.tensor([b - a + 1 for a, b, _, _ in segments], device=x.device)[which, None, None]
+            mean = torch.zeros(len(segments), per, x.shape[-1], device=x.device).index_add_(
+                0, segment_of, x.float())[which] / width
+            order = true_first(static[which])                               # the static positions first
+            tokens = mean.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+            quota = [q for _, q in statics]
+            centre, merged = dpc_merge_groups(tokens, [segments[i][3] for i, _ in statics], quota,
+                                              [min(self.max_neighbours, q) for q in quota], self.beta)
+            first = torch.tensor([segments[i][0] for i, _ in statics], device=x.device)[:, None] * per
+            kept = rows_up_to(quota, centre.shape[1], x.device)
+            picks.append((order.gather(1, centre.clamp(max=per - 1)) + first).flatten()[kept])
+            values.append(merged.flatten(0, 1)[kept].to(x.dtype))
         return torch.cat(picks), torch.cat(values)
 
 

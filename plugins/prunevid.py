@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_clusters, dpc_merge, true_first
+from vtr.kernels import dpc_clusters, dpc_merge_groups, rows_up_to, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -108,48 +108,49 @@ class PruneVidMerge(Plugin):
         means = x.float().mean(1)
         centres = max(1, int(t * self.segment_ratio))
         segments = contiguous(dpc_clusters(means, centres, min(self.neighbours, t))[1].tolist()) if t > 1 else [[0]]
-        groups = self._groups(x, segments, merge_static=True)
-        if not self.counts_itself and sum(len(p) for _, p, _ in groups) < k:
-            groups = self._groups(x, segments, merge_static=False)     # the budget keeps more than merging leaves
-        if self.counts_itself:
-            quotas = [int(self.cluster_ratio * len(p)) if len(p) > self.smallest else len(p) for _, p, _ in groups]
+        frames, positions, tokens, sizes = self._groups(x, segments, merge_static=True)
+        if not self.counts_itself and sum(sizes) < k:
+            frames, positions, tokens, sizes = self._groups(x, segments, merge_static=False)   # the budget keeps more
+        if self.counts_itself:                                                                  # than merging leaves
+            quotas = [int(self.cluster_ratio * n) if n > self.smallest else n for n in sizes]
         else:
-            quotas = apportion(k, [len(p) for _, p, _ in groups])
-        picks, values = [], []
-        for (f, positions, tokens), quota in zip(groups, quotas):
-            if quota == len(positions):
-                centre, merged = torch.arange(quota, device=x.device), tokens
-            elif quota:
-                centre, merged = dpc_merge(tokens, quota, min(self.neighbours, len(positions)))
-            else:
-                continue
-            picks.append(positions[centre] + f * per)
-            values.append(merged.to(x.dtype))
-        return torch.cat(picks), torch.cat(values)
+            quotas = apportion(k, sizes)
+        # every group clustered at once; a group kept whole is its own clusters (each token its own mean)
+        centre, merged = dpc_merge_groups(tokens, sizes, quotas, [min(self.neighbours, n) for n in sizes])
+        picks = positions.gather(1, centre.clamp(max=per - 1)) + torch.tensor(frames, device=x.device)[:, None] * per
+        kept = rows_up_to(quotas, centre.shape[1], x.device)
+        return picks.flatten()[kept], merged.flatten(0, 1)[kept].to(x.dtype)
 
-    def _groups(self, x, segments, merge_static: bool) -> list:
-        """(frame, positions, tokens (n, D)) of each segment's static set, which sits in its first frame, and of each
-        frame's other tokens; without ``merge_static`` every token of a frame is in its frame's group."""
-        per = x.shape[1]
-        statics = []
-        for segment in segments:
-            w = len(segment)
-            static = torch.zeros(per, dtype=torch.bool, device=x.device)
-            if w > 1 and merge_static:
-                u = F.normalize(x[segment].float(), dim=-1)                     # (W, N, D)
-                pairs = torch.einsum("ipd,jpd->p", u, u) - w                   # all ordered pairs, self-pairs out
-                static = pairs / (w * (w - 1)) > self.tau
-            statics.append(static)
-        counts = torch.stack(statics).sum(1).tolist()          # one read-back, then indices instead of masks
-        groups = []
-        for segment, static, count in zip(segments, statics, counts):
-            order = true_first(static)                   # the static positions, then the others
+    def _groups(self, x, segments, merge_static: bool) -> tuple:
+        """Each segment's static set, which sits in its first frame, and each frame's other tokens, as padded rows
+        (segment by segment, its static set first): the frame of each (host ints), positions (G, N) in the frame,
+        tokens (G, N, D) float (a static token: its mean over the segment) and sizes (host ints). Without
+        ``merge_static`` every token of a frame is in its frame's group."""
+        t, per, dim = x.shape
+        segment_of = torch.tensor([i for i, segment in enumerate(segments) for _ in segment], device=x.device)
+        width = torch.tensor([len(segment) for segment in segments], device=x.device)[:, None]
+        x = x.float()
+        total = torch.zeros(len(segments), per, dim, device=x.device).index_add_(0, segment_of, x)
+        if merge_static:           # mean cosine over ordered pairs of distinct frames: (|sum of u|^2 - W) / W(W - 1)
+            u = torch.zeros_like(total).index_add_(0, segment_of, F.normalize(x, dim=-1))
+            static = ((u ** 2).sum(-1) - width) / (width * (width - 1)).clamp(min=1) > self.tau
+            static &= width > 1
+        else:
+            static = torch.zeros(len(segments), per, dtype=torch.bool, device=x.device)
+        counts = static.sum(1).tolist()                        # one read-back, then indices instead of masks
+        order = torch.cat([true_first(static), true_first(~static)[segment_of]])     # statics' rows, then frames'
+        tokens = torch.cat([total / width[..., None], x]).gather(1, order[..., None].expand(-1, -1, dim))
+        rows, frames, sizes = [], [], []
+        for i, (segment, count) in enumerate(zip(segments, counts)):
             if count:
-                groups.append((segment[0], order[:count], x[segment][:, order[:count]].float().mean(0)))
-            rest = order[count:]
-            for f in segment:
-                groups.append((f, rest, x[f, rest].float()))
-        return groups
+                rows.append(i)
+                frames.append(segment[0])
+                sizes.append(count)
+            rows += [len(segments) + f for f in segment]
+            frames += segment
+            sizes += [per - count] * len(segment)
+        rows = torch.tensor(rows, device=x.device)
+        return frames, order.index_select(0, rows), tokens.index_select(0, rows), sizes
 
 
 @dataclass

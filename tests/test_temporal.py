@@ -4,7 +4,7 @@ import torch
 
 import vtr
 from vtr.compat import CACHE_ARG
-from vtr.kernels import density_peaks
+from vtr.kernels import density_peaks, dpc_merge, dpc_merge_groups, rows_up_to
 from vtr.adapters import adapter_for
 from vtr.plugins import (DyCoke, FastVID, FrameFusion, FrameSample, HoliTom, HoliTomInner, PruneVid, PruneVidMerge,
                          PruneVidPrune, Signals)
@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from conftest import BATCH, _model, split_batch
 from oracle import _causal, encode, oracle_generate, sequence_after, stock_positions, visual_positions
-from references import holitom_segments
+from references import fastvid_video, holitom_segments, holitom_video, prunevid_video
 from test_methods import unit
 from tiny_models import IMAGE, make_inputs
 
@@ -128,6 +128,30 @@ def test_density_peaks_by_hand():
     torch.testing.assert_close(density_peaks(x, 3), rho * torch.tensor([1.0, 10.0, 1.0, 8.0]))
 
 
+@pytest.mark.parametrize("beta", [None, 0.6])
+def test_dpc_of_many_groups_at_once_equals_each_group_alone(beta):
+    """Groups of different sizes, centres and neighbours, padded into one batch, cluster and merge as each does
+    alone; a group may keep none or all of its tokens. The padding would change the result if it leaked: copies of a
+    group's first token (its nearest neighbours, and dense), then far-off tokens (the largest distance)."""
+    gen = torch.Generator().manual_seed(0)
+    sizes, centres, neighbours = [9, 3, 14, 5, 6], [4, 3, 6, 0, 2], [7, 2, 7, 4, 1]
+    x = torch.full((len(sizes), 16, 8), 50.0)
+    groups = [torch.randn(n, 8, generator=gen) for n in sizes]
+    for g, tokens in enumerate(groups):
+        x[g, :len(tokens)] = tokens
+        x[g, len(tokens):len(tokens) + 2] = tokens[0]
+    centre, merged = dpc_merge_groups(x, sizes, centres, neighbours, beta)
+    for g, tokens in enumerate(groups):
+        if not centres[g]:
+            continue
+        want_centre, want_merged = dpc_merge(tokens, centres[g], neighbours[g], beta)
+        assert torch.equal(centre[g, :centres[g]], want_centre)
+        torch.testing.assert_close(merged[g, :centres[g]], want_merged)
+    assert torch.equal(centre[1, :3], torch.arange(3))                            # all of a group: each its own
+    torch.testing.assert_close(merged[1, :3], groups[1])
+    assert rows_up_to(centres, 6).tolist() == [0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 16, 17, 24, 25]
+
+
 def test_fastvid_segments_by_hand():
     g = torch.tensor([unit(0), unit(10), unit(60), unit(65)])      # transitions: 0.985, 0.643, 0.996
     assert segments(g, 2, 0.9) == [[0, 1], [2, 3]]                 # the lowest one (after frame 1)
@@ -154,6 +178,39 @@ def test_fastvid_salient_then_density_anchors_merged_by_hand():
     picks, values = FastVID(anchors=0.5, segments=1, tau=0.0).reduce(s, 4)
     assert picks.tolist() == [[0, 4, 6, 7]]
     torch.testing.assert_close(values[0], torch.tensor([[1, 0], [1, 0.1], [0, 0.94], [-1, 0.08]]))
+
+
+def scenes(seed, t=8, per=12, d=8):
+    """A video (T, N, D) of three scenes: in each, positions 0-5 barely change from frame to frame, the others are
+    new in every frame; and a random attention (T, N)."""
+    gen = torch.Generator().manual_seed(seed)
+    scene = torch.randn(3, per, d, generator=gen)[torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])[:t]]
+    x = torch.where(torch.arange(per)[:, None] < 6, scene, torch.randn(t, per, d, generator=gen))
+    return x + 0.05 * torch.randn(t, per, d, generator=gen), torch.rand(t, per, generator=gen)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("method", ["fastvid", "prunevid", "holitom"])
+def test_temporal_merging_of_all_groups_at_once_equals_the_literal_rule(method, seed):
+    """FastVID, PruneVid and HoliTom cluster and merge every frame, segment and anchor frame of a video in one set
+    of launches; each equals its rule applied group by group (tests/references.py) on videos with several
+    segments, static tokens and anchor frames."""
+    x, attention = scenes(seed)
+    t, per = attention.shape
+    s = Signals(tokens=x.reshape(1, t * per, -1), frames=(t, 3, 4), cls_attention=attention.reshape(1, -1))
+    if method == "fastvid":
+        plugin, k = FastVID(segments=3, tau=0.0, step=2), 40
+        want = fastvid_video(plugin, x, attention, k)
+    elif method == "prunevid":
+        plugin, k = PruneVidMerge(budget=30, tau=0.8), 30
+        want = prunevid_video(plugin, x, k)
+    else:
+        plugin, k = HoliTom(tau=0.8, inner=False), 30
+        want = holitom_video(plugin, x, attention, k)
+    picks, values = plugin.reduce(s, k)
+    picks, order = picks[0].sort()
+    assert torch.equal(picks, want[0])
+    torch.testing.assert_close(values[0][order].float(), want[1])
 
 
 def test_holitom_segmentation_maximises_the_tokens_saved_by_hand():
@@ -186,6 +243,8 @@ def test_holitom_static_clusters_and_dynamic_attention_by_hand():
     tokens = torch.tensor([static + [[1, -1]] + static + [[-1, 1]]])
     s = Signals(tokens=tokens, frames=(2, 1, 5), cls_attention=torch.ones(1, 10))
     picks, values = HoliTom(tau=0.8).reduce(s, 4)
+    picks, order = picks.sort()                                  # the order of reduce()'s rows is free
+    values = values.gather(1, order[..., None].expand_as(values))
     assert picks.tolist() == [[0, 1, 2, 4]]
     torch.testing.assert_close(values[0], torch.tensor([[0, 1], [1, 1], [5.5, 1], [1, -1]]))
     # a budget above what the collapse leaves (8 > 6): the segment is not collapsed, 4 tokens per frame by attention

@@ -247,43 +247,94 @@ def topk_per_group(scores: torch.Tensor, group: torch.Tensor, k: torch.Tensor) -
     return keep
 
 
-def density_peaks(x: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """DPC-kNN scores (density-peaks clustering, as FastVID, PruneVid and HoliTom use it): ``x`` (..., N, D) ->
-    (..., N) rho * delta, with d = ||x_i - x_j|| / sqrt(D), rho = exp(-mean of d^2 over the ``neighbours`` nearest
-    tokens, itself included) and delta = distance to the nearest denser token (the densest: the largest distance).
-    Ties in rho are not broken by noise (the papers' code adds 1e-6 noise): equal densities are not "denser"."""
-    x = x.float()
-    d = torch.cdist(x, x) / x.shape[-1] ** 0.5
-    rho = (-(d.topk(min(neighbours, d.shape[-1]), dim=-1, largest=False).values ** 2).mean(-1)).exp()
-    denser = rho[..., None, :] > rho[..., :, None]                   # [i, j]: j is denser than i
+def density_peaks(x: torch.Tensor, neighbours: int | list[int], sizes: list[int] | None = None) -> torch.Tensor:
+    """DPC-kNN scores (density-peaks clustering, as FastVID, PruneVid and HoliTom use it): ``x`` (N, D) -> (N,)
+    rho * delta, with d = ||x_i - x_j|| / sqrt(D), rho = exp(-mean of d^2 over the ``neighbours`` nearest tokens,
+    itself included) and delta = distance to the nearest denser token (the densest: the largest distance). Ties in
+    rho are not broken by noise (the papers' code adds 1e-6 noise): equal densities are not "denser".
+    Many groups in one set of launches (not one per group): ``x`` (G, N, D) with group g in its first ``sizes[g]``
+    rows (the rest padding, scored -inf) and ``neighbours`` one count or one per group -> (G, N), each group scored
+    as it would be alone."""
+    single = x.dim() == 2
+    x = x.float()[None] if single else x.float()
+    groups, n = x.shape[:2]
+    sizes = [n] * groups if sizes is None else sizes
+    near = [min(neighbours if isinstance(neighbours, int) else neighbours[g], sizes[g]) for g in range(groups)]
+    valid = torch.arange(n, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]      # (G, N)
+    pair = valid[:, :, None] & valid[:, None, :]
+    d = (torch.cdist(x, x) / x.shape[-1] ** 0.5).masked_fill(~pair, float("inf"))   # padding: nobody's neighbour
+    closest = d.topk(max(near), dim=-1, largest=False).values ** 2
+    k = torch.tensor(near, device=x.device)[:, None]
+    closest = closest.masked_fill(torch.arange(closest.shape[-1], device=x.device) >= k[..., None], 0)
+    rho = (-closest.sum(-1) / k).exp()                  # padding: 0 (its distances are all inf), never denser
+    denser = rho[:, None, :] > rho[:, :, None]                       # [i, j]: j is denser than i
     delta = d.masked_fill(~denser, float("inf")).amin(-1)
-    delta = torch.where(denser.any(-1), delta, d.flatten(-2).amax(-1)[..., None])
-    return rho * delta
+    farthest = d.masked_fill(~pair, 0).flatten(1).amax(1)[:, None]
+    score = torch.where(denser.any(-1), delta, farthest) * rho
+    score = score.masked_fill(~valid, float("-inf"))
+    return score[0] if single else score
 
 
 def dpc_clusters(x: torch.Tensor, centres: int, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN clustering of ``x`` (N, D): the ``centres`` tokens of highest ``density_peaks`` score, in ascending
-    index order, and each token's cluster (the nearest centre by distance; a centre is its own)."""
-    score = density_peaks(x, neighbours)
-    centre = score.topk(centres).indices.sort().values
-    owner = torch.cdist(x.float(), x[centre].float()).argmin(1)
-    owner[centre] = torch.arange(centres, device=x.device)
+    """DPC-kNN clustering of ``x`` (N, D): the ``centres`` tokens of highest ``density_peaks`` score (ties: the
+    earlier), in ascending index order, and each token's cluster (the nearest centre by distance; a centre is its
+    own). ``dpc_groups`` does many groups at once."""
+    centre, owner = dpc_groups(x[None], [x.shape[0]], [centres], [neighbours])
+    return centre[0, :centres], owner[0]
+
+
+def dpc_groups(x: torch.Tensor, sizes: list[int], centres: list[int], neighbours: list[int]):
+    """``dpc_clusters`` of each group of ``x`` (G, N, D), group g in its first ``sizes[g]`` rows, with its own
+    number of ``centres`` and ``neighbours``: (centre (G, C) each group's centres ascending, then N where it has
+    fewer than C = max(centres); owner (G, N), each token's cluster)."""
+    groups, n = x.shape[:2]
+    device, most = x.device, max(centres)
+    score = density_peaks(x, neighbours, sizes)
+    best = score.sort(dim=-1, descending=True, stable=True).indices[:, :most]          # ties: the earlier token
+    missing = torch.arange(most, device=device) >= torch.tensor(centres, device=device)[:, None]
+    centre = best.masked_fill(missing, n).sort(dim=-1).values
+    at_centre = x.float().gather(1, centre.clamp(max=n - 1)[..., None].expand(-1, -1, x.shape[-1]))
+    owner = torch.cdist(x.float(), at_centre).masked_fill(missing[:, None, :], float("inf")).argmin(-1)
+    own = torch.arange(most, device=device).expand(groups, -1)
+    owner = torch.cat([owner, owner[:, :1]], dim=1).scatter_(1, centre, own)[:, :n]   # column N: the missing
     return centre, owner
 
 
 def dpc_merge(x: torch.Tensor, centres: int, neighbours: int, beta: float | None = None):
     """``dpc_clusters`` of ``x`` (N, D), each merged into its centre: (centre indices ascending, (centres, D) float
     values): the mean of the cluster (beta None, PruneVid), or beta x_centre + (1 - beta) mean(its other members)
-    (HoliTom; a centre alone keeps its value)."""
-    centre, owner = dpc_clusters(x, centres, neighbours)
+    (HoliTom; a centre alone keeps its value). ``dpc_merge_groups`` does many groups at once."""
+    centre, merged = dpc_merge_groups(x[None], [x.shape[0]], [centres], [neighbours], beta)
+    return centre[0, :centres], merged[0, :centres]
+
+
+def dpc_merge_groups(x: torch.Tensor, sizes: list[int], centres: list[int], neighbours: list[int],
+                     beta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dpc_merge`` of each group of ``x`` (G, N, D) (laid out as for ``dpc_groups``): (centre (G, C), merged
+    (G, C, D) float); row g's first ``centres[g]`` entries are its own, the rest filler."""
+    centre, owner = dpc_groups(x, sizes, centres, neighbours)
+    groups, n, dim = x.shape
+    most = centre.shape[1]
     x = x.float()
-    size = group_counts(owner, centres)[:, None]
-    total = torch.zeros(centres, x.shape[-1], device=x.device).index_add_(0, owner, x)
+    valid = torch.arange(n, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]
+    cluster = (owner + torch.arange(groups, device=x.device)[:, None] * most).masked_fill(~valid, groups * most)
+    cluster = cluster.flatten()                                        # padding goes to a spare cluster, then away
+    size = group_counts(cluster, groups * most + 1)[:-1].view(groups, most, 1).clamp(min=1)
+    total = torch.zeros(groups * most + 1, dim, device=x.device).index_add_(0, cluster, x.flatten(0, 1))
+    total = total[:-1].view(groups, most, dim)
     if beta is None:
         return centre, total / size
+    own = x.gather(1, centre.clamp(max=n - 1)[..., None].expand(-1, -1, dim))
     others = size - 1
-    mean = (total - x[centre]) / others.clamp(min=1)
-    return centre, torch.where(others > 0, beta * x[centre] + (1 - beta) * mean, x[centre])
+    mean = (total - own) / others.clamp(min=1)
+    return centre, torch.where(others > 0, beta * own + (1 - beta) * mean, own)
+
+
+def rows_up_to(counts: list[int], width: int, device=None) -> torch.Tensor:
+    """Indices into a flattened (G, ``width``) of each row's first ``counts[g]`` entries, row by row: a padded
+    per-group result made flat from host counts (no read-back)."""
+    return torch.tensor([g * width + j for g, count in enumerate(counts) for j in range(count)], dtype=torch.long,
+                        device=device)
 
 
 class Plan:
