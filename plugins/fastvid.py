@@ -107,16 +107,19 @@ class FastVID(Plugin):
         score = density_peaks(candidates, self.neighbours, [room[f] for f in frames])
         best = score.sort(dim=-1, descending=True, stable=True).indices[:, :max(counts)]            # (H, C)
         anchor = (order.gather(1, best) + offset[frames]).flatten()
-        spare = torch.arange(best.shape[1], device=device) >= torch.tensor(counts, device=device)[:, None]
         # each segment's non-salient tokens join their most similar anchor of each of its anchor frames
         members = (rest + offset).flatten()[rows_up_to(room, per, device)]
         unit = F.normalize(flat.float(), dim=-1)
-        similarity = (unit[members] @ unit[anchor].T).view(len(members), *best.shape).masked_fill_(spare, float("-inf"))
+        similarity = (unit[members] @ unit[anchor].T).view(len(members), *best.shape)
+        if min(counts) < best.shape[1]:                                      # fewer anchors than the most
+            spare = torch.arange(best.shape[1], device=device) >= torch.tensor(counts, device=device)[:, None]
+            similarity.masked_fill_(spare, float("-inf"))
         cluster = similarity.argmax(-1) + torch.arange(len(holders), device=device) * best.shape[1]    # (M, H)
-        segment_of = torch.tensor([i for i, segment in enumerate(spans) for f in segment for _ in range(room[f])],
-                                  device=device)
-        others = segment_of[:, None] != torch.tensor([i for i, _, _ in holders], device=device)
-        cluster.masked_fill_(others, anchor.numel())                         # another segment's: a spare row
+        if len(spans) > 1:                                # another segment's anchor frame: a spare row
+            segment_of = torch.tensor([i for i, segment in enumerate(spans) for f in segment for _ in range(room[f])],
+                                      device=device)
+            cluster.masked_fill_(segment_of[:, None] != torch.tensor([i for i, _, _ in holders], device=device),
+                                 anchor.numel())
         joins = torch.zeros(anchor.numel() + 1, len(members), device=device).scatter_(0, cluster.T, 1.0)[:-1]
         size, total = joins.sum(1, keepdim=True), joins @ flat[members].float()
         weight = (1 / (size + 1)).clamp(min=self.beta)

@@ -108,13 +108,15 @@ class PruneVidMerge(Plugin):
         means = x.float().mean(1)
         centres = max(1, int(t * self.segment_ratio))
         segments = contiguous(dpc_clusters(means, centres, min(self.neighbours, t))[1].tolist()) if t > 1 else [[0]]
-        frames, positions, tokens, sizes = self._groups(x, segments, merge_static=True)
-        if not self.counts_itself and sum(sizes) < k:
-            frames, positions, tokens, sizes = self._groups(x, segments, merge_static=False)   # the budget keeps more
-        if self.counts_itself:                                                                  # than merging leaves
+        frames, positions, tokens, sizes, rule = self._groups(x, segments, merge_static=True)
+        if not self.counts_itself and sum(sizes) < k:          # the budget keeps more than merging leaves
+            frames, positions, tokens, sizes, rule = self._groups(x, segments, merge_static=False)
+        if self.counts_itself:
             quotas = [int(self.cluster_ratio * n) if n > self.smallest else n for n in sizes]
-        else:
-            quotas = apportion(k, sizes)
+        else:                                                  # shared in the rule's order of the groups
+            quotas = [0] * len(sizes)
+            for group, quota in zip(rule, apportion(k, [sizes[g] for g in rule])):
+                quotas[group] = quota
         # every group clustered at once; a group kept whole is its own clusters (each token its own mean)
         centre, merged = dpc_merge_groups(tokens, sizes, quotas, [min(self.neighbours, n) for n in sizes])
         picks = positions.gather(1, centre.clamp(max=per - 1)) + torch.tensor(frames, device=x.device)[:, None] * per
@@ -122,35 +124,37 @@ class PruneVidMerge(Plugin):
         return picks.flatten()[kept], merged.flatten(0, 1)[kept].to(x.dtype)
 
     def _groups(self, x, segments, merge_static: bool) -> tuple:
-        """Each segment's static set, which sits in its first frame, and each frame's other tokens, as padded rows
-        (segment by segment, its static set first): the frame of each (host ints), positions (G, N) in the frame,
-        tokens (G, N, D) float (a static token: its mean over the segment) and sizes (host ints). Without
-        ``merge_static`` every token of a frame is in its frame's group."""
+        """The groups as padded rows: the static set of each segment that has one (it sits in the segment's first
+        frame; a static token is its mean over the segment), then each frame's other tokens. Returns the frame of
+        each (host ints), positions (G, N) in the frame, tokens (G, N, D) float, sizes (host ints) and the rule's
+        order of the groups (segment by segment, its static set first). Without ``merge_static`` every token of a
+        frame is in its frame's group."""
         t, per, dim = x.shape
         segment_of = torch.tensor([i for i, segment in enumerate(segments) for _ in segment], device=x.device)
         width = torch.tensor([len(segment) for segment in segments], device=x.device)[:, None]
         x = x.float()
-        total = torch.zeros(len(segments), per, dim, device=x.device).index_add_(0, segment_of, x)
         if merge_static:           # mean cosine over ordered pairs of distinct frames: (|sum of u|^2 - W) / W(W - 1)
-            u = torch.zeros_like(total).index_add_(0, segment_of, F.normalize(x, dim=-1))
+            u = torch.zeros(len(segments), per, dim, device=x.device).index_add_(0, segment_of,
+                                                                                 F.normalize(x, dim=-1))
             static = ((u ** 2).sum(-1) - width) / (width * (width - 1)).clamp(min=1) > self.tau
             static &= width > 1
         else:
             static = torch.zeros(len(segments), per, dtype=torch.bool, device=x.device)
         counts = static.sum(1).tolist()                        # one read-back, then indices instead of masks
-        order = torch.cat([true_first(static), true_first(~static)[segment_of]])     # statics' rows, then frames'
-        tokens = torch.cat([total / width[..., None], x]).gather(1, order[..., None].expand(-1, -1, dim))
-        rows, frames, sizes = [], [], []
-        for i, (segment, count) in enumerate(zip(segments, counts)):
-            if count:
-                rows.append(i)
-                frames.append(segment[0])
-                sizes.append(count)
-            rows += [len(segments) + f for f in segment]
-            frames += segment
-            sizes += [per - count] * len(segment)
-        rows = torch.tensor(rows, device=x.device)
-        return frames, order.index_select(0, rows), tokens.index_select(0, rows), sizes
+        statics = [i for i, count in enumerate(counts) if count]
+        order = torch.cat([true_first(static[statics]), true_first(~static)[segment_of]])
+        index = order[..., None].expand(-1, -1, dim)
+        tokens = torch.empty(len(statics) + t, per, dim, device=x.device)
+        if statics:
+            mean = torch.zeros(len(segments), per, dim, device=x.device).index_add_(0, segment_of, x)[statics]
+            torch.gather(mean / width[statics, :, None], 1, index[:len(statics)], out=tokens[:len(statics)])
+        torch.gather(x, 1, index[len(statics):], out=tokens[len(statics):])
+        rule = []
+        for i, segment in enumerate(segments):
+            rule += ([statics.index(i)] if counts[i] else []) + [len(statics) + f for f in segment]
+        frames = [segments[i][0] for i in statics] + list(range(t))
+        sizes = [counts[i] for i in statics] + [per - counts[i] for i, segment in enumerate(segments) for _ in segment]
+        return frames, order, tokens, sizes, rule
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from vtr.kernels import dpc_merge, topk_per_group
+from vtr.kernels import dpc_merge_groups, rows_up_to, topk_per_group
 
 from .base import LLMPlugin, Signals
 
@@ -94,13 +94,25 @@ class SparseVLM(LLMPlugin):
             return kept, None
         tokens = s.at_visual(s.tokens).float()
         values = tokens.clone()
-        for i, n in enumerate(entry):
-            count, clusters = recycled(n - top[i])
-            if not count or top[i] + clusters > want[i]:
-                continue
-            dropped = scores.masked_fill((image != i) | kept, float("-inf"))    # count <= this image's dropped
-            chosen = dropped.sort(descending=True, stable=True).indices[:count]   # the best of them (ties: earlier)
-            centre, merged = dpc_merge(tokens[chosen], clusters, clusters)
-            kept[chosen[centre]] = True
-            values[chosen[centre]] = merged
+        plan = [(i, *recycled(n - top[i])) for i, n in enumerate(entry)]           # (image, recycled, clusters)
+        plan = [(i, count, clusters) for i, count, clusters in plan if count and top[i] + clusters <= want[i]]
+        if not plan:
+            return kept, values
+        # every image's best dropped tokens at once: by image, best first inside (ties: the earlier); count <= the
+        # image's dropped, which come before its kept ones (-inf)
+        order = scores.masked_fill(kept, float("-inf")).sort(descending=True, stable=True).indices
+        if len(entry) > 1:
+            order = order[image[order].sort(stable=True).indices]
+        starts = [sum(entry[:i]) for i, _, _ in plan]
+        counts, clusters = [count for _, count, _ in plan], [c for _, _, c in plan]
+        if len(plan) == 1:
+            chosen = order[starts[0]:starts[0] + counts[0]][None]
+        else:                                                                       # (images recycling, most)
+            chosen = order[torch.tensor([[min(start + j, len(order) - 1) for j in range(max(counts))]
+                                         for start in starts], device=order.device)]
+        centre, merged = dpc_merge_groups(tokens[chosen], counts, clusters, clusters)
+        rows = rows_up_to(clusters, centre.shape[1], order.device)
+        centres = chosen.gather(1, centre.clamp(max=chosen.shape[1] - 1)).flatten()[rows]
+        kept[centres] = True
+        values[centres] = merged.flatten(0, 1)[rows]
         return kept, values

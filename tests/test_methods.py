@@ -520,6 +520,27 @@ def test_sparsevlm_schedule_layers_and_recycling_by_hand():
     assert kept.nonzero()[:, 0].tolist() == [0, 2, 4, 5] and values is None
 
 
+def test_sparsevlm_recycles_every_image_at_once_as_each_alone():
+    """Three images in one row (40, 57 and 30 tokens, 1 + 2 + 1 clusters recycled), then each alone: the same
+    survivors and values; ties in score go to the earlier token in both."""
+    gen = torch.Generator().manual_seed(0)
+    sizes, budgets = [40, 57, 30], [12, 20, 9]
+    tokens = torch.randn(1, sum(sizes), 6, generator=gen)
+    scores = torch.rand(1, sum(sizes), generator=gen).round(decimals=1)                # many ties
+    image = torch.arange(3).repeat_interleave(torch.tensor(sizes))
+
+    def signals(rows):
+        return Signals(tokens=tokens[:, rows], visual=torch.ones(1, len(rows), dtype=torch.bool),
+                       image=image[rows] - image[rows][0], rater_attention=scores[:, rows])
+    kept, values = SparseVLM().drop(signals(torch.arange(sum(sizes))), torch.tensor(budgets))
+    assert (values != tokens[0]).any(dim=1).sum() == 1 + 2 + 1
+    for i, budget in enumerate(budgets):
+        rows = (image == i).nonzero()[:, 0]
+        alone_kept, alone_values = SparseVLM().drop(signals(rows), torch.tensor([budget]))
+        assert torch.equal(kept[rows], alone_kept) and int(alone_kept.sum()) == budget
+        torch.testing.assert_close(values[rows], alone_values)
+
+
 def test_sparsevlm_rater_scores_equal_the_eager_attention_weights(eager_model, single):
     """The raters' rows of the scoring layer's real attention weights (head mean), averaged over the raters."""
     with torch.no_grad():

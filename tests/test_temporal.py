@@ -181,10 +181,10 @@ def test_fastvid_salient_then_density_anchors_merged_by_hand():
 
 
 def scenes(seed, t=8, per=12, d=8):
-    """A video (T, N, D) of three scenes: in each, positions 0-5 barely change from frame to frame, the others are
+    """A video (T, N, D) of two scenes: in each, positions 0-5 barely change from frame to frame, the others are
     new in every frame; and a random attention (T, N)."""
     gen = torch.Generator().manual_seed(seed)
-    scene = torch.randn(3, per, d, generator=gen)[torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])[:t]]
+    scene = torch.randn(3, per, d, generator=gen)[torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])[:t]]
     x = torch.where(torch.arange(per)[:, None] < 6, scene, torch.randn(t, per, d, generator=gen))
     return x + 0.05 * torch.randn(t, per, d, generator=gen), torch.rand(t, per, generator=gen)
 
@@ -202,7 +202,7 @@ def test_temporal_merging_of_all_groups_at_once_equals_the_literal_rule(method, 
         plugin, k = FastVID(segments=3, tau=0.0, step=2), 40
         want = fastvid_video(plugin, x, attention, k)
     elif method == "prunevid":
-        plugin, k = PruneVidMerge(budget=30, tau=0.8), 30
+        plugin, k = PruneVidMerge(budget=24, tau=0.8), 24        # ties in sharing it: the rule's order
         want = prunevid_video(plugin, x, k)
     else:
         plugin, k = HoliTom(tau=0.8, inner=False), 30

@@ -260,18 +260,24 @@ def density_peaks(x: torch.Tensor, neighbours: int | list[int], sizes: list[int]
     groups, n = x.shape[:2]
     sizes = [n] * groups if sizes is None else sizes
     near = [min(neighbours if isinstance(neighbours, int) else neighbours[g], sizes[g]) for g in range(groups)]
-    valid = torch.arange(n, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]      # (G, N)
-    pair = valid[:, :, None] & valid[:, None, :]
-    d = (torch.cdist(x, x) / x.shape[-1] ** 0.5).masked_fill(~pair, float("inf"))   # padding: nobody's neighbour
+    d = torch.cdist(x, x) / x.shape[-1] ** 0.5
+    valid = pair = None
+    if min(sizes) < n:                          # padding: nobody's neighbour (its own distances all inf: rho 0)
+        valid = torch.arange(n, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]      # (G, N)
+        pair = valid[:, :, None] & valid[:, None, :]
+        d = d.masked_fill(~pair, float("inf"))
     closest = d.topk(max(near), dim=-1, largest=False).values ** 2
-    k = torch.tensor(near, device=x.device)[:, None]
-    closest = closest.masked_fill(torch.arange(closest.shape[-1], device=x.device) >= k[..., None], 0)
-    rho = (-closest.sum(-1) / k).exp()                  # padding: 0 (its distances are all inf), never denser
+    if min(near) < max(near):
+        k = torch.tensor(near, device=x.device)[:, None]
+        rho = (-closest.masked_fill(torch.arange(max(near), device=x.device) >= k[..., None], 0).sum(-1) / k).exp()
+    else:
+        rho = (-closest.mean(-1)).exp()
     denser = rho[:, None, :] > rho[:, :, None]                       # [i, j]: j is denser than i
     delta = d.masked_fill(~denser, float("inf")).amin(-1)
-    farthest = d.masked_fill(~pair, 0).flatten(1).amax(1)[:, None]
+    farthest = (d if pair is None else d.masked_fill(~pair, 0)).flatten(1).amax(1)[:, None]
     score = torch.where(denser.any(-1), delta, farthest) * rho
-    score = score.masked_fill(~valid, float("-inf"))
+    if valid is not None:
+        score = score.masked_fill(~valid, float("-inf"))
     return score[0] if single else score
 
 
@@ -290,12 +296,18 @@ def dpc_groups(x: torch.Tensor, sizes: list[int], centres: list[int], neighbours
     groups, n = x.shape[:2]
     device, most = x.device, max(centres)
     score = density_peaks(x, neighbours, sizes)
-    best = score.sort(dim=-1, descending=True, stable=True).indices[:, :most]          # ties: the earlier token
-    missing = torch.arange(most, device=device) >= torch.tensor(centres, device=device)[:, None]
-    centre = best.masked_fill(missing, n).sort(dim=-1).values
+    centre = score.sort(dim=-1, descending=True, stable=True).indices[:, :most]       # ties: the earlier token
+    missing = None
+    if min(centres) < most:                      # a group's centres, then N (none) where it has fewer
+        missing = torch.arange(most, device=device) >= torch.tensor(centres, device=device)[:, None]
+        centre = centre.masked_fill(missing, n)
+    centre = centre.sort(dim=-1).values
     at_centre = x.float().gather(1, centre.clamp(max=n - 1)[..., None].expand(-1, -1, x.shape[-1]))
-    owner = torch.cdist(x.float(), at_centre).masked_fill(missing[:, None, :], float("inf")).argmin(-1)
+    far = torch.cdist(x.float(), at_centre)
+    owner = (far if missing is None else far.masked_fill(missing[:, None, :], float("inf"))).argmin(-1)
     own = torch.arange(most, device=device).expand(groups, -1)
+    if missing is None:
+        return centre, owner.scatter_(1, centre, own)
     owner = torch.cat([owner, owner[:, :1]], dim=1).scatter_(1, centre, own)[:, :n]   # column N: the missing
     return centre, owner
 
@@ -316,9 +328,11 @@ def dpc_merge_groups(x: torch.Tensor, sizes: list[int], centres: list[int], neig
     groups, n, dim = x.shape
     most = centre.shape[1]
     x = x.float()
-    valid = torch.arange(n, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]
-    cluster = (owner + torch.arange(groups, device=x.device)[:, None] * most).masked_fill(~valid, groups * most)
-    cluster = cluster.flatten()                                        # padding goes to a spare cluster, then away
+    cluster = owner if groups == 1 else owner + torch.arange(groups, device=x.device)[:, None] * most
+    if min(sizes) < n:                                                 # padding goes to a spare cluster, then away
+        valid = torch.arange(n, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]
+        cluster = cluster.masked_fill(~valid, groups * most)
+    cluster = cluster.flatten()
     size = group_counts(cluster, groups * most + 1)[:-1].view(groups, most, 1).clamp(min=1)
     total = torch.zeros(groups * most + 1, dim, device=x.device).index_add_(0, cluster, x.flatten(0, 1))
     total = total[:-1].view(groups, most, dim)
