@@ -7,8 +7,8 @@ import torch
 
 import vtr
 from vtr.compat import output_cache
-from vtr.kernels import (attention_rows, duplicate_removal, group_counts, max_min_diversity, topk_per_group,
-                         true_first)
+from vtr.kernels import (attention_received, attention_rows, duplicate_removal, group_counts, max_min_diversity,
+                         topk_per_group, true_first)
 from vtr.plugins import (DART, DivPrune, FastV, GlobalCom2, Pool, PruMergePlus, PyramidDrop, Random, Signals, SparseVLM,
                          ToDRE, ToDRERelevance, Uniform, VisionZip, VisPruner)
 
@@ -243,6 +243,14 @@ def test_attention_rows_matches_softmax_with_gqa_and_mask():
     want = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5)
     want = want.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1).mean(1)
     torch.testing.assert_close(attention_rows(q, k, 0.5, mask, chunk=4), want)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 7, 64])
+def test_attention_received_is_the_mean_column_of_the_softmax_in_any_chunks(chunk):
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 2, 7, 8), torch.randn(5, 2, 7, 8)            # 5 sequences, 2 heads, 7 tokens
+    want = (q @ k.transpose(-1, -2) * 0.5).softmax(-1).mean(dim=(-3, -2))
+    torch.testing.assert_close(attention_received(q, k, 0.5, chunk=chunk), want)
 
 
 def test_keep_counts_follow_retain_and_budget():

@@ -3,6 +3,7 @@ record of the current prefill and decode steps (plain data, read by the engine's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -145,8 +146,10 @@ class Record:
     def patch_of(self) -> torch.Tensor:
         """(B, L) long: each image token's place in its frame (raster order), -1 elsewhere."""
         if self._patch_of is None:
-            device = self.visual.device
-            self._patch_of = self._over_visual(torch.cat([torch.arange(n, device=device) for n in self.frame_sizes]))
+            device, sizes = self.visual.device, self.frame_sizes
+            starts = torch.tensor(list(accumulate(sizes, initial=0))[:-1], device=device)     # host sums
+            first = starts.repeat_interleave(torch.tensor(sizes, device=device), output_size=sum(sizes))
+            self._patch_of = self._over_visual(torch.arange(sum(sizes), device=device) - first)
         return self._patch_of
 
     @property
