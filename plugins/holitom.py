@@ -50,15 +50,17 @@ def static_windows(similar: torch.Tensor) -> list[tuple[int, int, torch.Tensor, 
             gain = best[a] + (i - a) * static[i - 1][i - a - 1]
             if gain > best[i + 1]:
                 best[i + 1], start[i] = gain, a
-    segments, i = [], t - 1
+    spans, i = [], t - 1
     while i >= 0:
-        a = start[i]
-        if i > a:
-            segments.append((a, i, run[i - 1] >= i - a, static[i - 1][i - a - 1]))
-        else:
-            segments.append((a, i, torch.zeros(similar.shape[1], dtype=torch.bool, device=device), 0))
-        i = a - 1
-    return segments[::-1]
+        spans.append((start[i], i))
+        i = start[i] - 1
+    spans.reverse()
+    # every segment's static positions at once (a lone frame's: none, its run can never be t long)
+    last = torch.tensor([max(b - 1, 0) for _, b in spans], device=device)
+    length = torch.tensor([b - a if b > a else t for a, b in spans], device=device)
+    masks = run[last] >= length[:, None] if t > 1 else torch.zeros(1, similar.shape[1], dtype=torch.bool,
+                                                                   device=device)
+    return [(a, b, mask, static[b - 1][b - a - 1] if b > a else 0) for (a, b), mask in zip(spans, masks)]
 
 
 @dataclass
