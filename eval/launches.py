@@ -82,3 +82,35 @@ def _to_host(func, args, kwargs, out) -> bool:
                if isinstance(t, torch.Tensor)]
     targets = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     return any(s.device.type != "cpu" for s in sources) and any(t.device.type == "cpu" for t in targets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Operators and syncs in vtr's hooks for one prefill, per method, at a video's real token count with small
+    widths (launches and syncs depend on the counts, not the widths): ``python -m vtr.eval.launches [--frames 32]
+    method ...``. LLaVA-OneVision's video shape (SigLIP at 384 px, 14 x 14 tokens a frame, 28 decoder layers); 32
+    frames is the 7B video bench's 6,273 visual tokens."""
+    import argparse
+
+    import vtr
+    from vtr.eval import bench_video
+    from vtr.hooks import watch_hooks
+
+    parser = argparse.ArgumentParser(prog="python -m vtr.eval.launches",
+                                     description="operators and syncs in vtr's hooks, one video prefill")
+    parser.add_argument("methods", nargs="+")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--retain", type=float, default=0.25)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    shape = dict(bench_video.QUICK_SHAPE, frames=args.frames, image_size=384, layers=28)
+    model, inputs = bench_video.video_model(shape), bench_video.video_inputs(shape)
+    for method in args.methods:
+        with vtr.patch(model, method, retain=args.retain), torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)         # first calls fill caches the second reuses
+            with watch_hooks(OpCount()) as count:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        print(f"{method:12s} {count.ops:6d} operators {count.syncs:3d} syncs", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -209,6 +209,18 @@ def test_kernel_bench_quick_writes_json(tmp_path, capsys):
     assert "picks the same" in capsys.readouterr().out
 
 
+def test_launch_count_prints_operators_and_syncs_per_method(capsys):
+    """``python -m vtr.eval.launches``: a projector method waits once per prefill (the prompt's read-back), and
+    grouping many frames' clusters costs PruneVid no more launches per frame as frames are added."""
+    from vtr.eval.launches import main as launches
+
+    launches(["random", "prunevid", "--frames", "2"])
+    launches(["prunevid", "--frames", "6"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(line[0], line[3]) for line in lines] == [("random", "1"), ("prunevid", "4"), ("prunevid", "4")]
+    assert int(lines[2][1]) < int(lines[1][1]) + 4 * 5
+
+
 def test_video_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench_video.json"
     assert main(["bench", "--video", "--quick", "--methods", "fastvid,dycoke", "--retain", "0.25", "--repeats", "1",
