@@ -95,8 +95,9 @@ def prunevid_video(plugin, x, k):
     groups = []                                        # (frame, positions, tokens)
     for segment in contiguous(labels.tolist()):
         u, w = F.normalize(x[segment].float(), dim=-1), len(segment)
-        static = [p for p in range(per) if w > 1 and
-                  sum(float(u[i, p] @ u[j, p]) for i in range(w) for j in range(w) if i != j) / (w * (w - 1)) > plugin.tau]
+        pairs = [(i, j) for i in range(w) for j in range(w) if i != j]
+        static = [p for p in range(per)
+                  if pairs and sum(float(u[i, p] @ u[j, p]) for i, j in pairs) / len(pairs) > plugin.tau]
         if static:
             groups.append((segment[0], static, x[segment][:, static].float().mean(0)))
         others = [p for p in range(per) if p not in static]
