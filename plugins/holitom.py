@@ -132,12 +132,12 @@ class HoliTom(Plugin):
             order = true_first(static[which])                               # the static positions first
             tokens = mean.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
             quota = [q for _, q in statics]
-            centre, merged = dpc_merge_groups(tokens, [segments[i][3] for i, _ in statics], quota,
-                                              [min(self.max_neighbours, q) for q in quota], self.beta)
             first = torch.tensor([segments[i][0] for i, _ in statics], device=x.device)[:, None] * per
-            kept = rows_up_to(quota, centre.shape[1], x.device)
-            picks.append((order.gather(1, centre.clamp(max=per - 1)) + first).flatten()[kept])
-            values.append(merged.flatten(0, 1)[kept].to(x.dtype))
+            centre, merged = dpc_merge_groups(tokens, [segments[i][3] for i, _ in statics], quota,
+                                              [min(self.max_neighbours, q) for q in quota], self.beta,
+                                              index=order + first)
+            picks.append(centre)
+            values.append(merged.to(x.dtype))
         return torch.cat(picks), torch.cat(values)
 
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_clusters, dpc_merge_groups, rows_up_to, true_first
+from vtr.kernels import dpc_clusters, dpc_merge_groups, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -118,10 +118,10 @@ class PruneVidMerge(Plugin):
             for group, quota in zip(rule, apportion(k, [sizes[g] for g in rule])):
                 quotas[group] = quota
         # every group clustered at once; a group kept whole is its own clusters (each token its own mean)
-        centre, merged = dpc_merge_groups(tokens, sizes, quotas, [min(self.neighbours, n) for n in sizes])
-        picks = positions.gather(1, centre.clamp(max=per - 1)) + torch.tensor(frames, device=x.device)[:, None] * per
-        kept = rows_up_to(quotas, centre.shape[1], x.device)
-        return picks.flatten()[kept], merged.flatten(0, 1)[kept].to(x.dtype)
+        tokens_at = positions + torch.tensor(frames, device=x.device)[:, None] * per
+        picks, merged = dpc_merge_groups(tokens, sizes, quotas, [min(self.neighbours, n) for n in sizes],
+                                         index=tokens_at)
+        return picks, merged.to(x.dtype)
 
     def _groups(self, x, segments, merge_static: bool) -> tuple:
         """The groups as padded rows: the static set of each segment that has one (it sits in the segment's first

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from vtr.kernels import dpc_merge_groups, rows_up_to, topk_per_group
+from vtr.kernels import dpc_merge_groups, topk_per_group
 
 from .base import LLMPlugin, Signals
 
@@ -110,9 +110,7 @@ class SparseVLM(LLMPlugin):
         else:                                                                       # (images recycling, most)
             chosen = order[torch.tensor([[min(start + j, len(order) - 1) for j in range(max(counts))]
                                          for start in starts], device=order.device)]
-        centre, merged = dpc_merge_groups(tokens[chosen], counts, clusters, clusters)
-        rows = rows_up_to(clusters, centre.shape[1], order.device)
-        centres = chosen.gather(1, centre.clamp(max=chosen.shape[1] - 1)).flatten()[rows]
+        centres, merged = dpc_merge_groups(tokens[chosen], counts, clusters, clusters, index=chosen)
         kept[centres] = True
-        values[centres] = merged.flatten(0, 1)[rows]
+        values[centres] = merged
         return kept, values

@@ -141,14 +141,17 @@ def test_dpc_of_many_groups_at_once_equals_each_group_alone(beta):
         x[g, :len(tokens)] = tokens
         x[g, len(tokens):len(tokens) + 2] = tokens[0]
     centre, merged = dpc_merge_groups(x, sizes, centres, neighbours, beta)
+    centre, merged = centre.split(centres), merged.split(centres)                  # group after group
     for g, tokens in enumerate(groups):
-        if not centres[g]:
-            continue
-        want_centre, want_merged = dpc_merge(tokens, centres[g], neighbours[g], beta)
-        assert torch.equal(centre[g, :centres[g]], want_centre)
-        torch.testing.assert_close(merged[g, :centres[g]], want_merged)
-    assert torch.equal(centre[1, :3], torch.arange(3))                            # all of a group: each its own
-    torch.testing.assert_close(merged[1, :3], groups[1])
+        if centres[g]:
+            want_centre, want_merged = dpc_merge(tokens, centres[g], neighbours[g], beta)
+            assert torch.equal(centre[g], want_centre)
+            torch.testing.assert_close(merged[g], want_merged)
+    assert torch.equal(centre[1], torch.arange(3))                                 # all of a group: each its own
+    torch.testing.assert_close(merged[1], groups[1])
+    index = torch.arange(len(sizes) * 16).view(len(sizes), 16) + 1000              # entries of an index instead
+    assert dpc_merge_groups(x, sizes, centres, neighbours, beta, index=index)[0].tolist() == \
+        [1000 + 16 * g + c for g in range(len(sizes)) for c in centre[g].tolist()]
     assert rows_up_to(centres, 6).tolist() == [0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 16, 17, 24, 25]
 
 

@@ -325,14 +325,14 @@ def dpc_merge(x: torch.Tensor, centres: int, neighbours: int, beta: float | None
     """``dpc_clusters`` of ``x`` (N, D), each merged into its centre: (centre indices ascending, (centres, D) float
     values): the mean of the cluster (beta None, PruneVid), or beta x_centre + (1 - beta) mean(its other members)
     (HoliTom; a centre alone keeps its value). ``dpc_merge_groups`` does many groups at once."""
-    centre, merged = dpc_merge_groups(x[None], [x.shape[0]], [centres], [neighbours], beta)
-    return centre[0, :centres], merged[0, :centres]
+    return dpc_merge_groups(x[None], [x.shape[0]], [centres], [neighbours], beta)
 
 
 def dpc_merge_groups(x: torch.Tensor, sizes: list[int], centres: list[int], neighbours: list[int],
-                     beta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dpc_merge`` of each group of ``x`` (G, N, D) (laid out as for ``dpc_groups``): (centre (G, C), merged
-    (G, C, D) float); row g's first ``centres[g]`` entries are its own, the rest filler."""
+                     beta: float | None = None, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dpc_merge`` of each group of ``x`` (G, N, D) (laid out as for ``dpc_groups``), flat: every group's centres,
+    group after group, each group's ascending, as entries of ``index`` (G, N) (None: their rows in the group), and
+    their merged values (sum(centres), D) float."""
     centre, owner = dpc_groups(x, sizes, centres, neighbours)
     groups, n, dim = x.shape
     most = centre.shape[1]
@@ -345,12 +345,17 @@ def dpc_merge_groups(x: torch.Tensor, sizes: list[int], centres: list[int], neig
     size = group_counts(cluster, groups * most + 1)[:-1].view(groups, most, 1).clamp(min=1)
     total = torch.zeros(groups * most + 1, dim, device=x.device).index_add_(0, cluster, x.flatten(0, 1))
     total = total[:-1].view(groups, most, dim)
+    centre = centre.clamp(max=n - 1)                                   # the filler: any row
     if beta is None:
-        return centre, total / size
-    own = x.gather(1, centre.clamp(max=n - 1)[..., None].expand(-1, -1, dim))
-    others = size - 1
-    mean = (total - own) / others.clamp(min=1)
-    return centre, torch.where(others > 0, beta * own + (1 - beta) * mean, own)
+        merged = total / size
+    else:
+        own = x.gather(1, centre[..., None].expand(-1, -1, dim))
+        others = size - 1
+        mean = (total - own) / others.clamp(min=1)
+        merged = torch.where(others > 0, beta * own + (1 - beta) * mean, own)
+    kept = rows_up_to(centres, most, x.device) if min(centres) < most else slice(None)
+    at = centre if index is None else index.gather(1, centre)
+    return at.flatten()[kept], merged.flatten(0, 1)[kept]
 
 
 def rows_up_to(counts: list[int], width: int, device=None) -> torch.Tensor:
