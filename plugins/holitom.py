@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_merge_groups, group_counts, rows_up_to, true_first
+from vtr.kernels import dpc_merge_groups, group_counts, group_means, rows_up_to, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -126,9 +126,7 @@ class HoliTom(Plugin):
         values = [x.flatten(0, 1)[picks[0]]]
         if statics:             # a segment's static tokens: their mean over it, clustered, all segments at once
             which = torch.tensor([i for i, _ in statics], device=x.device)
-            width = torch.tensor([b - a + 1 for a, b, _, _ in segments], device=x.device)[which, None, None]
-            mean = torch.zeros(len(segments), per, x.shape[-1], device=x.device).index_add_(
-                0, segment_of, x.float())[which] / width
+            mean = group_means(x.flatten(1), segment_of, len(segments))[which].view(len(statics), per, -1)
             order = true_first(static[which])                               # the static positions first
             tokens = mean.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
             quota = [q for _, q in statics]

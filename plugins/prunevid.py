@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtr.kernels import dpc_clusters, dpc_merge_groups, true_first
+from vtr.kernels import dpc_clusters, dpc_merge_groups, group_means, true_first
 
 from .base import LLMPlugin, Plugin, Signals, apportion
 
@@ -146,8 +146,8 @@ class PruneVidMerge(Plugin):
         index = order[..., None].expand(-1, -1, dim)
         tokens = torch.empty(len(statics) + t, per, dim, device=x.device)
         if statics:
-            mean = torch.zeros(len(segments), per, dim, device=x.device).index_add_(0, segment_of, x)[statics]
-            torch.gather(mean / width[statics, :, None], 1, index[:len(statics)], out=tokens[:len(statics)])
+            mean = group_means(x.flatten(1), segment_of, len(segments))[statics].view(len(statics), per, dim)
+            torch.gather(mean, 1, index[:len(statics)], out=tokens[:len(statics)])
         torch.gather(x, 1, index[len(statics):], out=tokens[len(statics):])
         rule = []
         for i, segment in enumerate(segments):
