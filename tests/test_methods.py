@@ -2,6 +2,7 @@
 attention weights (eager, output_attentions), which vtr itself never asks for."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -397,18 +398,32 @@ def test_vispruner_important_then_diverse_by_hand():
 
 def test_duplicate_removal_neighbour_lists_change_nothing():
     """Above 600 tokens the host rounds read each token's 16 nearest first: the same picks as reading every row,
-    with exact duplicates (ties) and with 1-token lists (nearly every token falls back to its row)."""
-    from vtr.kernels import _duplicate_rounds_numpy
+    with exact duplicates (ties; the first round's lists soon hold no odd token and are rebuilt) and with 1-token
+    lists (nearly every token falls back to its row)."""
+    from vtr.kernels import _duplicate_rounds_numpy, duplicate_rounds
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 16, generator=g)[:, torch.randint(0, 40, (700,), generator=g)]     # many exact repeats
     x[1] += 0.1 * torch.randn(700, 16, generator=g)
     xn = torch.nn.functional.normalize(x, dim=-1)
     sim = (xn @ xn.transpose(1, 2)).numpy()
-    drops = [8] * 75                                                 # 700 -> 100
-    rows = _duplicate_rounds_numpy(sim, drops, 100, neighbours=0)
-    assert torch.equal(_duplicate_rounds_numpy(sim, drops, 100), rows)
-    assert torch.equal(_duplicate_rounds_numpy(sim, drops, 100, neighbours=1), rows)
+    for keep in (100, 5):                          # 5: fewer tokens left than a list holds
+        drops = duplicate_rounds(700, keep, 8)
+        rows = _duplicate_rounds_numpy(sim, drops, keep, neighbours=0)
+        assert torch.equal(_duplicate_rounds_numpy(sim, drops, keep), rows)
+        assert torch.equal(_duplicate_rounds_numpy(sim, drops, keep, neighbours=1), rows)
+
+
+def test_top_first_is_the_head_of_a_stable_descending_sort():
+    """Duplicate removal's drops (ties: the earlier token) from a partition: the same set as the sort, ties included."""
+    from vtr.kernels import _top_first
+
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 700, 2000):                          # up to 600 values it sorts
+        values = torch.randint(0, 20, (n,), generator=g).float().numpy()       # every value many times over
+        for count in (1, 3, 8, n):
+            want = np.argsort(-values, kind="stable")[:count]
+            assert sorted(_top_first(values, count).tolist()) == sorted(want.tolist()), (n, count)
 
 
 def test_dart_pivots_then_least_similar_by_hand():

@@ -154,7 +154,7 @@ def duplicate_removal(x: torch.Tensor, keep: int, per_round: int) -> torch.Tenso
     are left. The similarity matrix is one product; the rounds, short sequential steps, run as one Triton kernel on a
     GPU and on the host elsewhere (a device loop would pay launches and a sync per round). Both (the host above 600
     tokens) look for an even token's highest similarity among its ``NEIGHBOURS`` nearest first, and read its row only
-    when none of them is odd."""
+    when none of them is odd (the host then keeps that row's nearest alive tokens as the token's new list)."""
     images, n = x.shape[:2]
     if not 0 <= keep <= n:
         raise ValueError(f"duplicate_removal: keep must be in 0..{n}, got {keep}")
@@ -182,33 +182,62 @@ def _duplicate_rounds_numpy(sim: np.ndarray, drops: list[int], keep: int,
                             neighbours: int = NEIGHBOURS) -> torch.Tensor:
     """The rounds of ``duplicate_removal`` on the host, image by image, on the one similarity matrix (a new product
     per round took twice as long on a CPU). Above 600 tokens each even token first looks among its ``neighbours``
-    most similar tokens: the first odd one there is its highest (the rest of its row is no higher), and only a token
-    with none reads its row (``neighbours=0``: every token does). On this CPU that made 1,400-1,500 tokens 3-5x
-    faster; on 500 the lists cost as much as they save."""
-    near = None
-    if neighbours and sim.shape[1] > 600:
-        near = torch.from_numpy(sim).topk(min(neighbours, sim.shape[1]), dim=-1)
-        near_values, near_index = near.values.numpy(), near.indices.numpy()
-    out = np.empty((sim.shape[0], keep), dtype=np.int64)
-    odd_token = np.zeros(sim.shape[1], dtype=bool)
+    most similar tokens, most similar first: the first odd one there is its highest (the rest of its row is no higher).
+    A token with none reads its row over the alive tokens and keeps that row's ``neighbours`` highest as its new list,
+    which stays valid as tokens only leave (lists of the first round alone left 48 rows a round to read at 8,192
+    tokens). ``neighbours=0``: every token reads its row. On this CPU the lists made 1,400-1,500 tokens 3-5x faster;
+    on 500 they cost as much as they save."""
+    images, n = sim.shape[:2]
+    lists = bool(neighbours) and n > 600
+    if lists:
+        near = torch.from_numpy(sim).topk(min(neighbours, n), dim=-1)
+        near_values, near_index = near.values.numpy().copy(), near.indices.numpy().astype(np.int32)
+    out = np.empty((images, keep), dtype=np.int64)
+    odd_token = np.zeros(n, dtype=bool)
     for image, s in enumerate(sim):
-        alive = np.arange(len(s))
+        alive = np.arange(n)
         for drop in drops:
             even, odd = alive[::2], alive[1::2]
-            if near is None:
-                duplicate = s[even][:, odd].max(axis=1)
+            if not lists:
+                duplicate = s.take(even, axis=0).take(odd, axis=1).max(axis=1)
             else:
                 odd_token[:] = False
                 odd_token[odd] = True
-                found = odd_token[near_index[image, even]]                    # (even, neighbours)
+                found = odd_token.take(near_index[image].take(even, axis=0))         # (even, neighbours)
                 first = found.argmax(axis=1)
                 duplicate = near_values[image, even, first]
                 missed = np.flatnonzero(~found[np.arange(len(even)), first])
-                duplicate[missed] = s[even[missed]][:, odd].max(axis=1)
-            gone = np.argsort(-duplicate, kind="stable")[:drop]
-            alive = np.delete(alive, 2 * gone)                   # the j-th even token sits at 2j in ``alive``
+                if len(missed):
+                    duplicate[missed] = _refresh_lists(s, even[missed], alive, near_values[image],
+                                                       near_index[image])
+            alive = np.delete(alive, 2 * _top_first(duplicate, drop))    # the j-th even token sits at 2j in ``alive``
         out[image] = alive
     return torch.from_numpy(out)
+
+
+def _refresh_lists(s: np.ndarray, rows: np.ndarray, alive: np.ndarray, values: np.ndarray,
+                   index: np.ndarray) -> np.ndarray:
+    """Even tokens ``rows`` with no odd token in their lists: their highest similarity to an odd token (the odd ones
+    sit at 1, 3, ... in ``alive``), read from their rows; each row's most similar alive tokens become its list,
+    descending (fewer alive tokens than slots: all of them, so an odd one is always found before the stale rest)."""
+    row = s.take(rows, axis=0).take(alive, axis=1)
+    width = min(index.shape[1], len(alive))
+    top = np.argpartition(-row, width - 1, axis=1)[:, :width]       # unordered; nothing left out is higher
+    top_values = np.take_along_axis(row, top, axis=1)
+    order = np.argsort(-top_values, axis=1)
+    index[rows, :width] = alive[np.take_along_axis(top, order, axis=1)]
+    values[rows, :width] = np.take_along_axis(top_values, order, axis=1)
+    return row[:, 1::2].max(axis=1)
+
+
+def _top_first(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest ``values`` (ties: the earlier), unordered: the set a stable descending sort
+    puts first, from one partition instead of a sort (up to 600 values the sort is as fast)."""
+    if len(values) <= 600:
+        return np.argsort(-values, kind="stable")[:count]
+    cut = np.partition(values, len(values) - count)[len(values) - count]      # the count-th largest
+    above = np.flatnonzero(values > cut)
+    return np.concatenate([above, np.flatnonzero(values == cut)[:count - len(above)]])
 
 
 def true_first(mask: torch.Tensor) -> torch.Tensor:
