@@ -108,7 +108,7 @@ h100 = GPUTarget("cuda", 90, 32)
 ints = dict.fromkeys(("n", "keep", "rounds", "k", "stride_image", "stride_row"), "i32")
 duplicates = {"sim_ptr": "*fp32", "near_ptr": "*i32", "drops_ptr": "*i32", "evens_ptr": "*i32", "odd_ptr": "*i8",
               "dup_ptr": "*fp32", "out_ptr": "*i64"}
-for block, rows, warps in ((64, 64, 4), (8192, 1, 8)):            # the smallest and largest launches
+for block, rows, warps in ((64, 64, 4), (8192, 64, 8)):           # the smallest and largest launches
     signature = {**duplicates, **{k: ints[k] for k in ("n", "keep", "rounds", "stride_image", "stride_row")},
                  **dict.fromkeys(("PER_ROUND", "NEAR", "BLOCK", "ROWS"), "constexpr")}
     constants = {"PER_ROUND": 8, "NEAR": NEIGHBOURS, "BLOCK": block, "ROWS": rows}

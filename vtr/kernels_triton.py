@@ -47,10 +47,12 @@ def _duplicate_removal(sim_ptr, near_ptr, drops_ptr, evens_ptr, odd_ptr, dup_ptr
                        ROWS: tl.constexpr):
     # One program per image runs every round, the alive set in registers. An even token's highest similarity to an
     # odd one is the first odd token among its NEAR most similar (``near_ptr``, sorted): the rest of its row is no
-    # higher. Only a block of rows with a token that has none there reads those rows of the similarity matrix.
+    # higher. ROWS even tokens are looked up at a time; only a token with no odd one there reads its row, alone (a
+    # ROWS x BLOCK tile of rows would bound ROWS by the registers, and the rounds' sequential steps grow as M / ROWS).
     image = tl.program_id(0).to(tl.int64)                              # image * stride may pass 2**31
     offsets = tl.arange(0, BLOCK)
     near_k = tl.arange(0, NEAR)
+    slot = tl.arange(0, ROWS)
     sim = sim_ptr + image * stride_image
     near = near_ptr + image * BLOCK * NEAR
     evens_buf, odd_buf, dup_buf = evens_ptr + image * BLOCK, odd_ptr + image * BLOCK, dup_ptr + image * BLOCK
@@ -64,7 +66,7 @@ def _duplicate_removal(sim_ptr, near_ptr, drops_ptr, evens_ptr, odd_ptr, dup_ptr
         evens = (tl.sum(alive.to(tl.int32), axis=0) + 1) // 2
         tl.debug_barrier()
         for start in range(0, evens, ROWS):
-            j = start + tl.arange(0, ROWS)
+            j = start + slot
             valid = j < evens
             row = tl.load(evens_buf + j, mask=valid, other=0)
             neighbour = tl.load(near + row[:, None] * NEAR + near_k[None, :], mask=valid[:, None], other=0)
@@ -73,10 +75,12 @@ def _duplicate_removal(sim_ptr, near_ptr, drops_ptr, evens_ptr, odd_ptr, dup_ptr
             best = tl.sum(tl.where(near_k[None, :] == first[:, None], neighbour, 0), axis=1)
             dup = tl.load(sim + row * stride_row + best, mask=valid & (first < NEAR), other=float("-inf"))
             missed = valid & (first == NEAR)
-            if tl.sum(missed.to(tl.int32), axis=0) > 0:
-                tile = tl.load(sim + row[:, None] * stride_row + offsets[None, :],
-                               mask=missed[:, None] & odd[None, :], other=float("-inf"))
-                dup = tl.where(missed, tl.max(tile, axis=1), dup)
+            while tl.sum(missed.to(tl.int32), axis=0) > 0:
+                one = slot == tl.min(tl.where(missed, slot, ROWS), axis=0)
+                token = tl.sum(tl.where(one, row, 0), axis=0)
+                line = tl.load(sim + token * stride_row + offsets, mask=odd, other=float("-inf"))
+                dup = tl.where(one, tl.max(line, axis=0), dup)
+                missed = missed & ~one
             tl.store(dup_buf + j, dup, mask=valid)
         tl.debug_barrier()
         dup = tl.load(dup_buf + rank // 2, mask=even, other=float("-inf"))
@@ -107,5 +111,5 @@ def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int, neighbours
     schedule = torch.tensor(drops or [0], dtype=torch.int32).to(sim.device, non_blocking=True)
     _duplicate_removal[(images,)](sim, near, schedule, evens, odd, dup, out, n, keep, len(drops), sim.stride(0),
                                  sim.stride(1), PER_ROUND=max(drops, default=1), NEAR=neighbours, BLOCK=block,
-                                 ROWS=max(1, min(64, 8192 // block)), num_warps=8 if block >= 4096 else 4)
+                                 ROWS=64, num_warps=8 if block >= 4096 else 4)
     return out
