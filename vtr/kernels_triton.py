@@ -12,6 +12,15 @@ import triton
 import triton.language as tl
 
 
+ROWS = 64           # even tokens duplicate removal looks up at a time
+
+
+def warps(block: int) -> int:
+    """Warps for one program that reduces a ``block`` of values per step: Triton's fused-softmax tutorial rule (more
+    warps, fewer values per thread, shorter reductions); not tuned on a GPU here."""
+    return 4 if block < 2048 else 8 if block < 4096 else 16
+
+
 @triton.jit
 def _max_min_greedy(sim_ptr, first_ptr, picks_ptr, n, k, stride_image, stride_row, BLOCK: tl.constexpr):
     # One program per image: ``closest`` (each token's highest similarity to a pick) stays in registers for all k
@@ -37,7 +46,7 @@ def max_min_greedy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tens
     images, n = sim.shape[:2]
     picks = torch.empty(images, k, dtype=torch.long, device=sim.device)
     _max_min_greedy[(images,)](sim, first.long().contiguous(), picks, n, k, sim.stride(0), sim.stride(1),
-                               BLOCK=triton.next_power_of_2(n))
+                               BLOCK=triton.next_power_of_2(n), num_warps=warps(triton.next_power_of_2(n)))
     return picks
 
 
@@ -111,5 +120,5 @@ def duplicate_removal(sim: torch.Tensor, drops: list[int], keep: int, neighbours
     schedule = torch.tensor(drops or [0], dtype=torch.int32).to(sim.device, non_blocking=True)
     _duplicate_removal[(images,)](sim, near, schedule, evens, odd, dup, out, n, keep, len(drops), sim.stride(0),
                                  sim.stride(1), PER_ROUND=max(drops, default=1), NEAR=neighbours, BLOCK=block,
-                                 ROWS=64, num_warps=8 if block >= 4096 else 4)
+                                 ROWS=ROWS, num_warps=warps(block))
     return out
