@@ -57,7 +57,7 @@ class PruMergePlus(Plugin):
                 rest = true_first(rest)[:n - len(picks)]             # ascending; the count is known
                 picks = torch.cat([picks, rest[evenly(len(rest), k - 1 - len(picks), a.device)]])
             similarity = keys[i, picks] @ keys[i].T
-            similarity[torch.arange(len(picks)), picks] = float("-inf")           # other tokens only
+            similarity[torch.arange(len(picks), device=a.device), picks] = float("-inf")      # other tokens only
             near = similarity.topk(min(self.neighbours, n - 1), dim=-1).indices    # (picks, 32)
             x = s.tokens[i].float()
             merged[i, picks] = (x[picks] + (a[near, None] * x[near]).sum(1)).to(merged.dtype)

@@ -1,3 +1,4 @@
+import copy
 import functools
 
 import pytest
@@ -62,6 +63,17 @@ def eager_model(arch):
 @pytest.fixture
 def flash_model(arch):
     return _model(arch, "flash_attention_2")
+
+
+@functools.lru_cache(maxsize=None)
+def _bfloat16_model(arch: str):
+    """The same weights in bfloat16, the dtype of the released checkpoints and of the GPU benchmark."""
+    return copy.deepcopy(_model(arch, "sdpa")).to(torch.bfloat16)
+
+
+@pytest.fixture
+def bf16_model(arch):
+    return _bfloat16_model(arch)
 
 
 @pytest.fixture

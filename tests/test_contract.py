@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vtr
+from vtr.adapters import adapter_for
 from vtr.plugins import VLM_METHODS, LLMPlugin, Plugin
 
 from conftest import split_batch
@@ -157,3 +158,26 @@ def test_flash_attention_2_keeps_the_same_tokens_and_generates_as_sdpa(model, fl
                    for a, b in zip(stage, flash_stage))
         assert torch.equal(tokens, flash_tokens)
         torch.testing.assert_close(flash_logits, logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_bfloat16_runs_in_bfloat16_and_retain_one_is_bit_identical(model, bf16_model, single, method):
+    """In bfloat16 every method patches and generates with the language model's hidden states in bfloat16 (a value
+    a method computed in float32 and wrote back unconverted would reach the layers), and retain=1.0 leaves every
+    logit bit-identical; float32 tests alone would not see either."""
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in single.items()}
+    ref_tokens, ref_logits = generate(bf16_model, inputs)
+    with vtr.patch(bf16_model, method, retain=1.0):
+        tokens, logits = generate(bf16_model, inputs)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+    layers = adapter_for(bf16_model).decoder_layers
+    seen = set()
+    probes = [layer.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype)) for layer in layers]
+    try:
+        with vtr.patch(bf16_model, method, retain=0.25) as handle:
+            tokens, logits = generate(bf16_model, inputs)
+            assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
+    finally:
+        for probe in probes:
+            probe.remove()
+    assert seen == {torch.bfloat16} and torch.isfinite(logits).all()
