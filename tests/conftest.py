@@ -66,14 +66,9 @@ def flash_model(arch):
 
 
 @functools.lru_cache(maxsize=None)
-def _bfloat16_model(arch: str):
-    """The same weights in bfloat16, the dtype of the released checkpoints and of the GPU benchmark."""
-    return copy.deepcopy(_model(arch, "sdpa")).to(torch.bfloat16)
-
-
-@pytest.fixture
-def bf16_model(arch):
-    return _bfloat16_model(arch)
+def half_model(arch: str, dtype: torch.dtype):
+    """The same weights in half precision: bfloat16 (the GPU benchmark's) or float16 (the llava-hf checkpoints')."""
+    return copy.deepcopy(_model(arch, "sdpa")).to(dtype)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import vtr
 from vtr.adapters import adapter_for
 from vtr.plugins import VLM_METHODS, LLMPlugin, Plugin
 
-from conftest import split_batch
+from conftest import half_model, split_batch
 from oracle import (merged_after_projector, merged_before_projector, oracle_generate, sequence_after,
                     visual_positions)
 
@@ -161,23 +161,25 @@ def test_flash_attention_2_keeps_the_same_tokens_and_generates_as_sdpa(model, fl
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_bfloat16_runs_in_bfloat16_and_retain_one_is_bit_identical(model, bf16_model, single, method):
-    """In bfloat16 every method patches and generates with the language model's hidden states in bfloat16 (a value
-    a method computed in float32 and wrote back unconverted would reach the layers), and retain=1.0 leaves every
-    logit bit-identical; float32 tests alone would not see either."""
-    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in single.items()}
-    ref_tokens, ref_logits = generate(bf16_model, inputs)
-    with vtr.patch(bf16_model, method, retain=1.0):
-        tokens, logits = generate(bf16_model, inputs)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_stays_in_it_and_retain_one_is_bit_identical(model, arch, single, method, dtype):
+    """In bfloat16 and float16 every method patches and generates with the language model's hidden states in that
+    dtype (a value a method computed in float32 and wrote back unconverted would reach the layers), and retain=1.0
+    leaves every logit bit-identical; float32 tests alone would not see either."""
+    half = half_model(arch, dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in single.items()}
+    ref_tokens, ref_logits = generate(half, inputs)
+    with vtr.patch(half, method, retain=1.0):
+        tokens, logits = generate(half, inputs)
     assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
-    layers = adapter_for(bf16_model).decoder_layers
     seen = set()
-    probes = [layer.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype)) for layer in layers]
+    probes = [layer.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype))
+              for layer in adapter_for(half).decoder_layers]
     try:
-        with vtr.patch(bf16_model, method, retain=0.25) as handle:
-            tokens, logits = generate(bf16_model, inputs)
+        with vtr.patch(half, method, retain=0.25) as handle:
+            tokens, logits = generate(half, inputs)
             assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
     finally:
         for probe in probes:
             probe.remove()
-    assert seen == {torch.bfloat16} and torch.isfinite(logits).all()
+    assert seen == {dtype} and torch.isfinite(logits).all()
