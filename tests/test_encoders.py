@@ -120,6 +120,29 @@ def test_no_reduction_is_bit_identical_and_remove_restores(kind, method, options
         assert torch.equal(model(pixels), reference)
 
 
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method,options,none", [("tome", {"r": 6}, {"r": 0}), ("evit", {}, {"retain": 1.0})])
+def test_half_precision_stays_in_it(kind, dtype, method, options, none):
+    """Every block sees the stream in the model's half dtype while tokens merge, and no reduction changes nothing."""
+    model, pixels = MODELS[kind]().to(dtype), images().to(dtype)
+    with torch.no_grad():
+        reference = model(pixels)
+    blocks = model.blocks if kind == "timm" else model.transformer.resblocks
+    seen = set()
+    probes = [block.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype)) for block in blocks]
+    try:
+        with vtr.patch(model, method, **options) as handle, torch.no_grad():
+            out = model(pixels)
+            assert handle.stats()[0]["tokens_out"] < 64
+    finally:
+        for probe in probes:
+            probe.remove()
+    assert seen == {dtype} and out.dtype == dtype and torch.isfinite(out).all()
+    with vtr.patch(model, method, **none), torch.no_grad():
+        assert torch.equal(model(pixels), reference)
+
+
 def test_tome_bipartite_rule_by_hand():
     """[CLS] + 6 patches: A = patches 0, 2, 4; B = 1, 3, 5. Patch 2 is closest to 3 (cos 1), patch 4 to 5 (cos 0.8),
     patch 0 to 1 (cos 0.6): r = 2 merges 2 -> 3 and 4 -> 5 and keeps 0."""
