@@ -11,7 +11,8 @@ from each video of a video task, 16 by default; video tasks need a model whose p
 Qwen2-VL or LLaVA-OneVision), ``device``, and any option of the method (for example ``layer=2``). The batch size is
 lmms-eval's own ``--batch_size N`` (in model_args it would clash with it).
 
-Devices: one process spreads a hub model over its GPUs (device_map "auto"). In a multi-process run
+Devices: one process puts a hub model whole on its current GPU (vtr refuses a model spread over several devices). In
+a multi-process run
 (``accelerate launch --num_processes 8 -m lmms_eval ...``) each process puts the whole model on its own GPU,
 ``cuda:$LOCAL_RANK``, and lmms-eval gives each process its share of the documents.
 

@@ -1,4 +1,6 @@
 """The public API: validation before anything is touched, budgets, pipelines, the handle."""
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,6 +35,26 @@ def test_unsupported_model_is_a_type_error_listing_the_supported_ones():
     with pytest.raises(TypeError, match="LlamaForCausalLM.*LlavaForConditionalGeneration.*Qwen2VLFor"):
         vtr.patch(lm, "fastv")
     assert hooks_on(lm) == 0
+
+
+def test_a_model_spread_over_devices_is_refused_before_it_is_touched(llava):
+    """accelerate's device_map over two GPUs, or parameters left on two devices: refused, naming them; one device in
+    the map is accepted."""
+    before = hooks_on(llava)
+    llava.hf_device_map = {"model.vision_tower": 0, "model.multi_modal_projector": 0, "model.language_model": 1}
+    try:
+        with pytest.raises(ValueError, match=r"spread over several devices \(0, 1\).*device_map=\{'': 0\}"):
+            vtr.patch(llava, "fastv", retain=0.25)
+        assert hooks_on(llava) == before
+        llava.hf_device_map = {"": 0}
+        vtr.patch(llava, "fastv", retain=0.25).remove()
+    finally:
+        del llava.hf_device_map
+    split = copy.deepcopy(llava)
+    split.lm_head.to("meta")
+    with pytest.raises(ValueError, match=r"several devices \(cpu, meta\)"):
+        vtr.patch(split, "fastv", retain=0.25)
+    assert hooks_on(split) == before
 
 
 def test_batch_without_images_is_refused_before_any_layer_runs(model, single):

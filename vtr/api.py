@@ -61,6 +61,7 @@ def patch(model: torch.nn.Module, method, retain: float | None = None, budget: i
     validated before the model is touched.
     """
     adapter = adapter_for(model)
+    _check_one_device(model)
     plugins = resolve(method, retain, budget, options)
     if adapter.kind == "encoder":
         if reuse_frames is not None:
@@ -74,6 +75,18 @@ def patch(model: torch.nn.Module, method, retain: float | None = None, budget: i
     handle = Handle(model, engine)
     _ACTIVE[model] = handle
     return handle
+
+
+def _check_one_device(model: torch.nn.Module):
+    """A generation's index tensors (masks, layouts, positions) live on one device, where every hook expects them; a
+    model spread over several devices (accelerate's ``device_map`` over GPUs, offloading, modules moved by hand) would
+    meet them on another. Refused until that is supported and tested on such a machine."""
+    mapped = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    placed = {str(p.device) for p in model.parameters()}
+    spread = mapped if len(mapped) > 1 else placed
+    if len(spread) > 1:
+        raise ValueError(f"the model is spread over several devices ({', '.join(sorted(spread))}); vtr needs it on "
+                         "one: load it with device_map={'': 0} (or \"cuda\"), or move it with model.to(device)")
 
 
 class Handle:

@@ -113,14 +113,15 @@ def shipped_model_path(name: str = "tiny-llava"):
 
 def load_model(model_id: str | None = None, attn_implementation: str = "sdpa", device: str | None = None):
     """(model, processor) for a Hugging Face id or local path, or a shipped model's name (``SHIPPED``, offline); None
-    loads the shipped tiny LLaVA. ``device``: where to put the whole model; by default a hub model spreads over the
-    visible GPUs (device_map "auto") and the shipped ones stay on the CPU."""
+    loads the shipped tiny LLaVA. ``device``: where to put the whole model; by default a hub model goes whole to the
+    current GPU where there is one (vtr refuses a model spread over several devices) and the shipped ones stay on the
+    CPU."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     shipped = model_id is None or model_id in SHIPPED
     source = str(shipped_model_path(model_id or "tiny-llava")) if shipped else model_id
     if device is None:
-        device = "auto" if torch.cuda.is_available() and not shipped else None
+        device = "cuda" if torch.cuda.is_available() and not shipped else None
     model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto", attn_implementation=attn_implementation,
                                                         device_map=device)
     return model.eval(), AutoProcessor.from_pretrained(source)
