@@ -70,6 +70,20 @@ def test_batch_without_images_is_refused_before_any_layer_runs(model, single):
     assert not ran
 
 
+def test_a_static_cache_is_refused_before_anything_runs(model, single):
+    """generate(cache_implementation="static") gives every layer fixed slots, which the shorter sequences cannot fill;
+    refused by name at the forward pass's start (it used to fail deep inside with a shape error)."""
+    ran = []
+    probe = model.model.get_input_embeddings().register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        with vtr.patch(model, "fastv", retain=0.5):
+            with pytest.raises(ValueError, match=r"StaticCache \(StaticLayer layers\).*default dynamic cache"):
+                model.generate(**single, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    finally:
+        probe.remove()
+    assert not ran
+
+
 def test_patching_twice_is_an_error_and_remove_allows_again(model):
     handle = vtr.patch(model, "fastv")
     try:

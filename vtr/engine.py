@@ -20,6 +20,7 @@ cache of a layer holds the sequence that layer saw, so layers after an in-LLM st
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from vtr.encoder import EncoderEngine
@@ -28,6 +29,17 @@ from vtr.hooks import HookSet, map_output
 from vtr.kernels import gather_tokens, group_counts, query_rows, true_first
 from vtr.layout import Layout, Record, Stage
 from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
+
+
+def _check_cache(past):
+    """vtr shortens the sequence inside the language model, so each layer's cache holds as many entries as that
+    layer saw; a cache with fixed slots per layer (StaticCache: ``cache_implementation="static"``), a sliding window
+    or a quantized one would not match. Refused at the forward pass's start, before anything has run."""
+    if past is None or all(type(layer) is DynamicLayer for layer in past.layers):
+        return
+    kinds = ", ".join(sorted({type(layer).__name__ for layer in past.layers}))
+    raise ValueError(f"vtr: a {type(past).__name__} ({kinds} layers) cannot hold the shorter sequences vtr makes; "
+                     "generate with the default dynamic cache (no cache_implementation)")
 
 
 class Engine(HookSet):
@@ -244,6 +256,7 @@ class Engine(HookSet):
                 raise NotImplementedError("vtr: images arriving after a filled KV cache (multi-turn) are not supported")
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
+            _check_cache(past)
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
             sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded)
             self._assign_images(rec, sizes)
