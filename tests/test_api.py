@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import vtr
 from vtr.plugins import VLM_METHODS, DivPrune, FastV, PyramidDrop
 
+from conftest import applies
 from test_contract import hooks_on
 from tiny_models import anyres_newlines
 
@@ -82,6 +83,33 @@ def test_a_static_cache_is_refused_before_anything_runs(model, single):
     finally:
         probe.remove()
     assert not ran
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "fastervlm"])
+def test_beam_search_is_exact_or_refused_by_name(model, batch, method):
+    """generate(num_beams=2) encodes each image once and repeats its features for the beams. Methods that select on
+    the features alone follow them: retain=1.0 gives the stock beams, and both beams of a sample keep the same
+    tokens. What takes signals from the vision pass (the [CLS] scores; Qwen's grids, for every method) would cover
+    half the images: refused by name."""
+    if not applies(model, method):
+        pytest.skip(f"{method} does not apply to {type(model).__name__}")
+    beams = dict(max_new_tokens=3, do_sample=False, num_beams=2)
+    refused = method == "fastervlm" or model.config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    with torch.no_grad():
+        stock = model.generate(**batch, **beams)
+    for retain in (1.0, 0.25):
+        with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
+            if refused:
+                with pytest.raises((ValueError, RuntimeError), match="num_beams or num_return_sequences > 1"):
+                    model.generate(**batch, **beams)
+                continue
+            out = model.generate(**batch, **beams)
+            kept = handle.kept()
+        if retain == 1.0:
+            assert torch.equal(out, stock)
+        else:
+            assert len(kept) == 4 and all(torch.equal(kept[2 * b], kept[2 * b + 1]) for b in range(2))
+            assert len(kept[0]) < handle.stats()[0]["visual_tokens_in"]
 
 
 def test_patching_twice_is_an_error_and_remove_allows_again(model):

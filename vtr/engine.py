@@ -31,6 +31,11 @@ from vtr.layout import Layout, Record, Stage
 from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
 
 
+REPEATED_IMAGES = ("generate() repeated the encoded images for num_beams or num_return_sequences > 1, which "
+                   "vtr does not support where it takes signals from the vision pass ({what}); use num_beams=1 and "
+                   "num_return_sequences=1")
+
+
 def _check_cache(past):
     """vtr shortens the sequence inside the language model, so each layer's cache holds as many entries as that
     layer saw; a cache with fixed slots per layer (StaticCache: ``cache_implementation="static"``), a sliding window
@@ -116,6 +121,12 @@ class Engine(HookSet):
         self.by_frame = any("frames" in p.needs or p.per_frame for p in plugins)
         self.asks_questions = any({"rater_attention", "text_attention", "question_attention"} & set(p.needs)
                                   for p in plugins)
+        # what the prefill takes from the vision pass itself, which must then cover the images the LLM receives
+        self.from_vision_pass = sorted(
+            {n for p in plugins for n in p.needs if n in ("cls_attention", "vision_keys", "before_projector")}
+            | ({"grids"} if adapter.grids_from_vision_pass else set())
+            | ({"tower merges"} if self.tower is not None else set())
+            | ({"reused frames"} if reuse_frames is not None else set()))
         self.rec: Record | None = None
         # generate() runs the vision tower before the model's forward: its signals wait here until then
         self.cls_attention: torch.Tensor | None = None
@@ -257,6 +268,7 @@ class Engine(HookSet):
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
             _check_cache(past)
+            self._check_not_repeated(kwargs.get("mm_encoder_outputs") or {})
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
             sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded)
             self._assign_images(rec, sizes)
@@ -278,6 +290,16 @@ class Engine(HookSet):
         else:
             raise ValueError("vtr: this batch has no images (pixel_values is None), so there are no visual tokens "
                              "to reduce; remove the patch for text-only input")
+
+    def _check_not_repeated(self, encoded: dict):
+        """generate() with num_beams or num_return_sequences > 1 encodes each image once, then repeats its features
+        for every copy of the sample (the same tensor objects, when the features are a list): the vision pass's own
+        signals then cover fewer images than the language model receives. Refused where the prefill needs them."""
+        repeated = any(isinstance(out.pooler_output, (list, tuple)) and
+                       len({id(f) for f in out.pooler_output}) < len(out.pooler_output)
+                       for out in encoded.values() if out is not None)
+        if repeated and self.from_vision_pass:
+            raise ValueError("vtr: " + REPEATED_IMAGES.format(what=", ".join(self.from_vision_pass)))
 
     def _new_record(self, input_ids, attention_mask) -> Record:
         b, length = input_ids.shape
@@ -474,7 +496,9 @@ class Engine(HookSet):
         for stage in pre_llm:
             tower = isinstance(stage.plugin, EncoderPlugin)
             if "cls_attention" in stage.plugin.needs and not tower and (cls is None or cls.shape != (total,)):
-                raise RuntimeError("vtr: the vision tower of this forward pass did not run under the patch")
+                raise RuntimeError("vtr: the vision tower's [CLS] scores do not cover the images the language model "
+                                   "receives: the tower did not run under the patch, or "
+                                   + REPEATED_IMAGES.format(what="cls_attention"))
             survivors = torch.zeros(total, dtype=torch.bool, device=device) if protected is None else protected.clone()
             plugin = stage.plugin
             for key, ids in groups.items():

@@ -29,6 +29,8 @@ class Adapter:
     newline_tokens = False
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
     injection_layers = 0
+    #: whether ``token_grids`` / ``frame_grids`` come from the last vision pass (its grid input), not from the sizes
+    grids_from_vision_pass = False
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:

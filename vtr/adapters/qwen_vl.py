@@ -30,6 +30,7 @@ class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     has_token_grid = True
     has_frames = True
+    grids_from_vision_pass = True
 
     @staticmethod
     def model_classes():
