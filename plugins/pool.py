@@ -45,10 +45,11 @@ def cells(rows: int, cols: int, k: int) -> list[torch.Tensor]:
 def _pairs(rows: int, cols: int, k: int) -> tuple[torch.Tensor, ...]:
     """The cells of ``cells`` as (each cell's first token, the tokens of every cell, their cells), computed once per
     grid and budget (a cell's tokens may sit in the next cell too)."""
-    grid = cells(rows, cols, k)
-    sizes = [len(c) for c in grid]
-    cell = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes), output_size=sum(sizes))
-    return torch.stack([c[0] for c in grid]), torch.cat(grid), cell
+    with torch.inference_mode(False):        # cached: a first call under inference_mode must not make them unusable
+        grid = cells(rows, cols, k)
+        sizes = [len(c) for c in grid]
+        cell = torch.repeat_interleave(torch.arange(k), torch.tensor(sizes), output_size=sum(sizes))
+        return torch.stack([c[0] for c in grid]), torch.cat(grid), cell
 
 
 @dataclass

@@ -144,11 +144,10 @@ class PruneVidMerge(Plugin):
         statics = [i for i, count in enumerate(counts) if count]
         order = torch.cat([true_first(static[statics]), true_first(~static)[segment_of]])
         index = order[..., None].expand(-1, -1, dim)
-        tokens = torch.empty(len(statics) + t, per, dim, device=x.device)
+        tokens = x.gather(1, index[len(statics):])
         if statics:
             mean = group_means(x.flatten(1), segment_of, len(segments))[statics].view(len(statics), per, dim)
-            torch.gather(mean, 1, index[:len(statics)], out=tokens[:len(statics)])
-        torch.gather(x, 1, index[len(statics):], out=tokens[len(statics):])
+            tokens = torch.cat([mean.gather(1, index[:len(statics)]), tokens])
         rule = []
         for i, segment in enumerate(segments):
             rule += ([statics.index(i)] if counts[i] else []) + [len(statics) + f for f in segment]

@@ -183,3 +183,20 @@ def test_half_precision_stays_in_it_and_retain_one_is_bit_identical(model, arch,
         for probe in probes:
             probe.remove()
     assert seen == {dtype} and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_autograd_on_selects_the_same_and_gradients_reach_the_tower(model, single, method):
+    """Without torch.no_grad (and after a call under inference_mode, whose tensors a cache could keep): the same
+    logits as under no_grad, and backward reaches the vision tower through the kept (or merged) tokens."""
+    with vtr.patch(model, method, retain=0.25):
+        with torch.inference_mode():
+            want = model(**single).logits
+        try:
+            logits = model(**single).logits
+            torch.testing.assert_close(logits.detach(), want, atol=1e-5, rtol=0)
+            logits.float().square().mean().backward()
+            tower = adapter_for(model).vision_model
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+        finally:
+            model.zero_grad(set_to_none=True)

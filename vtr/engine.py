@@ -541,7 +541,11 @@ class Engine(HookSet):
                     rows = rows_of(ids, alive[key])
                     if values is not None:                            # the kept tokens take the merged values
                         values = values.gather(1, order[..., None].expand_as(values))
-                        features[rows.flatten()] = values.reshape(-1, features.shape[-1]).to(features.dtype)
+                        values = values.reshape(-1, features.shape[-1]).to(features.dtype)
+                        if features.requires_grad:      # autograd: the tokens the values came from stay intact
+                            features = features.index_put((rows.flatten(),), values)
+                        else:
+                            features[rows.flatten()] = values
                         merged = True
                 survivors[rows.flatten()] = True
             rec.alive.append(torch.zeros_like(rec.visual).masked_scatter(rec.visual, survivors))

@@ -212,7 +212,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 if self._shrunk(h, w) != (rows, cols):
                     continue
                 got = self._shrink(full[:, top:top + h, left:left + w])
-                if torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+                if torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.detach().abs().max())):
                     return {"grid": (n_h, n_w), "window": (top, left, h, w), "packed": (rows, cols)}
         raise NotImplementedError(f"vtr: could not trace {type(self.model).__name__}'s packed image features back to "
                                   "its crops (a packing this adapter does not know)")
