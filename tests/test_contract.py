@@ -10,6 +10,7 @@ from vtr.adapters import adapter_for
 from vtr.plugins import VLM_METHODS, LLMPlugin, Plugin
 
 from conftest import half_model, split_batch
+from tiny_models import IMAGE, VIDEO_ARCHS, make_inputs
 from oracle import (merged_after_projector, merged_before_projector, oracle_generate, sequence_after,
                     visual_positions)
 
@@ -128,6 +129,25 @@ def test_padded_batch_equals_per_sample(model, batch, method):
             assert torch.equal(handle.kept()[0], kept[b])
             assert torch.equal(one_tokens[0], tokens[b])
             torch.testing.assert_close(one_logits[0], logits[b], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_sample_without_images_in_a_batch_runs_as_the_stock_model(model, arch, method):
+    """A padded batch whose second sample has no image: the first generates as it does alone under the patch, the
+    second as the stock model generates its text."""
+    prompts = [[1, 5, IMAGE, 6, 7, IMAGE, 8], [1, 9, 10, 11, 12, 13, 14]]
+    video = arch in VIDEO_ARCHS
+    batch = make_inputs(model, prompts, seed=2, video=video)
+    with_images = make_inputs(model, prompts[:1], seed=2, video=video)        # the same images: the same seed
+    text = {"input_ids": torch.tensor(prompts[1:]), "attention_mask": torch.ones(1, len(prompts[1]), dtype=torch.long)}
+    want_text = generate(model, text)
+    with vtr.patch(model, method, retain=0.25) as handle:
+        tokens, logits = generate(model, batch)
+        assert handle.stats()[1]["visual_tokens_in"] == 0 and handle.stats()[1]["retention"] == 1.0
+        want_tokens, want_logits = generate(model, with_images)
+    assert torch.equal(tokens[0], want_tokens[0]) and torch.equal(tokens[1], want_text[0][0])
+    torch.testing.assert_close(logits[0], want_logits[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[1], want_text[1][0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", ALL)

@@ -234,11 +234,11 @@ class Engine(HookSet):
                     if stage.layer is None or stage.layer <= layer:
                         n = c
                 per_layer.append(n)
-            out.append({
+            out.append({                    # a sample without images (beside others that have) keeps all of none
                 "visual_tokens_in": total,
                 "visual_tokens_out": counts[-1] if counts else total,
-                "retention": (counts[-1] if counts else total) / total,
-                "layer_avg_retention": sum(per_layer) / (depth * total),
+                "retention": (counts[-1] if counts else total) / total if total else 1.0,
+                "layer_avg_retention": sum(per_layer) / (depth * total) if total else 1.0,
                 "layer_avg_tokens": sum(per_layer) / depth,     # what SparseVLM's "192 tokens" counts
                 "tokens_per_layer": per_layer,
                 "stages": stages,
@@ -247,7 +247,9 @@ class Engine(HookSet):
                 hidden = 0 if rec.hidden is None else int(rec.hidden[b].sum())
                 out[-1]["decode"] = {"method": self.decode.name, "layer": self.decode_layer,
                                      "visible_tokens": per_layer[self.decode_layer] - hidden}
-            if videos:                       # tokens in and out of each frame of the sample's videos
+            if videos and not total:
+                out[-1]["frames"] = []
+            elif videos:                     # tokens in and out of each frame of the sample's videos
                 frame = rec.frame_of[b][rec.visual[b]]
                 frame = frame - frame.min()
                 kept = rec.alive[-1][b][rec.visual[b]] if rec.alive else torch.ones_like(frame, dtype=torch.bool)
