@@ -10,7 +10,7 @@ from vtr.plugins import VLM_METHODS, DivPrune, FastV, PyramidDrop
 
 from conftest import applies
 from test_contract import hooks_on
-from tiny_models import anyres_newlines
+from tiny_models import VIDEO_ARCHS, anyres_newlines
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -85,31 +85,33 @@ def test_a_static_cache_is_refused_before_anything_runs(model, single):
     assert not ran
 
 
-@pytest.mark.parametrize("method", ["random", "fastv", "fastervlm"])
-def test_beam_search_is_exact_or_refused_by_name(model, batch, method):
-    """generate(num_beams=2) encodes each image once and repeats its features for the beams. Methods that select on
-    the features alone follow them: retain=1.0 gives the stock beams, and both beams of a sample keep the same
-    tokens. What takes signals from the vision pass (the [CLS] scores; Qwen's grids, for every method) would cover
-    half the images: refused by name."""
-    if not applies(model, method):
+@pytest.mark.parametrize("method", ["random", "fastv", "fastervlm", "visionzip"])
+def test_beam_search_keeps_what_greedy_keeps(model, arch, batch, method):
+    """generate(num_beams=2) encodes each image once and repeats its features for the beams; the vision pass's own
+    signals ([CLS] scores, crops, Qwen's grids) are traced to the copies: retain=1.0 gives the stock beams, and each
+    beam keeps the tokens a greedy run keeps for its sample. Images encoded as one tensor (InternVL's tiles, LLaVA's
+    videos) cannot be traced: a method that reads [CLS] scores is refused by name there."""
+    if not applies(model, method, video=arch in VIDEO_ARCHS):
         pytest.skip(f"{method} does not apply to {type(model).__name__}")
     beams = dict(max_new_tokens=3, do_sample=False, num_beams=2)
-    refused = method == "fastervlm" or model.config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    refused = method == "fastervlm" and arch in ("internvl", "llava_next_video_video", "llava_onevision_video")
     with torch.no_grad():
         stock = model.generate(**batch, **beams)
     for retain in (1.0, 0.25):
         with vtr.patch(model, method, retain=retain) as handle, torch.no_grad():
+            model.generate(**batch, max_new_tokens=1, do_sample=False)
+            greedy = handle.kept()
             if refused:
-                with pytest.raises((ValueError, RuntimeError), match="num_beams or num_return_sequences > 1"):
+                with pytest.raises(RuntimeError, match="num_beams or num_return_sequences > 1"):
                     model.generate(**batch, **beams)
                 continue
             out = model.generate(**batch, **beams)
             kept = handle.kept()
+        assert all(torch.equal(kept[2 * b + beam], greedy[b]) for b in range(2) for beam in range(2))
         if retain == 1.0:
             assert torch.equal(out, stock)
         else:
-            assert len(kept) == 4 and all(torch.equal(kept[2 * b], kept[2 * b + 1]) for b in range(2))
-            assert len(kept[0]) < handle.stats()[0]["visual_tokens_in"]
+            assert len(greedy[0]) < handle.stats()[0]["visual_tokens_in"]
 
 
 def test_patching_twice_is_an_error_and_remove_allows_again(model):

@@ -31,9 +31,19 @@ from vtr.layout import Layout, Record, Stage
 from vtr.plugins.base import DecodePlugin, EncoderPlugin, LLMPlugin, Plugin, Signals
 
 
-REPEATED_IMAGES = ("generate() repeated the encoded images for num_beams or num_return_sequences > 1, which "
-                   "vtr does not support where it takes signals from the vision pass ({what}); use num_beams=1 and "
-                   "num_return_sequences=1")
+def _repeated_images(encoded: dict) -> list[int] | None:
+    """generate() with num_beams or num_return_sequences > 1 encodes each image once and repeats each sample's group
+    of features for every copy of the sample; where the features are a list, the copies are the same tensor
+    objects. For each image the language model receives, the encoded one it repeats (None: nothing repeated). The
+    vision pass's own signals ([CLS] scores, merges, grids) cover the encoded images only."""
+    for out in encoded.values():
+        features = getattr(out, "pooler_output", None)
+        if isinstance(features, (list, tuple)):
+            first: dict[int, int] = {}
+            source = [first.setdefault(id(f), len(first)) for f in features]
+            if len(first) < len(source):
+                return source
+    return None
 
 
 def _check_cache(past):
@@ -121,13 +131,9 @@ class Engine(HookSet):
         self.by_frame = any("frames" in p.needs or p.per_frame for p in plugins)
         self.asks_questions = any({"rater_attention", "text_attention", "question_attention"} & set(p.needs)
                                   for p in plugins)
-        # what the prefill takes from the vision pass itself, which must then cover the images the LLM receives
-        self.from_vision_pass = sorted(
-            {n for p in plugins for n in p.needs if n in ("cls_attention", "vision_keys", "before_projector")}
-            | ({"grids"} if adapter.grids_from_vision_pass else set())
-            | ({"tower merges"} if self.tower is not None else set())
-            | ({"reused frames"} if reuse_frames is not None else set()))
         self.rec: Record | None = None
+        # generate() with num_beams / num_return_sequences > 1: the encoded image each of the LLM's images repeats
+        self.encoded_source: list[int] | None = None
         # generate() runs the vision tower before the model's forward: its signals wait here until then
         self.cls_attention: torch.Tensor | None = None
         self.vision_keys: torch.Tensor | None = None
@@ -270,7 +276,9 @@ class Engine(HookSet):
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
             _check_cache(past)
-            self._check_not_repeated(kwargs.get("mm_encoder_outputs") or {})
+            self.encoded_source = _repeated_images(kwargs.get("mm_encoder_outputs") or {})
+            if self.encoded_source is not None:
+                self.adapter.repeat_images(self.encoded_source)
             rec = self._new_record(input_ids, kwargs.get("attention_mask"))
             sizes = self.adapter.image_token_counts(kwargs, rec.visual, encoded)
             self._assign_images(rec, sizes)
@@ -292,16 +300,6 @@ class Engine(HookSet):
         else:
             raise ValueError("vtr: this batch has no images (pixel_values is None), so there are no visual tokens "
                              "to reduce; remove the patch for text-only input")
-
-    def _check_not_repeated(self, encoded: dict):
-        """generate() with num_beams or num_return_sequences > 1 encodes each image once, then repeats its features
-        for every copy of the sample (the same tensor objects, when the features are a list): the vision pass's own
-        signals then cover fewer images than the language model receives. Refused where the prefill needs them."""
-        repeated = any(isinstance(out.pooler_output, (list, tuple)) and
-                       len({id(f) for f in out.pooler_output}) < len(out.pooler_output)
-                       for out in encoded.values() if out is not None)
-        if repeated and self.from_vision_pass:
-            raise ValueError("vtr: " + REPEATED_IMAGES.format(what=", ".join(self.from_vision_pass)))
 
     def _new_record(self, input_ids, attention_mask) -> Record:
         b, length = input_ids.shape
@@ -452,6 +450,26 @@ class Engine(HookSet):
             sizes += [h * w] * (t - 1) + [n - (t - 1) * h * w]
         rec.frame_grids, rec.frame_sizes = [tuple(g) for g in grids], sizes
 
+    def _on_encoded_images(self, rec: Record, features: torch.Tensor, layout):
+        """``layout(features, sizes)``, an adapter's per-feature reading of the vision pass (its [CLS] scores, its
+        crops), for the images the LLM receives: where generate() repeated encoded images, it reads each encoded
+        image's first copy and its result is repeated like them (tensors of one row per feature or per image)."""
+        source = self.encoded_source
+        if source is None:
+            return layout(features, rec.image_sizes)
+        first = [source.index(e) for e in range(max(source) + 1)]
+        sizes = [rec.image_sizes[j] for j in first]
+        spans = features.split(rec.image_sizes)
+        out = layout(torch.cat([spans[j] for j in first]), sizes)
+
+        def repeat(t):
+            if not torch.is_tensor(t):
+                return t
+            if t.shape[0] == len(first) != sum(sizes):                 # one row per image
+                return t[source]
+            return torch.cat([t.split(sizes)[e] for e in source])
+        return {key: repeat(value) for key, value in out.items()} if isinstance(out, dict) else repeat(out)
+
     def _select_before_llm(self, rec: Record, embeds: torch.Tensor) -> torch.Tensor:
         """Pre-LLM methods select on the projected features, read where the model placed them in ``inputs_embeds``
         (this works whether the forward pass or ``generate()`` ran the vision tower). Images with the same number of
@@ -486,11 +504,15 @@ class Engine(HookSet):
             rows = offsets[ids][:, None] + survivors
             return rows if candidates is None else candidates[rows]
 
-        cls = None if self.cls_attention is None else self.adapter.arrange_scores(self.cls_attention, features,
-                                                                                    rec.image_sizes)
+        cls = None if self.cls_attention is None else self._on_encoded_images(
+            rec, features, lambda f, sizes: self.adapter.arrange_scores(self.cls_attention, f, sizes))
+        zipped, tower_kept, source = self.zipped, self.tower_kept, self.encoded_source
+        if source is not None:                  # one row per image the LLM receives
+            zipped = None if zipped is None else zipped[source]
+            tower_kept = None if tower_kept is None else tower_kept[source]
         anyres = grids = None
         if any("anyres_layout" in s.plugin.needs for s in pre_llm):
-            anyres = self.adapter.anyres_layout(features, rec.image_sizes)
+            anyres = self._on_encoded_images(rec, features, self.adapter.anyres_layout)
         if any("grid" in s.plugin.needs for s in pre_llm):
             grids = self.adapter.token_grids(rec.image_sizes)
         merged = False
@@ -499,8 +521,9 @@ class Engine(HookSet):
             tower = isinstance(stage.plugin, EncoderPlugin)
             if "cls_attention" in stage.plugin.needs and not tower and (cls is None or cls.shape != (total,)):
                 raise RuntimeError("vtr: the vision tower's [CLS] scores do not cover the images the language model "
-                                   "receives: the tower did not run under the patch, or "
-                                   + REPEATED_IMAGES.format(what="cls_attention"))
+                                   "receives: the tower did not run under the patch, or generate() repeated images "
+                                   "it encoded as one tensor (num_beams or num_return_sequences > 1), which vtr "
+                                   "cannot trace back to them here; use num_beams=1 and num_return_sequences=1")
             survivors = torch.zeros(total, dtype=torch.bool, device=device) if protected is None else protected.clone()
             plugin = stage.plugin
             for key, ids in groups.items():
@@ -510,12 +533,12 @@ class Engine(HookSet):
                 t, per = (key[1], n // key[1]) if plugin.per_frame else (1, rows.shape[1])
                 k = plugin.stage_counts(per)[0]
                 if "before_projector" in plugin.needs:                # selected (and merged) already
-                    if self.zipped is not None:
-                        alive[key] = self.zipped[ids]
+                    if zipped is not None:
+                        alive[key] = zipped[ids]
                         rows = rows_of(ids, alive[key])
                 elif isinstance(plugin, EncoderPlugin):              # merged in the tower: one patch per token
-                    if self.tower_kept is not None:
-                        alive[key] = self.tower_kept[ids]
+                    if tower_kept is not None:
+                        alive[key] = tower_kept[ids]
                         rows = rows_of(ids, alive[key])
                 elif k < per or plugin.counts_itself:
                     whole = candidates is None and len(groups) == 1 and rows.shape[1] == n

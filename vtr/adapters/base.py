@@ -29,8 +29,6 @@ class Adapter:
     newline_tokens = False
     #: how many first decoder layers get visual features added to their output (Qwen3-VL's DeepStack); 0: none
     injection_layers = 0
-    #: whether ``token_grids`` / ``frame_grids`` come from the last vision pass (its grid input), not from the sizes
-    grids_from_vision_pass = False
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:
@@ -91,6 +89,10 @@ class Adapter:
 
     def begin_vision(self, args: tuple, kwargs: dict):
         """Called before the vision model runs (for methods that need [CLS] attention, grids or frames)."""
+
+    def repeat_images(self, source: list[int]):
+        """generate() repeated encoded images (num_beams > 1): what the adapter kept per image of the vision pass,
+        re-laid for the images the language model receives, image j being encoded image ``source[j]``."""
 
     def score_projections(self) -> tuple[nn.Module, ...]:
         """The modules of ``feature_layer`` whose outputs (its queries and keys) ``cls_attention`` reads, in the order

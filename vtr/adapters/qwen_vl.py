@@ -30,7 +30,6 @@ class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
     has_token_grid = True
     has_frames = True
-    grids_from_vision_pass = True
 
     @staticmethod
     def model_classes():
@@ -75,6 +74,9 @@ class Qwen2VLAdapter(Adapter):
     def begin_vision(self, args: tuple, kwargs: dict):
         self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
         self.grid_list = self._host_grid(self.grid_thw)
+
+    def repeat_images(self, source: list[int]):
+        self.grid_list = [self.grid_list[e] for e in source]
 
     def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
         """The merged grid: frames stacked, (t * h / merge, w / merge)."""
