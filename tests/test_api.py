@@ -6,11 +6,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtr
-from vtr.plugins import VLM_METHODS, DivPrune, FastV, PyramidDrop
+from vtr.plugins import VLM_METHODS, DivPrune, FastV, PyramidDrop, ToMe
 
-from conftest import applies
+from conftest import BATCH, applies
 from test_contract import hooks_on
-from tiny_models import VIDEO_ARCHS, anyres_newlines
+from tiny_models import VIDEO_ARCHS, anyres_newlines, make_inputs
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -112,6 +112,18 @@ def test_beam_search_keeps_what_greedy_keeps(model, arch, batch, method):
             assert torch.equal(out, stock)
         else:
             assert len(greedy[0]) < handle.stats()[0]["visual_tokens_in"]
+
+
+def test_beam_search_traces_merges_in_the_vision_tower(llava):
+    """ToMe in LLaVA-1.5's tower, alone and before FastV: each beam keeps what a greedy run keeps for its sample."""
+    batch = make_inputs(llava, BATCH, seed=2)
+    for method in (ToMe(r=4), [ToMe(r=4), FastV(retain=0.5)]):
+        with vtr.patch(llava, method) as handle, torch.no_grad():
+            llava.generate(**batch, max_new_tokens=1, do_sample=False)
+            greedy = handle.kept()
+            llava.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2)
+            kept = handle.kept()
+        assert all(torch.equal(kept[2 * b + beam], greedy[b]) for b in range(2) for beam in range(2))
 
 
 def test_patching_twice_is_an_error_and_remove_allows_again(model):
