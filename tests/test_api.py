@@ -126,6 +126,23 @@ def test_beam_search_traces_merges_in_the_vision_tower(llava):
         assert all(torch.equal(kept[2 * b + beam], greedy[b]) for b in range(2) for beam in range(2))
 
 
+def test_caches_vtr_accepts():
+    """Dynamic caches; a sliding window (Mistral's default 4,096) while the prompt fits in it, where it holds every
+    token; a static one never."""
+    from transformers import DynamicCache, MistralConfig, StaticCache
+
+    from vtr.engine import _check_cache
+
+    config = MistralConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                           sliding_window=16)
+    _check_cache(DynamicCache(config=LlamaConfig(num_hidden_layers=2)), 10_000)
+    _check_cache(DynamicCache(config=config), 16)
+    with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the model's sliding window \\(16\\)"):
+        _check_cache(DynamicCache(config=config), 17)
+    with pytest.raises(ValueError, match="StaticCache"):
+        _check_cache(StaticCache(config=config, max_cache_len=32), 8)
+
+
 def test_patching_twice_is_an_error_and_remove_allows_again(model):
     handle = vtr.patch(model, "fastv")
     try:

@@ -20,7 +20,7 @@ cache of a layer holds the sequence that layer saw, so layers after an in-LLM st
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask
 
 from vtr.encoder import EncoderEngine
@@ -46,15 +46,22 @@ def _repeated_images(encoded: dict) -> list[int] | None:
     return None
 
 
-def _check_cache(past):
+def _check_cache(past, length: int):
     """vtr shortens the sequence inside the language model, so each layer's cache holds as many entries as that
-    layer saw; a cache with fixed slots per layer (StaticCache: ``cache_implementation="static"``), a sliding window
-    or a quantized one would not match. Refused at the forward pass's start, before anything has run."""
-    if past is None or all(type(layer) is DynamicLayer for layer in past.layers):
+    layer saw; a cache with fixed slots per layer (StaticCache: ``cache_implementation="static"``) or a quantized one
+    would not match. A sliding window (LLaVA-NeXT's Mistral keeps 4,096 tokens by default) is accepted for a prompt
+    of ``length`` tokens that it holds whole, where it is a full cache and vtr's causal masks are the model's.
+    Refused at the forward pass's start, before anything has run."""
+    if past is None:
         return
-    kinds = ", ".join(sorted({type(layer).__name__ for layer in past.layers}))
-    raise ValueError(f"vtr: a {type(past).__name__} ({kinds} layers) cannot hold the shorter sequences vtr makes; "
-                     "generate with the default dynamic cache (no cache_implementation)")
+    for layer in past.layers:
+        if type(layer) is DynamicSlidingWindowLayer and length > layer.sliding_window:
+            raise ValueError(f"vtr: a prompt of {length} tokens is longer than the model's sliding window "
+                             f"({layer.sliding_window}); vtr's masks would differ from the model's there")
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            kinds = ", ".join(sorted({type(layer).__name__ for layer in past.layers}))
+            raise ValueError(f"vtr: a {type(past).__name__} ({kinds} layers) cannot hold the shorter sequences vtr "
+                             "makes; generate with the default dynamic cache (no cache_implementation)")
 
 
 class Engine(HookSet):
@@ -275,7 +282,7 @@ class Engine(HookSet):
                 raise NotImplementedError("vtr: images arriving after a filled KV cache (multi-turn) are not supported")
             if input_ids is None:
                 raise ValueError("vtr: pass input_ids (not inputs_embeds) so the image tokens can be located")
-            _check_cache(past)
+            _check_cache(past, input_ids.shape[1])
             self.encoded_source = _repeated_images(kwargs.get("mm_encoder_outputs") or {})
             if self.encoded_source is not None:
                 self.adapter.repeat_images(self.encoded_source)
