@@ -43,3 +43,28 @@ def test_the_patched_model_on_the_device_computes_the_stock_model_on_the_pruned_
     pre = kept[0] if stages[0].layer is None else None
     llm = {stage.layer: k for stage, k in zip(stages, kept) if stage.layer is not None}
     torch.testing.assert_close(bench._ideal_prefill(model, inputs, pre, llm), patched, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["random", "fastv", "vispruner", "pdrop"])
+def test_bfloat16_on_the_device(method):
+    """The GPU bench's dtype, on the device: retain=1.0 changes no logit, and a patched generate() keeps every
+    decoder layer's input in bfloat16."""
+    from vtr.adapters import adapter_for
+    from vtr.eval import bench_models
+
+    model, inputs = bench_models.build("llava", "quick", DEVICE, torch.bfloat16, "sdpa")
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with vtr.patch(model, method, retain=1.0):
+            assert torch.equal(model(**inputs).logits, stock)
+    seen = set()
+    probes = [layer.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype))
+              for layer in adapter_for(model).decoder_layers]
+    try:
+        with vtr.patch(model, method, retain=0.25) as handle, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
+    finally:
+        for probe in probes:
+            probe.remove()
+    assert seen == {torch.bfloat16} and out.shape[1] > inputs["input_ids"].shape[1]
