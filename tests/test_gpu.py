@@ -1,6 +1,7 @@
 """Checks that need a CUDA GPU, skipped elsewhere (``eval/gpu_check.sh`` runs them on a lent machine): the Triton
 kernels compiled for the device pick what the fallbacks pick, and on the device the patched model changes nothing at
-retain 1.0, is restored by ``remove()`` and computes what the stock modules compute on the pruned sequence.
+retain 1.0, is restored by ``remove()`` and computes what the stock modules compute on the pruned sequence, and
+in bfloat16 keeps the language model's stream in it.
 ``VTR_TEST_DEVICE=cpu`` runs the model checks on the CPU, which is how they were written without a GPU."""
 import os
 import subprocess
