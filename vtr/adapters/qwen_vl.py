@@ -73,10 +73,10 @@ class Qwen2VLAdapter(Adapter):
 
     def begin_vision(self, args: tuple, kwargs: dict):
         self.grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-        self.grid_list = self._host_grid(self.grid_thw)
+        self.grid_list = self.encoded_grids = self._host_grid(self.grid_thw)
 
     def repeat_images(self, source: list[int]):
-        self.grid_list = [self.grid_list[e] for e in source]
+        self.grid_list = [self.encoded_grids[e] for e in source]       # again for each prefill (use_cache=False)
 
     def token_grids(self, sizes: list[int]) -> list[tuple[int, int]]:
         """The merged grid: frames stacked, (t * h / merge, w / merge)."""
