@@ -2,8 +2,9 @@
 
 A cell is checked only when every contract test of that architecture and method passed in this run (VLMs: retain 1.0
 bit-identical and ``remove()``, greedy generation equal to the oracle at two retentions, padded batch equal to
-per-sample runs, sdpa and eager keeping the same tokens, flash_attention_2's path keeping them and generating as sdpa;
-encoder-only ViTs: equal to the literal rule, no reduction bit-identical and ``remove()``)."""
+per-sample runs, a sample without images beside one with, sdpa and eager keeping the same tokens, flash_attention_2's
+path keeping them and generating as sdpa, bfloat16 and float16, autograd on; encoder-only ViTs: equal to the literal
+rule, no reduction bit-identical and ``remove()``, bfloat16 and float16)."""
 from __future__ import annotations
 
 import collections
@@ -25,8 +26,8 @@ class Collect:
     def pytest_runtest_logreport(self, report):
         if report.when != "call" and not (report.when == "setup" and report.failed):
             return
-        encoder = re.search(r"test_encoders.py::(\w+)\[(\w+)-\w+-(timm|open_clip)\]$", report.nodeid)
-        match = re.search(r"test_contract.py::(\w+)\[(\w+)-(?:[\d.]+-)?(\w+)\]$", report.nodeid)
+        encoder = re.search(r"test_encoders.py::(\w+)\[(\w+)-[\w-]+-(timm|open_clip)\]$", report.nodeid)
+        match = re.search(r"test_contract.py::(\w+)\[(\w+)-(?:[\d.]+-|bf16-|fp16-)?([\w+]+)\]$", report.nodeid)
         if encoder:
             test, method, arch = encoder.groups()
             self.outcomes[arch, method].append((test, report.passed))
