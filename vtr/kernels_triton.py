@@ -44,9 +44,10 @@ def max_min_greedy(sim: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tens
     """The k - 1 greedy max-min steps of ``vtr.kernels.max_min_diversity`` in one launch: sim (I, P, P) float32 with
     -inf on the diagonal, first (I,) long, k <= P. Returns (I, k) long indices in pick order."""
     images, n = sim.shape[:2]
+    block = triton.next_power_of_2(n)
     picks = torch.empty(images, k, dtype=torch.long, device=sim.device)
     _max_min_greedy[(images,)](sim, first.long().contiguous(), picks, n, k, sim.stride(0), sim.stride(1),
-                               BLOCK=triton.next_power_of_2(n), num_warps=warps(triton.next_power_of_2(n)))
+                               BLOCK=block, num_warps=warps(block))
     return picks
 
 
