@@ -1,4 +1,5 @@
 """The correctness contract, for every registered method on every supported architecture."""
+import contextlib
 import copy
 import dataclasses
 
@@ -26,6 +27,19 @@ def generate(model, inputs, steps=STEPS):
 
 def hooks_on(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@contextlib.contextmanager
+def input_dtypes(modules):
+    """The dtypes of the first input every one of ``modules`` receives inside the block (a pre-hook each, removed
+    after)."""
+    seen = set()
+    probes = [m.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype)) for m in modules]
+    try:
+        yield seen
+    finally:
+        for probe in probes:
+            probe.remove()
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -192,16 +206,9 @@ def test_half_precision_stays_in_it_and_retain_one_is_bit_identical(model, arch,
     with vtr.patch(half, method, retain=1.0):
         tokens, logits = generate(half, inputs)
     assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
-    seen = set()
-    probes = [layer.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype))
-              for layer in adapter_for(half).decoder_layers]
-    try:
-        with vtr.patch(half, method, retain=0.25) as handle:
-            tokens, logits = generate(half, inputs)
-            assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
-    finally:
-        for probe in probes:
-            probe.remove()
+    with input_dtypes(adapter_for(half).decoder_layers) as seen, vtr.patch(half, method, retain=0.25) as handle:
+        tokens, logits = generate(half, inputs)
+        assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
     assert seen == {dtype} and torch.isfinite(logits).all()
 
 

@@ -10,7 +10,7 @@ import vtr
 from vtr.plugins import EViT, ToMe
 
 from references import tome_merge
-from test_contract import hooks_on
+from test_contract import hooks_on, input_dtypes
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
@@ -129,15 +129,9 @@ def test_half_precision_stays_in_it(kind, dtype, method, options, none):
     with torch.no_grad():
         reference = model(pixels)
     blocks = model.blocks if kind == "timm" else model.transformer.resblocks
-    seen = set()
-    probes = [block.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype)) for block in blocks]
-    try:
-        with vtr.patch(model, method, **options) as handle, torch.no_grad():
-            out = model(pixels)
-            assert handle.stats()[0]["tokens_out"] < 64
-    finally:
-        for probe in probes:
-            probe.remove()
+    with input_dtypes(blocks) as seen, vtr.patch(model, method, **options) as handle, torch.no_grad():
+        out = model(pixels)
+        assert handle.stats()[0]["tokens_out"] < 64
     assert seen == {dtype} and out.dtype == dtype and torch.isfinite(out).all()
     with vtr.patch(model, method, **none), torch.no_grad():
         assert torch.equal(model(pixels), reference)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vtr
+from test_contract import input_dtypes
 from test_methods import TRITON_KERNELS
 
 DEVICE = os.environ.get("VTR_TEST_DEVICE", "cuda")
@@ -58,14 +59,8 @@ def test_bfloat16_on_the_device(method):
         stock = model(**inputs).logits
         with vtr.patch(model, method, retain=1.0):
             assert torch.equal(model(**inputs).logits, stock)
-    seen = set()
-    probes = [layer.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype))
-              for layer in adapter_for(model).decoder_layers]
-    try:
-        with vtr.patch(model, method, retain=0.25) as handle, torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
-    finally:
-        for probe in probes:
-            probe.remove()
+    with input_dtypes(adapter_for(model).decoder_layers) as seen, vtr.patch(model, method, retain=0.25) as handle, \
+            torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert handle.stats()[0]["visual_tokens_out"] < handle.stats()[0]["visual_tokens_in"]
     assert seen == {torch.bfloat16} and out.shape[1] > inputs["input_ids"].shape[1]
